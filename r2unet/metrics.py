@@ -1,0 +1,134 @@
+"""Binary segmentation metrics computed from confusion counts.
+
+Definitions, per image (``tp fp fn tn`` are pixel counts of the thresholded prediction against the target):
+
+- ``ACC`` = (tp + tn) / all pixels
+- ``SE`` (sensitivity, recall) = tp / (tp + fn)
+- ``SP`` (specificity) = tn / (tn + fp)
+- ``PC`` (precision) = tp / (tp + fp)
+- ``F1`` = 2 * PC * SE / (PC + SE)  (0 when PC + SE = 0)
+- ``JS`` (Jaccard, IoU) = tp / (tp + fp + fn)
+- ``DC`` (Dice) = 2 tp / (2 tp + fp + fn)
+- ``JS_thresholded``: the ISIC 2018 Task 1 score: a per-image JS below 0.65 counts as 0, then the mean.
+
+Conventions:
+
+- ``target`` is binary: any value > 0.5 is foreground. The prediction is foreground where ``probs > threshold``.
+- A ratio whose denominator is 0 scores **1 if the image has no errors (fp + fn = 0), else 0**. So an image whose
+  target and prediction are both empty scores 1 on JS, DC, F1, PC and SE (and SP, ACC as usual); an empty target with
+  a non-empty prediction scores 0 on SE, JS, DC, F1 and PC; a target that is all foreground predicted perfectly
+  scores SP = 1.
+- ``reduction="image"`` (the ISIC protocol) computes every score per image and averages over images;
+  ``reduction="pooled"`` sums the counts over all pixels of all images first. ``JS_thresholded`` is always per image.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METRIC_NAMES = ("ACC", "SE", "SP", "PC", "F1", "JS", "DC")
+ALL_METRICS = METRIC_NAMES + ("JS_thresholded",)
+ISIC_JS_THRESHOLD = 0.65
+
+
+def confusion_counts(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Per-image counts, shape (N, 4) int64, columns ``tp fp fn tn``. Inputs are (N, ...) of any trailing shape."""
+    if probs.shape != target.shape:
+        raise ValueError(f"probs and target shapes differ: {tuple(probs.shape)} vs {tuple(target.shape)}")
+    pred = (probs > threshold).flatten(1)
+    gt = (target > 0.5).flatten(1)
+    tp = (pred & gt).sum(1)
+    fp = (pred & ~gt).sum(1)
+    fn = (~pred & gt).sum(1)
+    tn = pred.shape[1] - tp - fp - fn
+    return torch.stack((tp, fp, fn, tn), dim=1).long()
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor, perfect: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp(min=1), perfect.to(num.dtype))
+
+
+def scores_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores for each row of ``counts`` (shape (..., 4), ``tp fp fn tn``), following the module's conventions."""
+    tp, fp, fn, tn = counts.double().unbind(-1)
+    perfect = (fp + fn) == 0
+    se = _ratio(tp, tp + fn, perfect)
+    pc = _ratio(tp, tp + fp, perfect)
+    f1 = torch.where(pc + se > 0, 2 * pc * se / (pc + se).clamp(min=1e-300), torch.zeros_like(se))
+    return {
+        "ACC": (tp + tn) / (tp + fp + fn + tn).clamp(min=1),
+        "SE": se,
+        "SP": _ratio(tn, tn + fp, perfect),
+        "PC": pc,
+        "F1": f1,
+        "JS": _ratio(tp, tp + fp + fn, perfect),
+        "DC": _ratio(2 * tp, 2 * tp + fp + fn, perfect),
+    }
+
+
+def segmentation_metrics(
+    probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, reduction: str = "image"
+) -> dict[str, float]:
+    """Scores ``ACC SE SP PC F1 JS DC JS_thresholded`` (floats) of ``probs`` against ``target``, both (N, 1, H, W).
+
+    See the module docstring for definitions and the conventions for empty masks.
+    """
+    acc = MetricAccumulator(threshold=threshold, device=probs.device)
+    acc.update(probs, target)
+    return acc.compute(reduction)
+
+
+class MetricAccumulator:
+    """Accumulates metric state over batches on the device: ``update`` per batch, ``compute`` at the end, ``reset``.
+
+    ``update`` launches only device work (no host synchronisation). The state is a handful of sums, so it can be
+    all-reduced across processes with ``all_reduce()``, after which ``compute`` gives the scores of the whole split.
+    """
+
+    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu"):
+        self.threshold = threshold
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        # Float64 sums: [per-image score sums (7), sum of thresholded JS, image count] and pooled counts (4).
+        self.image_sums = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64, device=self.device)
+        self.pooled_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        counts = confusion_counts(probs.detach(), target.detach(), self.threshold).to(self.device)
+        scores = scores_from_counts(counts)
+        js = scores["JS"]
+        per_image = torch.stack([scores[k] for k in METRIC_NAMES], dim=1).sum(0)
+        extra = torch.stack((torch.where(js >= ISIC_JS_THRESHOLD, js, torch.zeros_like(js)).sum(),
+                             torch.tensor(float(len(js)), dtype=torch.float64, device=self.device)))
+        self.image_sums += torch.cat((per_image, extra))
+        self.pooled_counts += counts.sum(0)
+
+    def all_reduce(self) -> None:
+        """Sum the state over all processes of the default process group (no-op when not distributed)."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.image_sums)
+            dist.all_reduce(self.pooled_counts)
+
+    @property
+    def num_images(self) -> int:
+        return int(self.image_sums[-1].item())
+
+    def compute(self, reduction: str = "image") -> dict[str, float]:
+        if reduction not in ("image", "pooled"):
+            raise ValueError(f"reduction must be 'image' or 'pooled', got {reduction!r}")
+        sums = self.image_sums.cpu()
+        n = sums[-1].item()
+        if n == 0:
+            raise ValueError("no images were accumulated; cannot compute metrics")
+        if reduction == "image":
+            out = {k: (sums[i] / n).item() for i, k in enumerate(METRIC_NAMES)}
+        else:
+            pooled = scores_from_counts(self.pooled_counts.cpu())
+            out = {k: pooled[k].item() for k in METRIC_NAMES}
+        out["JS_thresholded"] = (sums[len(METRIC_NAMES)] / n).item()
+        return out

@@ -1,0 +1,102 @@
+"""Building blocks shared by the U-Net family.
+
+Attribute names and the order in which sub-modules are registered mirror the reference implementation
+(LeeJunHyun/Image_Segmentation, ``network.py``) exactly, because they define ``state_dict`` keys: a checkpoint saved by
+the reference loads into these modules with ``strict=True``. Do not rename or reorder them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _conv_bn_relu(ch_in: int, ch_out: int) -> list[nn.Module]:
+    return [
+        nn.Conv2d(ch_in, ch_out, kernel_size=3, stride=1, padding=1, bias=True),
+        nn.BatchNorm2d(ch_out),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class ConvBlock(nn.Module):
+    """Two (3x3 conv -> BatchNorm -> ReLU) layers: the plain U-Net stage (reference ``conv_block``)."""
+
+    def __init__(self, ch_in: int, ch_out: int):
+        super().__init__()
+        self.conv = nn.Sequential(*_conv_bn_relu(ch_in, ch_out), *_conv_bn_relu(ch_out, ch_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class UpConv(nn.Module):
+    """Nearest-neighbour x2 upsampling followed by 3x3 conv -> BatchNorm -> ReLU (reference ``up_conv``)."""
+
+    def __init__(self, ch_in: int, ch_out: int):
+        super().__init__()
+        self.up = nn.Sequential(nn.Upsample(scale_factor=2), *_conv_bn_relu(ch_in, ch_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(x)
+
+
+class RecurrentBlock(nn.Module):
+    """Recurrent convolutional layer (RCL) of R2U-Net, https://arxiv.org/abs/1802.06955.
+
+    One conv -> BN -> ReLU unit is *shared* across the ``t`` recurrence steps, exactly as the reference does::
+
+        h = f(x);  repeat t times: h = f(x + h)
+
+    so ``f`` is applied ``t + 1`` times with the same weights (and the same BatchNorm, whose running statistics are
+    therefore updated ``t + 1`` times per forward pass in training mode, as in the reference).
+    """
+
+    def __init__(self, ch_out: int, t: int = 2):
+        super().__init__()
+        if t < 1:
+            raise ValueError(f"t (recurrence steps) must be >= 1, got {t}")
+        self.t = t
+        self.ch_out = ch_out
+        self.conv = nn.Sequential(*_conv_bn_relu(ch_out, ch_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        for _ in range(self.t):
+            h = self.conv(x + h)
+        return h
+
+
+class RRCNNBlock(nn.Module):
+    """Recurrent residual block: 1x1 conv to ``ch_out``, two RecurrentBlocks, and a residual connection."""
+
+    def __init__(self, ch_in: int, ch_out: int, t: int = 2):
+        super().__init__()
+        # Registration order (RCNN before Conv_1x1) matches the reference's state_dict order.
+        self.RCNN = nn.Sequential(RecurrentBlock(ch_out, t=t), RecurrentBlock(ch_out, t=t))
+        self.Conv_1x1 = nn.Conv2d(ch_in, ch_out, kernel_size=1, stride=1, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.Conv_1x1(x)
+        return x + self.RCNN(x)
+
+
+class AttentionGate(nn.Module):
+    """Additive attention gate of Attention U-Net, https://arxiv.org/abs/1804.03999 (reference ``Attention_block``).
+
+    Args:
+        F_g: channels of the gating signal ``g`` (from the decoder).
+        F_l: channels of the skip connection ``x`` (from the encoder).
+        F_int: channels of the intermediate projection.
+    """
+
+    def __init__(self, F_g: int, F_l: int, F_int: int):
+        super().__init__()
+        self.W_g = nn.Sequential(nn.Conv2d(F_g, F_int, kernel_size=1, bias=True), nn.BatchNorm2d(F_int))
+        self.W_x = nn.Sequential(nn.Conv2d(F_l, F_int, kernel_size=1, bias=True), nn.BatchNorm2d(F_int))
+        self.psi = nn.Sequential(nn.Conv2d(F_int, 1, kernel_size=1, bias=True), nn.BatchNorm2d(1), nn.Sigmoid())
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        psi = self.psi(self.relu(self.W_g(g) + self.W_x(x)))  # (B, 1, H, W) in [0, 1]
+        return x * psi

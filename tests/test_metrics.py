@@ -1,0 +1,135 @@
+import numpy as np
+import pytest
+import torch
+
+from r2unet.metrics import ALL_METRICS, MetricAccumulator, confusion_counts, segmentation_metrics
+
+
+def _numpy_reference(probs, target, threshold=0.5):
+    """Plain NumPy, one image at a time, written independently of r2unet.metrics."""
+    rows = []
+    for p, g in zip(probs, target):
+        p = p.ravel() > threshold
+        g = g.ravel() > 0.5
+        tp = np.sum(p & g); fp = np.sum(p & ~g); fn = np.sum(~p & g); tn = np.sum(~p & ~g)
+        ok = fp + fn == 0
+        se = tp / (tp + fn) if tp + fn else float(ok)
+        pc = tp / (tp + fp) if tp + fp else float(ok)
+        sp = tn / (tn + fp) if tn + fp else float(ok)
+        js = tp / (tp + fp + fn) if tp + fp + fn else float(ok)
+        dc = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float(ok)
+        f1 = 2 * pc * se / (pc + se) if pc + se else 0.0
+        rows.append(dict(ACC=(tp + tn) / p.size, SE=se, SP=sp, PC=pc, F1=f1, JS=js, DC=dc,
+                         JS_thresholded=js if js >= 0.65 else 0.0))
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+
+
+def test_hand_computed_case():
+    # 1 image 2x2: target [[1,1],[0,0]]; prediction [[1,0],[1,0]] -> tp=1 fp=1 fn=1 tn=1
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    probs = torch.tensor([[[[0.9, 0.2], [0.7, 0.1]]]])
+    m = segmentation_metrics(probs, target)
+    assert m["ACC"] == pytest.approx(0.5)
+    assert m["SE"] == pytest.approx(0.5)
+    assert m["SP"] == pytest.approx(0.5)
+    assert m["PC"] == pytest.approx(0.5)
+    assert m["F1"] == pytest.approx(0.5)
+    assert m["JS"] == pytest.approx(1 / 3)
+    assert m["DC"] == pytest.approx(0.5)
+    assert m["JS_thresholded"] == 0.0
+    assert set(m) == set(ALL_METRICS) and all(isinstance(v, float) for v in m.values())
+
+
+def test_threshold_is_strict_and_target_above_half_is_foreground():
+    target = torch.tensor([[[[0.6, 0.4]]]])  # a soft/resized mask: only the first pixel is foreground
+    probs = torch.tensor([[[[0.5, 0.51]]]])  # 0.5 is not > 0.5
+    counts = confusion_counts(probs, target)
+    assert counts.tolist() == [[0, 1, 1, 0]]
+
+
+@pytest.mark.parametrize("reduction", ["image", "pooled"])
+def test_random_masks_match_numpy(reduction):
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(6, 1, 17, 23, generator=g)
+    target = (torch.rand(6, 1, 17, 23, generator=g) > 0.6).float()
+    target[2] = 0  # an empty target too
+    ours = segmentation_metrics(probs, target, reduction=reduction)
+    if reduction == "image":
+        ref = _numpy_reference(probs.numpy(), target.numpy())
+    else:  # pooled = one big image made of all pixels, but JS_thresholded stays per image
+        ref = _numpy_reference(probs.numpy().reshape(1, -1), target.numpy().reshape(1, -1))
+        ref["JS_thresholded"] = _numpy_reference(probs.numpy(), target.numpy())["JS_thresholded"]
+    for k in ALL_METRICS:
+        assert ours[k] == pytest.approx(ref[k], abs=1e-12), k
+
+
+def test_both_empty_scores_one():
+    z = torch.zeros(1, 1, 4, 4)
+    m = segmentation_metrics(z, z)
+    for k in ("JS", "DC", "F1", "PC", "SE", "SP", "ACC", "JS_thresholded"):
+        assert m[k] == 1.0, k
+
+
+def test_empty_target_nonempty_prediction_scores_zero():
+    target = torch.zeros(1, 1, 4, 4)
+    probs = torch.zeros(1, 1, 4, 4)
+    probs[..., 0, 0] = 1
+    m = segmentation_metrics(probs, target)
+    for k in ("JS", "DC", "F1", "PC", "SE"):
+        assert m[k] == 0.0, k
+    assert m["SP"] == pytest.approx(15 / 16)
+
+
+def test_empty_prediction_nonempty_target():
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1
+    m = segmentation_metrics(torch.zeros_like(target), target)
+    assert m["SE"] == 0 and m["JS"] == 0 and m["DC"] == 0 and m["PC"] == 0 and m["F1"] == 0
+    assert m["SP"] == 1.0 and m["ACC"] == 0.5
+
+
+def test_all_foreground_predicted_perfectly():
+    one = torch.ones(2, 1, 3, 3)
+    m = segmentation_metrics(one, one)
+    assert all(m[k] == 1.0 for k in ALL_METRICS)
+
+
+def test_max_rule_is_not_used_for_empty_masks():
+    """The reference's GT == max(GT) turns an empty mask into all foreground; ours must not."""
+    target = torch.zeros(1, 1, 4, 4)
+    probs = torch.ones(1, 1, 4, 4)
+    assert segmentation_metrics(probs, target)["JS"] == 0.0
+
+
+def test_accumulator_over_batches_equals_one_shot():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.rand(10, 1, 8, 8, generator=g)
+    target = (torch.rand(10, 1, 8, 8, generator=g) > 0.5).float()
+    acc = MetricAccumulator()
+    for i in range(0, 10, 3):
+        acc.update(probs[i:i + 3], target[i:i + 3])
+    assert acc.num_images == 10
+    for red in ("image", "pooled"):
+        one = segmentation_metrics(probs, target, reduction=red)
+        assert acc.compute(red) == pytest.approx(one, abs=1e-12)
+    acc.reset()
+    with pytest.raises(ValueError, match="no images"):
+        acc.compute()
+
+
+def test_ratios_per_image_differ_from_pooled():
+    target = torch.zeros(2, 1, 2, 2)
+    target[0] = 1
+    probs = target.clone()
+    probs[1, 0, 0, 0] = 1  # second image: empty target, one false positive
+    image = segmentation_metrics(probs, target, reduction="image")
+    pooled = segmentation_metrics(probs, target, reduction="pooled")
+    assert image["JS"] == pytest.approx(0.5)
+    assert pooled["JS"] == pytest.approx(4 / 5)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="shapes differ"):
+        segmentation_metrics(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 3))
+    with pytest.raises(ValueError, match="reduction"):
+        segmentation_metrics(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), reduction="mean")

@@ -1,0 +1,135 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from r2unet import create_model, list_models
+from r2unet.models import UNetFamily
+
+REFERENCE = json.loads((Path(__file__).parent / "data" / "reference_architecture.json").read_text())
+NAMES = ["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"]
+
+
+def _fill_by_weight_rule(model: torch.nn.Module) -> None:
+    """The reference's documented deterministic weight rule (see tests/data/reference_architecture.json)."""
+    state = model.state_dict()
+    new = {}
+    for i, (key, tensor) in enumerate(state.items()):
+        if not tensor.is_floating_point():
+            new[key] = tensor
+            continue
+        n = tensor.numel()
+        s = torch.sin(0.37 * torch.arange(n, dtype=torch.float64) + 0.11 * i).reshape(tensor.shape)
+        if tensor.dim() == 4:
+            v = 0.05 * s
+        elif key.endswith("running_var"):
+            v = 1 + 0.5 * s**2
+        elif key.endswith("running_mean"):
+            v = 0.1 * s
+        elif key.endswith("weight"):
+            v = 1 + 0.1 * s
+        elif key.endswith("bias"):
+            v = 0.02 * s
+        else:
+            raise AssertionError(f"no rule for {key}")
+        new[key] = v.float()
+    model.load_state_dict(new, strict=True)
+
+
+def _reference_input() -> torch.Tensor:
+    return torch.sin(0.1 * torch.arange(2 * 3 * 48 * 48, dtype=torch.float64)).reshape(2, 3, 48, 48).float()
+
+
+def test_registry_lists_the_four_networks():
+    assert list_models() == NAMES
+
+
+def test_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="R2AttU_Net") as err:
+        create_model("R3U_Net")
+    assert "R3U_Net" in str(err.value)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_keys_shapes_and_order_match_reference(name):
+    ref = REFERENCE["models"][name]
+    model = create_model(name, **ref["constructor_args"])
+    ours = [(k, list(v.shape)) for k, v in model.state_dict().items()]
+    assert ours == [(k, s) for k, s in ref["state_dict"]]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == ref["num_parameters"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_reference_state_dict_loads_strict(name, tmp_path):
+    """A file written the way the reference writes checkpoints (torch.save(state_dict)) loads with strict=True."""
+    ref = REFERENCE["models"][name]
+    src = create_model(name)
+    _fill_by_weight_rule(src)
+    path = tmp_path / f"{name}.pkl"
+    torch.save(src.state_dict(), path)
+    dst = create_model(name)
+    dst.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    assert torch.equal(dst.Conv_1x1.weight, src.Conv_1x1.weight)
+    assert len(dst.state_dict()) == len(ref["state_dict"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_outputs_reproduce_reference(name):
+    ref = REFERENCE["models"][name]
+    torch.manual_seed(0)
+    model = create_model(name, **ref["constructor_args"])
+    _fill_by_weight_rule(model)
+    x = _reference_input()
+    with torch.no_grad():
+        model.eval()
+        out = model(x).double()
+        assert list(out.shape) == ref["eval_output_shape"]
+        assert out.sum().item() == pytest.approx(ref["eval_output_sum"], rel=1e-4, abs=1e-6)
+        assert out.abs().sum().item() == pytest.approx(ref["eval_output_abs_sum"], rel=1e-4)
+        flat = out.flatten()
+        for idx, value in ref["eval_output_at"].items():
+            assert flat[int(idx)].item() == pytest.approx(value, rel=1e-4, abs=1e-7)
+        model.train()
+        out = model(x).double()
+        assert out.sum().item() == pytest.approx(ref["train_mode_output_sum"], rel=1e-4)
+        assert out.abs().sum().item() == pytest.approx(ref["train_mode_output_abs_sum"], rel=1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_forward_backward_any_channels(name):
+    model = create_model(name, img_ch=1, output_ch=2, t=1, base_channels=4)
+    x = torch.randn(3, 1, 32, 48, requires_grad=True)
+    out = model(x)
+    assert out.shape == (3, 2, 32, 48)
+    out.mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_base_channels_scale_widths():
+    model = create_model("U_Net", base_channels=8)
+    assert model.Conv1.conv[0].out_channels == 8
+    assert model.Conv5.conv[0].out_channels == 128
+
+
+def test_recurrent_block_reuses_one_conv_t_plus_one_times():
+    model = create_model("R2U_Net", t=3, base_channels=4)
+    block = model.RRCNN1.RCNN[0]
+    calls = []
+    block.conv.register_forward_hook(lambda *_: calls.append(1))
+    block(torch.randn(1, 4, 16, 16))
+    assert len(calls) == 4
+    assert sum(1 for m in block.modules() if isinstance(m, torch.nn.Conv2d)) == 1
+
+
+def test_t_is_validated_for_recurrent_and_ignored_otherwise():
+    with pytest.raises(ValueError, match="t"):
+        create_model("R2U_Net", t=0)
+    unet = create_model("U_Net", t=0, base_channels=4)
+    assert isinstance(unet, UNetFamily) and unet.t is None
+
+
+def test_bad_input_size_names_nearest_valid():
+    model = create_model("U_Net", base_channels=4)
+    with pytest.raises(ValueError, match="nearest valid size is 48x32"):
+        model(torch.randn(1, 3, 50, 30))
