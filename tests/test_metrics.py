@@ -11,7 +11,7 @@ def _numpy_reference(probs, target, threshold=0.5):
     for p, g in zip(probs, target):
         p = p.ravel() > threshold
         g = g.ravel() > 0.5
-        tp = np.sum(p & g); fp = np.sum(p & ~g); fn = np.sum(~p & g); tn = np.sum(~p & ~g)
+        tp, fp, fn, tn = np.sum(p & g), np.sum(p & ~g), np.sum(~p & g), np.sum(~p & ~g)
         ok = fp + fn == 0
         se = tp / (tp + fn) if tp + fn else float(ok)
         pc = tp / (tp + fp) if tp + fp else float(ok)

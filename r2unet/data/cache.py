@@ -1,0 +1,228 @@
+"""Decode-once cache: every image and mask of a split decoded once, resized, and stored as memory-mapped uint8 arrays.
+
+Layout of ``<cache_root>/<split>-<size>/``:
+
+- ``images.npy``  uint8 (N, S, S, 3): each image resized to S x S (stretched);
+- ``masks.npy``   uint8 (N, S, S):   each mask, binarised then resized by majority vote (stays 0/1);
+- ``done.npy``    bool  (N,):        rows already decoded (an interrupted build resumes where it stopped);
+- ``meta.json``   version, S, and per row the file names, a fingerprint (size, mtime) and the original height/width.
+
+Images are stored as squares so that a batch is one fixed-shape gather from the memory map. Nothing of the original
+geometry is lost: the original aspect ratio is recorded and the augmentation maps output pixels through it
+(``augment.py``), which is exactly equivalent to resizing with the aspect ratio kept. JPEGs are decoded in draft mode
+at the smallest 1/2^k scale that still covers S x S, which is several times faster for 4 MB photos.
+
+The cache is re-validated against the folder on every open: rows whose source changed are decoded again, new files
+are added and removed ones dropped, so a dataset folder that changes under a cache is detected and never served stale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .io import DataError, read_image, read_mask
+from .prepare import Pair, check_pair, pair_files
+
+CACHE_VERSION = 1
+
+
+def cache_side(image_size: int) -> int:
+    """Stored side S for a training size: the augmentation crops ~80% of the frame, so S ~ 1.3 x image_size."""
+    return int(-(-image_size * 1.3 // 16) * 16)
+
+
+def _file_fp(p: Path) -> str:
+    st = p.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def decode_pair(image: str, mask: str, side: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8 0/1, original (h, w))."""
+    img = read_image(image, min_size=(side, side))
+    m = read_mask(mask)
+    h, w = m.shape
+    # A draft-decoded JPEG is smaller than the mask by a power of two; compare aspect, not pixels.
+    if abs(img.shape[0] / img.shape[1] - h / w) > 0.02 or img.shape[0] > h or img.shape[1] > w:
+        raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
+    small = np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR))
+    small_mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((side, side), Image.BOX)) >= 128
+    return small, small_mask.astype(np.uint8), (h, w)
+
+
+def _decode_row(args):
+    row, image, mask, side = args
+    try:
+        return row, *decode_pair(image, mask, side), None
+    except DataError as exc:
+        return row, None, None, None, str(exc)
+
+
+@dataclass
+class SplitCache:
+    """Memory-mapped arrays of one split. ``images[i]`` (S, S, 3), ``masks[i]`` (S, S), ``aspect[i]`` = h / w."""
+
+    folder: Path
+    names: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+    original_hw: np.ndarray  # (N, 2) int
+
+    @property
+    def aspect(self) -> np.ndarray:
+        return self.original_hw[:, 0] / self.original_hw[:, 1]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def build_cache(
+    image_dir: str | Path,
+    mask_dir: str | Path,
+    cache_dir: str | Path,
+    image_size: int = 224,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    log=print,
+) -> SplitCache:
+    """Create or update the cache of one split folder pair and open it (see the module docstring)."""
+    side = cache_side(image_size)
+    cache_dir = Path(cache_dir)
+    report = pair_files(image_dir, mask_dir)
+    problems = [f"{p}: no mask found in {mask_dir}" for p in report.missing_masks]
+    problems += [f"{p}: mask has no matching image in {image_dir}" for p in report.extra_masks]
+    pairs: list[Pair] = []
+    for pair in report.pairs:
+        try:
+            check_pair(pair)
+            pairs.append(pair)
+        except DataError as exc:
+            problems.append(str(exc))
+    # Problems are reported together after decoding the good pairs, so one run lists every bad file.
+
+    meta_path = cache_dir / "meta.json"
+    old = _read_meta(meta_path, side)
+    old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
+    entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
+                "hw": None} for p in pairs]
+    same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    n = len(entries)
+    shapes = {"images.npy": (n, side, side, 3), "masks.npy": (n, side, side), "done.npy": (n,)}
+    dtypes = {"images.npy": np.uint8, "masks.npy": np.uint8, "done.npy": np.bool_}
+    if same_layout and all((cache_dir / f).exists() for f in shapes):
+        arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
+        done = arrays["done.npy"]
+        for i, e in enumerate(entries):
+            prev = old["entries"][i]
+            if done[i] and prev["fp"] == e["fp"]:
+                e["hw"] = prev["hw"]
+            else:
+                done[i] = False
+    else:
+        arrays = {f: np.lib.format.open_memmap(cache_dir / f"{f}.new", mode="w+", dtype=dtypes[f], shape=shapes[f])
+                  for f in shapes}
+        arrays["done.npy"][:] = False
+        if old:  # carry over rows that are still valid (files renamed, added or removed elsewhere)
+            try:
+                old_arrays = {f: np.load(cache_dir / f, mmap_mode="r") for f in shapes}
+            except (OSError, ValueError):
+                old_arrays = None
+            for i, e in enumerate(entries):
+                j, prev = old_rows.get(e["image"], (None, None))
+                if old_arrays is not None and prev and prev["fp"] == e["fp"] and old_arrays["done.npy"][j]:
+                    arrays["images.npy"][i] = old_arrays["images.npy"][j]
+                    arrays["masks.npy"][i] = old_arrays["masks.npy"][j]
+                    arrays["done.npy"][i] = True
+                    e["hw"] = prev["hw"]
+            del old_arrays
+        for arr in arrays.values():
+            arr.flush()
+        for f in shapes:
+            os.replace(cache_dir / f"{f}.new", cache_dir / f)
+        arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
+    # Write the meta first with the rows not yet decoded marked, so an interrupted build is resumable.
+    _write_meta(meta_path, side, entries)
+
+    todo = [i for i in range(n) if not arrays["done.npy"][i]]
+    failed = []
+    if todo:
+        workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
+        log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
+        jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side) for i in todo]
+        with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+            results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
+            if progress:
+                from tqdm import tqdm
+
+                results = tqdm(results, total=len(jobs), desc=f"cache {Path(image_dir).name}", unit="img")
+            for k, (i, img, mask, hw, err) in enumerate(results):
+                if err:
+                    failed.append((i, err))
+                    continue
+                arrays["images.npy"][i] = img
+                arrays["masks.npy"][i] = mask
+                arrays["done.npy"][i] = True
+                entries[i]["hw"] = list(hw)
+                if k % 64 == 63:
+                    for arr in arrays.values():
+                        arr.flush()
+                    _write_meta(meta_path, side, entries)
+        for arr in arrays.values():
+            arr.flush()
+        _write_meta(meta_path, side, entries)
+    del arrays
+    _handle_problems(problems + [err for _, err in failed], skip_bad, log)
+    return open_cache(cache_dir, side)
+
+
+def open_cache(cache_dir: str | Path, side: int) -> SplitCache:
+    """Open a complete cache read-only; rows that failed to decode (skipped bad files) are left out."""
+    cache_dir = Path(cache_dir)
+    meta = _read_meta(cache_dir / "meta.json", side)
+    if meta is None:
+        raise DataError(f"{cache_dir}: no cache at size {side}; build it with build_cache")
+    images = np.load(cache_dir / "images.npy", mmap_mode="r")
+    masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
+    done = np.load(cache_dir / "done.npy")
+    keep = np.flatnonzero(done)
+    if len(keep) == 0:
+        raise DataError(f"{cache_dir}: no usable images in this split")
+    entries = meta["entries"]
+    hw = np.array([entries[i]["hw"] for i in keep], dtype=np.int64)
+    if len(keep) < len(entries):  # fall back to an in-memory copy of the good rows only
+        images, masks = images[keep], masks[keep]
+    return SplitCache(cache_dir, [entries[i]["image"] for i in keep], images, masks, hw)
+
+
+def _handle_problems(problems: list[str], skip_bad: bool, log) -> None:
+    if not problems:
+        return
+    listing = "\n  ".join(problems)
+    if not skip_bad:
+        raise DataError(f"{len(problems)} problem(s) in the dataset (use --skip_bad to skip them):\n  {listing}")
+    log(f"skipping {len(problems)} bad item(s):\n  {listing}")
+
+
+def _read_meta(path: Path, side: int) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("version") != CACHE_VERSION or meta.get("side") != side:
+        return None
+    return meta
+
+
+def _write_meta(path: Path, side: int, entries: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": CACHE_VERSION, "side": side, "entries": entries}))
+    os.replace(tmp, path)

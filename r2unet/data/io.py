@@ -1,0 +1,98 @@
+"""Reading images and masks, with every failure reported as a ``DataError`` naming the file and the problem.
+
+Masks arrive in many encodings. ``read_mask`` normalises all of them to a boolean array:
+
+- 1-bit PNG: as is.
+- palette PNG and RGB(A): converted to RGB, the brightest channel is used (a red or white lesion on black are both
+  foreground); alpha is ignored.
+- the values are then thresholded at the midpoint of their encoding: masks whose values are all <= 1 (0/1 encoding,
+  also float TIFFs in [0, 1]) at 0.5; values up to 255 (0/255, including JPEG-compressed masks whose values scatter
+  near 0 and 255) at 127.5; larger values (16-bit 0/65535) at 32767.5.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
+
+
+class DataError(ValueError):
+    """A problem with the user's data: the message names the file and what is wrong."""
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _open(path: Path, draft_size: tuple[int, int] | None = None, mode: str | None = None) -> Image.Image:
+    try:
+        img = Image.open(path)
+        if draft_size is not None and img.format == "JPEG":
+            # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale directly: several times faster for big photos.
+            img.draft("RGB", draft_size)
+        img.load()  # force the full decode here so that truncated files fail now, with the file's name
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises OSError for truncated / corrupt data
+        raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: image too large to decode safely ({exc})") from None
+    return img
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the header only, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+
+
+def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
+    """RGB uint8 array (H, W, 3). With ``min_size`` (w, h), a JPEG may be decoded at a reduced scale >= that size."""
+    img = _open(Path(path), draft_size=min_size)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def mask_to_bool(values: np.ndarray) -> np.ndarray:
+    """Binarise a decoded mask array (H, W) or (H, W, C) following the rules in the module docstring."""
+    if values.dtype == bool:
+        return values
+    if values.ndim == 3:
+        values = values[..., :3].max(axis=2)
+    peak = float(values.max()) if values.size else 0.0
+    if peak <= 1:
+        return values > 0.5
+    if peak <= 255:
+        return values > 127.5
+    return values > 32767.5
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Boolean mask (H, W); see the module docstring for the accepted encodings."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode == "1":
+        return np.asarray(img, dtype=bool)
+    if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
+        img = img.convert("RGB")
+    try:
+        values = np.asarray(img)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: mask pixel format {img.mode!r} not supported ({exc})") from None
+    if values.ndim not in (2, 3):
+        raise DataError(f"{path}: mask has unexpected shape {values.shape}")
+    return mask_to_bool(values)

@@ -1,0 +1,104 @@
+"""Synthetic dermoscopy-like images with lesion masks, in the raw ISIC 2018 Task 1 layout.
+
+Each image is skin-coloured, textured background with an irregular lesion (varied size, colour, contrast and border
+sharpness), sometimes hairs and vignetting, at varied sizes and aspect ratios. Deterministic for a given seed.
+Used by the demo and the tests; lesions of low contrast make the task non-trivial.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
+MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
+_ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4, 16 / 9)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1] of shape (h, w): random values on a coarse grid, bicubically upsampled."""
+    coarse = rng.uniform(-1, 1, size=(cells, max(2, round(cells * w / h)))).astype(np.float32)
+    return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC)).clip(-1, 1)
+
+
+def synth_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 (H, W, 3), mask bool (H, W)) pair."""
+    h, w = height, width
+    skin = rng.uniform(175, 240) * np.array([1.0, 0.78, 0.66]) * rng.uniform(0.94, 1.06, 3)
+    img = np.empty((h, w, 3), np.float32)
+    img[:] = skin
+    img += 18 * _smooth_noise(rng, h, w, 6)[..., None]
+    img += 6 * _smooth_noise(rng, h, w, 40)[..., None] * rng.uniform(0.5, 1.5, 3)
+
+    # Irregular lesion: a radius that varies with angle (a few random harmonics), then slightly blurred edges.
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    base_r = rng.uniform(0.12, 0.38) * min(h, w)
+    angle = np.arctan2(yy - cy, (xx - cx) * rng.uniform(0.7, 1.3))
+    radius = np.full_like(angle, base_r)
+    for k in range(2, 7):
+        radius += base_r * rng.uniform(0, 0.22 / k * 2) * np.cos(k * angle + rng.uniform(0, 2 * np.pi))
+    radius *= 1 + 0.06 * _smooth_noise(rng, h, w, 12)
+    dist = np.hypot(yy - cy, xx - cx)
+    mask = dist < radius
+
+    contrast = rng.choice([0.25, 0.45, 0.7, 0.9])  # some lesions are faint
+    lesion = rng.uniform(55, 150) * np.array([1.0, rng.uniform(0.55, 0.72), rng.uniform(0.45, 0.62)])
+    texture = 0.7 + 0.3 * _smooth_noise(rng, h, w, 25)[..., None]
+    edge = rng.uniform(0.01, 0.08) * base_r  # soft or sharp border
+    weight = np.clip((radius - dist) / edge + 0.5, 0, 1)[..., None] * contrast
+    img = img * (1 - weight) + lesion * texture * weight
+    if rng.random() < 0.5:  # darker blotches inside the lesion
+        blot = (_smooth_noise(rng, h, w, 10) > 0.4) & mask
+        img[blot] *= rng.uniform(0.6, 0.85)
+
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    if rng.random() < 0.35:  # hairs
+        draw = ImageDraw.Draw(pil)
+        for _ in range(rng.integers(3, 15)):
+            pts = [(rng.uniform(0, w), rng.uniform(0, h))]
+            for _ in range(4):
+                pts.append((pts[-1][0] + rng.uniform(-0.15, 0.15) * w, pts[-1][1] + rng.uniform(-0.15, 0.15) * h))
+            draw.line(pts, fill=tuple(int(v) for v in rng.uniform(20, 70, 3)), width=max(1, round(min(h, w) / 250)))
+    pil = pil.filter(ImageFilter.GaussianBlur(radius=min(h, w) / 400))
+    img = np.asarray(pil).astype(np.float32)
+    if rng.random() < 0.4:  # vignetting of the dermoscope
+        r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
+        img *= np.clip(1.25 - 0.55 * r**2, 0.15, 1)[..., None]
+    img += rng.normal(0, 3, img.shape)
+    return img.clip(0, 255).astype(np.uint8), mask
+
+
+def generate_dataset(
+    output: str | Path, num_images: int = 100, seed: int = 0, max_side: int = 2400, progress: bool = False
+) -> Path:
+    """Write ``num_images`` pairs under ``output`` in the raw ISIC layout; return ``output``.
+
+    Sizes vary from 256 px up to ``max_side`` on the longer side (about one image in eight is large).
+    """
+    output = Path(output)
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    img_dir, mask_dir = output / IMAGE_DIR, output / MASK_DIR
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    items = range(num_images)
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="synth", unit="img")
+    for i in items:
+        rng = np.random.default_rng([seed, i])
+        if rng.random() < 0.125 and max_side > 640:  # now and then a big photo, as in ISIC
+            long_side = int(rng.integers(max(641, max_side // 2), max_side + 1))
+        else:
+            long_side = int(rng.integers(min(256, max_side // 2), min(640, max_side) + 1))
+        aspect = _ASPECTS[rng.integers(len(_ASPECTS))]
+        w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
+        image, mask = synth_pair(rng, w, h)
+        name = f"ISIC_{seed % 100 * 100000 + i:07d}"
+        Image.fromarray(image).save(img_dir / f"{name}.jpg", quality=90)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / f"{name}_segmentation.png")
+    return output

@@ -1,0 +1,307 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r2unet.data.augment import AugmentConfig, eval_batch, train_batch
+from r2unet.data.cache import build_cache
+from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+from r2unet.data.io import DataError, read_image, read_mask
+from r2unet.data.prepare import SPLITS, pair_files, prepare_split, split_counts
+from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+
+
+def _write_pair(img_dir, mask_dir, stem, size=(40, 30), isic=True, img_ext=".jpg"):
+    img_dir.mkdir(parents=True, exist_ok=True)
+    mask_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(stem)) % 2**32)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(img_dir / f"{stem}{img_ext}")
+    mask = np.zeros((size[1], size[0]), np.uint8)
+    mask[5:20, 5:25] = 255
+    Image.fromarray(mask).save(mask_dir / (f"{stem}_segmentation.png" if isic else f"{stem}.png"))
+
+
+def _raw(tmp_path, n=10):
+    img_dir, mask_dir = tmp_path / "img", tmp_path / "gt"
+    for i in range(n):
+        _write_pair(img_dir, mask_dir, f"ISIC_{i:07d}")
+    return img_dir, mask_dir
+
+
+@pytest.mark.parametrize("n,ratios,expected", [
+    (2594, (0.7, 0.1, 0.2), (1815, 259, 520)),
+    (10, (0.7, 0.1, 0.2), (7, 1, 2)),
+    (7, (1, 1, 1), (2, 2, 3)),
+    (5, (1, 0, 0), (5, 0, 0)),
+])
+def test_split_arithmetic_matches_reference(n, ratios, expected):
+    assert split_counts(n, *ratios) == expected
+
+
+def test_split_ratios_must_sum_positive():
+    with pytest.raises(ValueError, match="positive"):
+        split_counts(10, 0, 0, 0)
+    with pytest.raises(ValueError, match="--valid_ratio"):
+        split_counts(10, 0.7, -0.1, 0.2)
+
+
+def test_prepare_is_deterministic_and_complete(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 20)
+    logs = []
+    a = prepare_split(img_dir, mask_dir, data_path=tmp_path / "a", seed=7, log=logs.append)
+    b = prepare_split(img_dir, mask_dir, data_path=tmp_path / "b", seed=7, log=logs.append)
+    c = prepare_split(img_dir, mask_dir, data_path=tmp_path / "c", seed=8, log=logs.append)
+    assert a["splits"] == b["splits"] and a["splits"] != c["splits"]
+    names = [e["image"] for s in SPLITS for e in a["splits"][s]]
+    assert sorted(names) == sorted(p.name for p in img_dir.iterdir())
+    assert [len(a["splits"][s]) for s in SPLITS] == [14, 2, 4]
+    for s in SPLITS:
+        assert sorted(p.name for p in (tmp_path / "a" / s).iterdir()) == sorted(e["image"] for e in a["splits"][s])
+        assert len(list((tmp_path / "a" / f"{s}_GT").iterdir())) == len(a["splits"][s])
+    manifest = json.loads((tmp_path / "a" / "r2unet_manifest.json").read_text())
+    assert manifest["seed"] == 7 and len(manifest["source"]["fingerprint"]) == 64
+
+
+def test_prepare_with_the_seed_flags(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    targets = {s: (tmp_path / "ds" / f"{s}", tmp_path / "ds" / f"{s}_GT_custom") for s in SPLITS}
+    prepare_split(img_dir, mask_dir, targets=targets, log=lambda *_: None)
+    assert len(list((tmp_path / "ds" / "test_GT_custom").iterdir())) == 2
+
+
+def test_prepare_refuses_non_empty_target_and_keeps_user_files(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    user_file = out / "train" / "my_notes.txt"
+    user_file.write_text("precious")
+    with pytest.raises(DataError, match="not empty"):
+        prepare_split(img_dir, mask_dir, data_path=out, log=lambda *_: None)
+    prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, log=lambda *_: None)
+    assert user_file.read_text() == "precious"
+    # a second run with --overwrite and another seed replaces only what r2unet wrote
+    m = prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, seed=5, log=lambda *_: None)
+    assert user_file.read_text() == "precious"
+    assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
+        [e["image"] for e in m["splits"]["train"]] + ["my_notes.txt"])
+    # a user file with the same name as one to be written is never overwritten
+    victim = out / "valid" / m["splits"]["train"][0]["image"]
+    (out / "r2unet_manifest.json").unlink()
+    victim.write_text("user data")
+    with pytest.raises(DataError, match="refusing"):
+        prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, seed=5, log=lambda *_: None)
+    assert victim.read_text() == "user data"
+
+
+@pytest.mark.parametrize("link", ["hardlink", "symlink"])
+def test_prepare_links_instead_of_copying(tmp_path, link):
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    m = prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", link=link, log=lambda *_: None)
+    f = tmp_path / "o" / "train" / m["splits"]["train"][0]["image"]
+    if link == "symlink":
+        assert f.is_symlink()
+    else:
+        assert os.stat(f).st_ino == os.stat(img_dir / f.name).st_ino
+
+
+def test_pairing_isic_and_same_stem(tmp_path):
+    _write_pair(tmp_path / "i", tmp_path / "m", "ISIC_0000001", isic=True)
+    _write_pair(tmp_path / "i", tmp_path / "m", "case7", isic=False, img_ext=".png")
+    (tmp_path / "i" / "LICENSE.txt").write_text("license")
+    (tmp_path / "m" / "orphan.png").write_bytes((tmp_path / "m" / "case7.png").read_bytes())
+    _write_pair(tmp_path / "i", tmp_path / "x", "lonely")
+    report = pair_files(tmp_path / "i", tmp_path / "m")
+    assert [(p.image.name, p.mask.name) for p in report.pairs] == [
+        ("ISIC_0000001.jpg", "ISIC_0000001_segmentation.png"), ("case7.png", "case7.png")]
+    assert [p.name for p in report.missing_masks] == ["lonely.jpg"]
+    assert [p.name for p in report.extra_masks] == ["orphan.png"]
+    assert [p.name for p in report.ignored] == ["LICENSE.txt"]
+
+
+def test_missing_and_extra_masks_are_reported_or_skipped(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    (mask_dir / "ISIC_0000003_segmentation.png").rename(mask_dir / "ISIC_0009999_segmentation.png")
+    with pytest.raises(DataError) as err:
+        prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", log=lambda *_: None)
+    assert "ISIC_0000003.jpg: no mask" in str(err.value) and "ISIC_0009999_segmentation.png" in str(err.value)
+    logs = []
+    m = prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", skip_bad=True, log=logs.append)
+    assert sum(len(v) for v in m["splits"].values()) == 9 and len(m["skipped"]) == 2
+    assert any("skipping 2" in line for line in logs)
+
+
+def test_size_mismatch_names_the_file(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 3)
+    Image.new("L", (10, 10)).save(mask_dir / "ISIC_0000001_segmentation.png")
+    with pytest.raises(DataError, match="ISIC_0000001_segmentation.png: mask size 10x10 differs"):
+        prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", log=lambda *_: None)
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "i").mkdir()
+    (tmp_path / "m").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        prepare_split(tmp_path / "i", tmp_path / "m", data_path=tmp_path / "o")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_split(tmp_path / "nope", tmp_path / "m", data_path=tmp_path / "o")
+
+
+def test_truncated_and_fake_images_name_the_file(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 4)
+    good = (img_dir / "ISIC_0000000.jpg").read_bytes()
+    (img_dir / "ISIC_0000001.jpg").write_bytes(good[: len(good) // 2])
+    (img_dir / "ISIC_0000002.jpg").write_text("this is not a jpeg")
+    with pytest.raises(DataError, match="ISIC_0000001.jpg: unreadable or truncated"):
+        read_image(img_dir / "ISIC_0000001.jpg")
+    with pytest.raises(DataError, match="ISIC_0000002.jpg"):
+        read_image(img_dir / "ISIC_0000002.jpg")
+    # the cache build decodes everything: both are reported together, or skipped with skip_bad
+    with pytest.raises(DataError) as err:
+        build_cache(img_dir, mask_dir, tmp_path / "cache", image_size=32, progress=False)
+    assert "ISIC_0000001.jpg" in str(err.value) and "ISIC_0000002.jpg" in str(err.value)
+    cache = build_cache(img_dir, mask_dir, tmp_path / "cache2", image_size=32, progress=False, skip_bad=True,
+                        log=lambda *_: None)
+    assert cache.names == ["ISIC_0000000.jpg", "ISIC_0000003.jpg"]
+
+
+def _mask_variants(tmp_path):
+    base = np.zeros((20, 30), bool)
+    base[4:15, 6:20] = True
+    out = {}
+    out["u8_255.png"] = Image.fromarray(base.astype(np.uint8) * 255)
+    out["u8_01.png"] = Image.fromarray(base.astype(np.uint8))
+    out["bit.png"] = Image.fromarray(base.astype(np.uint8) * 255).convert("1")
+    pal = Image.fromarray(base.astype(np.uint8), mode="L").convert("P")
+    pal.putpalette([0, 0, 0, 200, 30, 30] + [0] * 762)
+    out["palette.png"] = pal
+    out["rgb.png"] = Image.fromarray(np.stack([base * 255] * 3, -1).astype(np.uint8))
+    out["u16.png"] = Image.fromarray(base.astype(np.uint16) * 65535)
+    out["tiff.tif"] = Image.fromarray(base.astype(np.uint8) * 255)
+    out["float.tif"] = Image.fromarray(base.astype(np.float32))
+    out["jpeg.jpg"] = Image.fromarray(base.astype(np.uint8) * 255)
+    paths = {}
+    for name, img in out.items():
+        paths[name] = tmp_path / name
+        img.save(paths[name], quality=60) if name.endswith(".jpg") else img.save(paths[name])
+    return base, paths
+
+
+def test_every_mask_encoding_is_normalised(tmp_path):
+    base, paths = _mask_variants(tmp_path)
+    assert np.asarray(Image.open(paths["jpeg.jpg"])).max() not in (0,) and len(
+        np.unique(np.asarray(Image.open(paths["jpeg.jpg"])))) > 2  # really scattered values
+    for name, path in paths.items():
+        m = read_mask(path)
+        assert m.dtype == bool and m.shape == base.shape, name
+        assert (m == base).mean() > 0.99, name
+    assert not read_mask(paths["u8_255.png"]).all()
+    empty = tmp_path / "empty.png"
+    Image.new("L", (8, 8), 0).save(empty)
+    assert not read_mask(empty).any()  # an empty mask stays empty
+
+
+@pytest.mark.parametrize("ext", [".png", ".bmp", ".tif", ".jpeg"])
+def test_image_formats(tmp_path, ext):
+    _write_pair(tmp_path / "i", tmp_path / "m", "a", img_ext=ext)
+    img = read_image(tmp_path / "i" / f"a{ext}")
+    assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+
+
+def test_cache_is_incremental_and_detects_changes(tmp_path):
+    img_dir, mask_dir = _raw(tmp_path, 6)
+    logs = []
+    c1 = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert len(c1) == 6 and c1.images.shape == (6, 48, 48, 3) and set(np.unique(c1.masks)) <= {0, 1}
+    assert logs[-1].startswith("caching 6 of 6")
+    logs.clear()
+    build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert logs == []  # nothing to do
+    # change one image's content: only that row is decoded again
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(img_dir / "ISIC_0000002.jpg")
+    c3 = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert logs[-1].startswith("caching 1 of 6")
+    assert c3.images[2, ..., 0].mean() > 240
+    # add one and remove one: only the new one is decoded
+    logs.clear()
+    _write_pair(img_dir, mask_dir, "ISIC_0000099")
+    (img_dir / "ISIC_0000000.jpg").unlink()
+    (mask_dir / "ISIC_0000000_segmentation.png").unlink()
+    c4 = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert logs[-1].startswith("caching 1 of 6") and "ISIC_0000000.jpg" not in c4.names
+    # another image size is another cache
+    logs.clear()
+    build_cache(img_dir, mask_dir, tmp_path / "c", image_size=64, progress=False, log=logs.append)
+    assert logs[-1].startswith("caching 6 of 6")
+
+
+def _striped_batch(n=6, s=64):
+    """Images whose red channel *is* the mask: after any geometric transform they must still agree."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(n, s, s, dtype=torch.uint8)
+    for i in range(n):
+        y0, x0 = torch.randint(0, s // 2, (2,), generator=g).tolist()
+        masks[i, y0:y0 + s // 3, x0:x0 + s // 4] = 1
+    images = torch.zeros(n, s, s, 3, dtype=torch.uint8)
+    images[..., 0] = masks * 255
+    images[..., 1] = 60
+    return images, masks
+
+
+def test_augmentation_moves_image_and_mask_together():
+    images, masks = _striped_batch()
+    cfg = AugmentConfig(augmentation_prob=1.0, brightness=0, contrast=0, hue=0)
+    aspect = torch.tensor([0.75, 1.0, 1.33, 0.56, 1.0, 0.8])
+    x, y = train_batch(images, masks, aspect, 48, cfg, torch.Generator().manual_seed(1))
+    assert x.shape == (6, 3, 48, 48) and y.shape == (6, 1, 48, 48)
+    assert set(y.unique().tolist()) <= {0.0, 1.0}
+    red = (x[:, :1] * 0.5 + 0.5) > 0.5
+    agree = (red == (y > 0.5)).float().mean()
+    assert agree > 0.98
+    identity, _ = eval_batch(images, masks, 48)
+    assert not torch.allclose(x, identity)  # something did move
+
+
+def test_augmentation_keeps_masks_binary_with_colour_jitter_and_is_seeded():
+    images, masks = _striped_batch()
+    aspect = torch.ones(6)
+    cfg = AugmentConfig(augmentation_prob=0.5)
+    a = train_batch(images, masks, aspect, 32, cfg, torch.Generator().manual_seed(3))
+    b = train_batch(images, masks, aspect, 32, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert set(a[1].unique().tolist()) <= {0.0, 1.0}
+    assert a[0].min() >= -1 and a[0].max() <= 1
+
+
+def test_no_augmentation_is_a_plain_resize():
+    images, masks = _striped_batch()
+    cfg = AugmentConfig(augmentation_prob=0.0)
+    x, y = train_batch(images, masks, torch.ones(6), 64, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(x, eval_batch(images, masks, 64)[0], atol=1e-5)
+    assert torch.equal(y[:, 0], masks.float())
+
+
+def test_synth_is_deterministic(tmp_path):
+    generate_dataset(tmp_path / "a", 3, seed=4, max_side=300)
+    generate_dataset(tmp_path / "b", 3, seed=4, max_side=300)
+    for sub in (IMAGE_DIR, MASK_DIR):
+        fa = sorted((tmp_path / "a" / sub).iterdir())
+        fb = sorted((tmp_path / "b" / sub).iterdir())
+        assert [f.name for f in fa] == [f.name for f in fb]
+        assert all(x.read_bytes() == y.read_bytes() for x, y in zip(fa, fb))
+    masks = [read_mask(p) for p in sorted((tmp_path / "a" / MASK_DIR).iterdir())]
+    assert all(0.01 < m.mean() < 0.9 for m in masks)
+
+
+def test_loader_batches_any_size(tiny_data):
+    cache = split_cache(tiny_data, "train", 32, progress=False, log=lambda *_: None)
+    tf = DeviceTransform(32, torch.device("cpu"), AugmentConfig())
+    sizes = []
+    for bs in (1, 3, 5):
+        for batch in make_loader(cache, bs, train=True, drop_last=False):
+            x, y = tf(batch)
+            sizes.append(x.shape[0])
+            assert x.shape[1:] == (3, 32, 32) and y.shape[1:] == (1, 32, 32)
+    assert sum(sizes) == 3 * len(cache)
