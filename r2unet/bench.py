@@ -47,4 +47,4 @@ def bench_data(
     elapsed = time.perf_counter() - start
     return {"img_per_s": images / elapsed, "cache_build_s": cache_build_s, "images": images, "seconds": elapsed,
             "device": str(dev), "image_size": image_size, "batch_size": batch_size, "num_workers": num_workers,
-            "cached_images": len(cache), "torch": torch.__version__}
+            "cached_images": len(cache), "torch": str(torch.__version__)}

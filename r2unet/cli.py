@@ -7,6 +7,9 @@ import json
 import sys
 
 from .data.io import DataError
+from .engine.checkpoint import CheckpointError
+from .engine.config import TrainConfig
+from .engine.trainer import TrainingError
 
 REF_ORIGIN_DATA = "../ISIC/dataset/ISIC2018_Task1-2_Training_Input"
 REF_ORIGIN_GT = "../ISIC/dataset/ISIC2018_Task1_Training_GroundTruth"
@@ -57,6 +60,85 @@ def _cmd_bench(args) -> None:
                   f"{result['cache_build_s']:.2f} s for {result['cached_images']} images")
 
 
+def _train_config(args) -> TrainConfig:
+    """defaults < --config file < the checkpoint's config (with --resume) < flags given on the command line."""
+    from pathlib import Path
+
+    from .engine.checkpoint import load_file
+    from .engine.config import read_config_file
+
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    values: dict = {}
+    if "config" in given:
+        values.update(read_config_file(given.pop("config")))
+    # The seed's flags, mapped onto ours.
+    apex, level = given.pop("apex", None), given.pop("apex_opt_level", "O1")
+    if "amp" not in given and apex is not None:
+        given["amp"] = "fp16" if apex and level in ("O1", "O2") else "off"
+    if "loss_scale_value" in given:
+        given["loss_scale"] = str(given.pop("loss_scale_value"))
+    if "npu_idx" in given:
+        given["device_index"] = given.pop("npu_idx")
+    world = given.pop("world_size", None)
+    import os
+
+    if world is not None and world > 1 and int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise UserError(f"--world-size {world}: launch the processes with torchrun, e.g. "
+                        f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
+    resume = given.get("resume", values.get("resume", False))
+    if resume:
+        out = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir)))
+        last = out / "checkpoints" / "last.pt"
+        if last.exists():
+            values.update({k: v for k, v in load_file(last)["config"].items() if k != "extra"})
+    values.update(given)
+    values["resume"] = bool(resume)
+    return TrainConfig.from_dict(values).validate()
+
+
+def _cmd_train(args) -> None:
+    from .engine.trainer import fit
+
+    cfg = _train_config(args)
+    try:
+        fit(cfg)
+    except KeyboardInterrupt:
+        raise UserError("interrupted; the last checkpoint was saved, continue with --resume") from None
+
+
+def _print_metrics(metrics: dict, as_json: bool, header: str) -> None:
+    if as_json:
+        print(json.dumps(metrics))
+        return
+    print(header)
+    for k in ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"):
+        extra = f"   (pooled {metrics['pooled'][k]:.4f})" if "pooled" in metrics and k in metrics["pooled"] else ""
+        print(f"  {k:<15}{metrics[k]:.4f}{extra}")
+
+
+def _cmd_evaluate(args) -> None:
+    from .engine.trainer import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data_path, split=args.split, batch_size=args.batch_size,
+                                  device=args.device, threshold=args.threshold, image_size=args.image_size,
+                                  amp=args.amp, model_type=args.model_type, t=args.t,
+                                  base_channels=args.base_channels, log=(lambda *_: None) if args.json else print)
+    _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images (per-image means):")
+
+
+def _cmd_plot(args) -> None:
+    from .plots import redraw
+
+    for path in redraw(args.run_dir):
+        print(f"wrote {path}")
+
+
+def _cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.output, num_images=args.num_images, num_epochs=args.num_epochs, seed=args.seed)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -90,6 +172,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_cache", action="store_true", help="only split; the cache is built when training starts")
     p.set_defaults(func=_cmd_prepare)
 
+    p = sub.add_parser("train", help="train a network (the reference's flags work as they are)",
+                       argument_default=argparse.SUPPRESS)
+    _add_train_flags(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split of a prepared dataset")
+    p.add_argument("--checkpoint", required=True, help="r2unet checkpoint or the reference's state_dict .pkl")
+    p.add_argument("--data_path", required=True)
+    p.add_argument("--split", choices=["train", "valid", "test"], default="test")
+    _add_model_override_flags(p)
+    p.add_argument("--image_size", type=int, default=None, help="default: the checkpoint's")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("plot", help="redraw curves.png of a training run from its metrics.jsonl")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("demo", help="synthetic data -> prepare -> train a small R2U-Net on the CPU -> test scores")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--num_images", type=int, default=160)
+    p.add_argument("--num_epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("bench", help="benchmarks: 'data' (loader + augmentation) or 'train' (training step)")
     p.add_argument("what", choices=["data"])
     p.add_argument("--data_path", help="prepared dataset (output of prepare)")
@@ -102,12 +213,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_model_override_flags(p) -> None:
+    p.add_argument("--model_type", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"], default=None,
+                   help="needed for a bare state_dict (default R2U_Net); overrides the checkpoint's")
+    p.add_argument("--t", type=int, default=None, help="recurrence steps of a bare state_dict (default 3)")
+    p.add_argument("--base_channels", type=int, default=None)
+
+
+def _add_train_flags(p) -> None:
+    g = p.add_argument_group("the reference's flags")
+    g.add_argument("--model_type", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"], help="default R2U_Net")
+    g.add_argument("--t", type=int, help="recurrence steps (default 3)")
+    g.add_argument("--image_size", type=int, help="square training size, multiple of 16 (default 224)")
+    g.add_argument("--img_ch", type=int, help="input channels: 3 (RGB) or 1 (grayscale)")
+    g.add_argument("--output_ch", type=int)
+    g.add_argument("--num_epochs", type=int, help="default 100")
+    g.add_argument("--num_epochs_decay", type=int, help="epochs of linear LR decay at the end (default 70)")
+    g.add_argument("--batch_size", type=int, help="per process (default 16)")
+    g.add_argument("--num_workers", type=int, help="data loader processes (default 2)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 2e-4)")
+    g.add_argument("--beta1", type=float, help="default 0.5")
+    g.add_argument("--beta2", type=float, help="default 0.999")
+    g.add_argument("--augmentation_prob", type=float, help="default 0.4")
+    g.add_argument("--data_path", help="prepared dataset: train/ train_GT/ valid/ valid_GT/ test/ test_GT/")
+    g.add_argument("--seed", type=int, help="default 12345")
+    g.add_argument("--apex", type=int, choices=[0, 1], help="1: mixed precision (fp16 with O1/O2)")
+    g.add_argument("--apex-opt-level", "--apex_opt_level", dest="apex_opt_level", choices=["O0", "O1", "O2"])
+    g.add_argument("--loss_scale_value", help="initial fp16 loss scale, a number or 'dynamic'")
+    g.add_argument("--npu_idx", type=int, help="device index (alias of cuda:N)")
+    g.add_argument("--world-size", "--world_size", dest="world_size", type=int,
+                   help="number of processes; launch them with torchrun")
+    g = p.add_argument_group("r2unet")
+    g.add_argument("--device", help="auto | cuda | cpu | cuda:N (default auto)")
+    g.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
+                   help="mixed precision (default auto: bf16 on GPUs and bf16-capable CPUs)")
+    g.add_argument("--base_channels", type=int, help="width of the first stage (default 64)")
+    g.add_argument("--output_dir", help="run folder (default runs/r2unet)")
+    g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")
+    g.add_argument("--config", help="YAML/TOML/JSON file of settings; command-line flags override it")
+    g.add_argument("--loss", choices=["bce", "dice_bce"])
+    g.add_argument("--global_batch_size", type=int, help="alternative to --batch_size: divided among processes")
+    g.add_argument("--scale_lr", action="store_true", help="multiply --lr by the number of processes "
+                   "(linear scaling rule; the 8p recipe: 8 x 2e-4 = 0.0016)")
+    g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes")
+    g.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+    g.add_argument("--channels_last", choices=["auto", "on", "off"], help="auto: on for CUDA")
+    g.add_argument("--deterministic", action="store_true", help="bit-identical CPU runs (see README for GPUs)")
+    g.add_argument("--detect_anomaly", action="store_true", help="autograd anomaly detection (slow; debugging)")
+    g.add_argument("--max_nonfinite_steps", type=int, help="consecutive NaN/Inf losses before stopping (20)")
+    g.add_argument("--max_steps_per_epoch", type=int, help="cap steps per epoch (performance runs)")
+    g.add_argument("--warmup_steps", type=int, help="steps per epoch left out of the FPS (default 5)")
+    g.add_argument("--eval_every", type=int, help="epochs between validations (default 1)")
+    g.add_argument("--sample_every", type=int, help="epochs between sample grids (default 5)")
+    g.add_argument("--save_every_steps", type=int, help="also write last.pt every N steps (default: epoch ends)")
+    g.add_argument("--log_every", type=int, help="steps between host syncs for logging/NaN checks (default 10)")
+    g.add_argument("--cache_dir", help="where the decode-once cache lives (default DATA_PATH/.r2unet_cache)")
+    g.add_argument("--skip_bad", action="store_true", help="list and skip bad files instead of stopping")
+    g.add_argument("--tensorboard", action="store_true", help="also log to OUTPUT_DIR/tensorboard")
+    g.add_argument("--threshold", type=float, help="probability threshold of the metrics (default 0.5)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UserError, DataError, ValueError, FileNotFoundError) as exc:
+    except (UserError, DataError, ValueError, FileNotFoundError, CheckpointError, TrainingError) as exc:
         print(f"r2unet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

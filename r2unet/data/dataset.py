@@ -62,20 +62,24 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
     sampler: Sampler | None = None,
+    batch_sampler: Sampler | None = None,
     drop_last: bool | None = None,
 ) -> DataLoader:
-    """A DataLoader yielding uint8 batches. ``sampler`` (e.g. a DistributedSampler) replaces the default one."""
+    """A DataLoader yielding uint8 batches. ``sampler`` (e.g. a shard of the split) replaces the default sampler;
+    ``batch_sampler`` (yielding lists of indices) replaces both sampler and batching."""
     dataset = CachedBatches(cache)
-    if sampler is None:
-        if train:
-            sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        else:
-            sampler = SequentialSampler(dataset)
-    drop_last = train and len(dataset) >= batch_size if drop_last is None else drop_last
+    if batch_sampler is None:
+        if sampler is None:
+            if train:
+                sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+            else:
+                sampler = SequentialSampler(dataset)
+        drop_last = train and len(dataset) >= batch_size if drop_last is None else drop_last
+        batch_sampler = BatchSampler(sampler, batch_size, drop_last=drop_last)
     return DataLoader(
         dataset,
         batch_size=None,
-        sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+        sampler=batch_sampler,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,

@@ -1,0 +1,141 @@
+"""Checkpoints: the one reader and writer of the checkpoint format.
+
+- Written atomically (temporary file in the same folder, fsync, rename): a crash at any moment leaves either the old
+  or the new file, never a half-written one. A failed write (disk full, permission) keeps the previous file.
+- Read with ``torch.load(weights_only=True)`` only: a file whose unpickling would run code is refused.
+- Reads both r2unet checkpoints (a dict with ``format: "r2unet"``) and bare ``state_dict`` files such as the
+  reference's ``.pkl``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT = "r2unet"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message says which file and why."""
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+                              "the previous checkpoint (if any) is unchanged") from None
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def load_file(path: str | Path) -> dict:
+    """Load a checkpoint file safely (``weights_only=True``) on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it contains Python objects other than tensors and plain containers, and "
+            f"loading it could run arbitrary code. Only load files from sources you trust. ({first})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
+    return obj
+
+
+def is_r2unet_checkpoint(obj: dict) -> bool:
+    return obj.get("format") == FORMAT
+
+
+def model_state(obj: dict) -> dict[str, torch.Tensor]:
+    """The model weights of a loaded file: an r2unet checkpoint's ``model`` or a bare state_dict."""
+    state = obj["model"] if is_r2unet_checkpoint(obj) else obj
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("the file holds neither an r2unet checkpoint nor a state_dict of tensors")
+    # strip the prefixes of DDP ("module.") and torch.compile ("_orig_mod.") if a foreign file carries them
+    out = {}
+    for k, v in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """``load_state_dict(strict=True)`` with a readable report of missing/unexpected keys and shape mismatches."""
+    target = unwrap(model).state_dict()
+    missing = [k for k in target if k not in state]
+    unexpected = [k for k in state if k not in target]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+                  for k in target if k in state and state[k].shape != target[k].shape]
+    if missing or unexpected or mismatched:
+        def block(title, items):
+            if not items:
+                return ""
+            shown = "\n    ".join(items[:15]) + (f"\n    ... and {len(items) - 15} more" if len(items) > 15 else "")
+            return f"\n  {title} ({len(items)}):\n    {shown}"
+
+        raise CheckpointError(
+            f"{source} does not fit this model (wrong --model_type, --t, --base_channels, --img_ch or "
+            f"--output_ch?)" + block("missing keys", missing) + block("unexpected keys", unexpected)
+            + block("shape mismatches", mismatched))
+    unwrap(model).load_state_dict(state, strict=True)
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: int, step: int = 0,
+                    optimizer=None, scaler=None, scheduler=None, best_score: float = float("-inf"),
+                    best_epoch: int = -1, rng: dict | None = None, extra: dict | None = None) -> None:
+    """Write everything needed to resume. ``epoch`` is the epoch to continue from, ``step`` the batches done in it."""
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
+        "config": config,
+        "epoch": epoch,
+        "step": step,
+        "best_score": best_score,
+        "best_epoch": best_epoch,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rng or {},
+        "extra": extra or {},
+        "torch_version": str(torch.__version__),
+    }
+    atomic_save(state, path)

@@ -1,0 +1,605 @@
+"""Training and evaluation: ``fit`` (the main job), ``train_one_epoch`` and ``evaluate``.
+
+The trainer is the only place that decides devices, precision, compilation and distribution.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import plots
+from ..data.augment import MEAN, STD, AugmentConfig
+from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
+from ..metrics import MetricAccumulator
+from ..models import create_model
+from . import distributed as D
+from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
+from .config import ConfigError, TrainConfig
+
+SPLITS = ("train", "valid", "test")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says where and what was kept."""
+
+
+# ----------------------------------------------------------------------------------------------------------- setup
+def resolve_device(cfg: TrainConfig, info: D.DistInfo) -> torch.device:
+    want = cfg.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda was asked for but no CUDA GPU is available (use --device cpu)")
+        if info.distributed:
+            return torch.device("cuda", info.local_rank)
+        index = cfg.device_index if cfg.device_index is not None else (int(want.split(":")[1]) if ":" in want else 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"--npu_idx/--device: GPU {index} does not exist ({torch.cuda.device_count()} found)")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with
+    native bf16 matrix units (AMX / AVX512-BF16), fp32 otherwise. fp16 (e.g. the seed's ``--apex 1``) on a CPU runs
+    as bf16: CPU fp16 kernels are emulated and dozens of times slower; the run's log line names the precision."""
+    if cfg.amp == "off":
+        return None
+    if cfg.amp == "fp16":
+        if device.type == "cpu":  # measured: fp16 autocast on this CPU ran at 0.7 img/s where bf16 ran at 58
+            return torch.bfloat16
+        return torch.float16
+    if cfg.amp == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else None
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_flag(value: str, device: torch.device) -> bool:
+    """``auto`` means on for CUDA, off for CPU (compilation and channels_last pay off on GPUs)."""
+    return value == "on" or (value == "auto" and device.type == "cuda")
+
+
+def resolve_channels_last(cfg: TrainConfig, device: torch.device, precision: Precision) -> bool:
+    """``auto``: on for CUDA; on a CPU only with bf16 and base_channels >= 16, where oneDNN's blocked kernels win
+    (measured on the 2-core AMX machine, R2U-Net t=2, batch 8 at 128 px: bf16 20 -> 31 img/s with channels_last at
+    base 16, but 58 -> 48 img/s at base 8; see benchmarks/README.md)."""
+    if cfg.channels_last != "auto":
+        return cfg.channels_last == "on"
+    if device.type == "cuda":
+        return True
+    return precision.dtype == torch.bfloat16 and cfg.base_channels >= 16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """The reference's schedule: constant, then linear decay over the last ``num_epochs_decay`` epochs (by
+    lr / num_epochs_decay after each of them). ``epoch`` is 0-based; the value applies during that epoch."""
+    if cfg.num_epochs_decay == 0:
+        return 1.0
+    done_decay = max(0, epoch - (cfg.num_epochs - cfg.num_epochs_decay))
+    return max(0.0, 1.0 - done_decay / cfg.num_epochs_decay)
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+    if dice:
+        probs = torch.sigmoid(logits.float()).flatten(1)
+        t = target.flatten(1)
+        loss = loss + (1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)).mean()
+    return loss
+
+
+@dataclass
+class Precision:
+    dtype: torch.dtype | None
+    device: torch.device
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @property
+    def name(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+# ------------------------------------------------------------------------------------------------------- train/eval
+def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig,
+                    state: dict, on_step=None, progress=None, channels_last: bool = False) -> dict:
+    """One pass over ``loader``. Loss and non-finite counts stay on the device; the host syncs only at log points.
+
+    ``state`` carries what survives an interruption mid-epoch: ``loss_sum``, ``steps``, ``images``.
+    Returns the epoch's mean loss and steady-state throughput (steps after ``cfg.warmup_steps``)."""
+    model.train()
+    device = precision.device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
+    steady_images, steady_start, steps_this_call = 0, None, 0
+    for batch in loader:
+        if steady_start is None and steps_this_call >= cfg.warmup_steps:
+            _sync(device)
+            steady_start = time.perf_counter()
+        x, y = transform(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        loss = bce_dice_loss(logits, y, cfg.loss == "dice_bce")
+        optimizer.zero_grad(set_to_none=True)
+        finite = torch.isfinite(loss)
+        if scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients by itself
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            # bf16/fp32: neutralise non-finite gradients on the device (no host sync) so one bad batch cannot
+            # poison the weights; a persistent problem is caught below at the next log point.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, finite.float())
+            for g in grads:
+                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+            optimizer.step()
+        loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+        nonfinite_run = torch.where(finite, 0, nonfinite_run + 1)
+        steps_this_call += 1
+        state["steps"] += 1
+        state["images"] += x.shape[0]
+        if steady_start is not None:
+            steady_images += x.shape[0]
+        if state["steps"] % cfg.log_every == 0:
+            bad = int(nonfinite_run.item())
+            if bad >= cfg.max_nonfinite_steps:
+                raise TrainingError(f"loss was NaN/Inf for {bad} consecutive steps (epoch {state['epoch'] + 1}, "
+                                    f"step {state['steps']}); stopping. The last good checkpoint is kept; try a "
+                                    "lower --lr, --amp off, or --detect_anomaly to find the operation")
+            if progress is not None:
+                progress(state, float(loss.detach()))
+        if on_step is not None:
+            on_step(state, loss_sum)
+        if cfg.max_steps_per_epoch and state["steps"] >= cfg.max_steps_per_epoch:
+            break
+    _sync(device)
+    end = time.perf_counter()
+    state["loss_sum"] = state.get("loss_sum", 0.0) + float(loss_sum.item())
+    state["steady_images"] = state.get("steady_images", 0) + steady_images
+    state["steady_seconds"] = state.get("steady_seconds", 0.0) + (end - steady_start if steady_start else 0.0)
+    return state
+
+
+@torch.no_grad()
+def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
+             channels_last: bool = False) -> MetricAccumulator:
+    """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint)."""
+    model.eval()
+    acc = MetricAccumulator(threshold=threshold, device=precision.device)
+    for batch in loader:
+        x, y = transform(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        acc.update(torch.sigmoid(logits.float()), y)
+    acc.all_reduce()
+    return acc
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------- the job
+class _Run:
+    """Files of one run folder (written by rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.last = self.ckpt_dir / "last.pt"
+        self.best = self.ckpt_dir / "best.pt"
+        self.metrics = self.dir / "metrics.jsonl"
+        self.results = self.dir / "results.json"
+        self.samples = self.dir / "samples"
+
+
+def _log_fn(info: D.DistInfo, log):
+    return log if info.is_main else (lambda *a, **k: None)
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=cfg.output_ch, t=cfg.t,
+                        base_channels=cfg.base_channels)
+
+
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def fit(cfg: TrainConfig, log=print) -> dict:
+    """Train as configured; return the results (also written to ``results.json``)."""
+    cfg.validate()
+    probe = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
+        else "cpu"
+    info = D.init_distributed(probe)
+    try:
+        return _fit(cfg, info, _log_fn(info, log))
+    finally:
+        D.cleanup()
+
+
+def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> dict:
+    run = _Run(cfg.output_dir)
+    device = resolve_device(cfg, info)
+    precision = Precision(resolve_amp(cfg, device), device)
+    use_compile = resolve_flag(cfg.compile, device)
+    channels_last = resolve_channels_last(cfg, device, precision)
+
+    # Batch semantics: --batch_size is per process; --global_batch_size is divided among processes.
+    if cfg.global_batch_size is not None:
+        if cfg.global_batch_size % info.world_size:
+            raise ConfigError(f"--global_batch_size {cfg.global_batch_size} is not divisible by the "
+                              f"{info.world_size} processes")
+        cfg.batch_size = cfg.global_batch_size // info.world_size
+    global_batch = cfg.batch_size * info.world_size
+    lr = cfg.lr * (global_batch / cfg.batch_size) if cfg.scale_lr else cfg.lr
+
+    if not cfg.resume and run.last.exists():
+        raise ConfigError(f"--output_dir: {run.dir} already holds a run (checkpoints/last.pt); pass --resume to "
+                          "continue it or choose another --output_dir (nothing was deleted)")
+    if cfg.resume and not run.last.exists():
+        raise ConfigError(f"--resume: no checkpoint at {run.last}")
+    data_path = Path(cfg.data_path)
+    for split in SPLITS:
+        for folder in (data_path / split, data_path / f"{split}_GT"):
+            if not folder.is_dir():
+                raise ConfigError(f"--data_path: {folder} is missing; run 'r2unet prepare --data_path "
+                                  f"{data_path} ...' first")
+
+    seed_everything(cfg.seed + info.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+
+    # Data: rank 0 builds/updates the caches, the others wait and open them.
+    caches = {}
+    if info.is_main:
+        for split in SPLITS:
+            caches[split] = split_cache(data_path, split, cfg.image_size, cache_dir=cfg.cache_dir,
+                                        num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
+                                        progress=sys.stderr.isatty(), log=log)
+    D.barrier()
+    if not info.is_main:
+        caches = {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir) for s in SPLITS}
+    pin = device.type == "cuda"
+    train_sampler = D.EpochBatchSampler(len(caches["train"]), cfg.batch_size, info, cfg.seed)
+    if len(train_sampler) == 0:
+        raise ConfigError(f"--batch_size {cfg.batch_size}: larger than this process's share of the "
+                          f"{len(caches['train'])} training images")
+    loaders = {
+        "train": make_loader(caches["train"], cfg.batch_size, train=True, batch_sampler=train_sampler,
+                             num_workers=cfg.num_workers, pin_memory=pin),
+        **{s: make_loader(caches[s], cfg.batch_size, train=False, sampler=D.ShardSampler(len(caches[s]), info),
+                          num_workers=0, pin_memory=pin, drop_last=False) for s in ("valid", "test")},
+    }
+    augment = DeviceTransform(cfg.image_size, device, AugmentConfig(augmentation_prob=cfg.augmentation_prob),
+                              seed=cfg.seed + 7919 * info.rank, img_ch=cfg.img_ch)
+    plain = DeviceTransform(cfg.image_size, device, None, img_ch=cfg.img_ch)
+
+    # Model, optimiser, precision.
+    model = build_model(cfg)
+    if cfg.sync_bn and info.distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    fused = device.type == "cuda"
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
+    init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
+    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision.dtype == torch.float16)
+
+    start_epoch, start_step, best_score, best_epoch = 0, 0, float("-inf"), -1
+    epoch_state_carry: dict = {}
+    if cfg.resume:
+        ckpt = load_file(run.last)
+        load_weights(model, model_state(ckpt), str(run.last))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scheduler"):
+            scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_step = ckpt["epoch"], ckpt.get("step", 0)
+        best_score, best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+        rng = ckpt.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "augment" in rng and not info.distributed:
+            augment.generator.set_state(rng["augment"])
+        epoch_state_carry = ckpt.get("extra", {}).get("epoch_state", {}) if start_step else {}
+        log(f"resumed from {run.last}: epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+    for group in optimizer.param_groups:  # the decay schedule follows the (possibly extended) num_epochs
+        group["lr"] = lr * lr_factor(start_epoch, cfg)
+
+    ddp_model = model
+    if info.distributed:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = ddp_model
+    if use_compile:
+        try:
+            train_model = torch.compile(ddp_model)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            log(f"torch.compile unavailable ({exc}); training in eager mode")
+
+    if info.is_main:
+        run.dir.mkdir(parents=True, exist_ok=True)
+        run.ckpt_dir.mkdir(exist_ok=True)
+        cfg.save(run.dir / "config.json")
+        if cfg.resume and run.metrics.exists():  # drop rows of epochs the checkpoint does not cover
+            rows = [r for r in plots.read_metrics(run.metrics) if r["epoch"] <= start_epoch]
+            run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log(f"{cfg.model_type} (t={cfg.t}) on {device}, {precision.name}, compile {'on' if use_compile else 'off'}, "
+        f"channels_last {'on' if channels_last else 'off'}; {info.world_size} process(es) x batch {cfg.batch_size} "
+        f"= global batch {global_batch}, lr {lr:g}; train/valid/test = "
+        f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
+
+    writer = None
+    if cfg.tensorboard and info.is_main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'r2unet[tensorboard]'") \
+                from None
+        writer = SummaryWriter(str(run.dir / "tensorboard"))
+
+    sample_idx = list(range(min(6, len(caches["valid"]))))
+    rng_state = lambda: {"torch": torch.get_rng_state(), "augment": augment.generator.get_state()}  # noqa: E731
+    epoch_state = {"epoch": start_epoch, "steps": 0, "images": 0, "loss_sum": 0.0}
+
+    def save_last(epoch: int, step: int, extra: dict | None = None):
+        if info.is_main:
+            save_checkpoint(run.last, model=model, config=cfg.to_dict(), epoch=epoch, step=step,
+                            optimizer=optimizer, scaler=scaler, scheduler=scheduler, best_score=best_score,
+                            best_epoch=best_epoch, rng=rng_state(), extra=extra)
+
+    def on_step(state, loss_sum):
+        if cfg.save_every_steps and state["steps"] % cfg.save_every_steps == 0:
+            carry = {**state, "loss_sum": state.get("loss_sum", 0.0) + float(loss_sum.item())}
+            carry.pop("loss_sum_device", None)
+            save_last(state["epoch"], state["steps"], {"epoch_state": carry})
+
+    bar = _progress(info, len(train_sampler))
+    old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
+    total_steady_images = total_steady_seconds = 0.0
+    results: dict = {}
+    try:
+        for epoch in range(start_epoch, cfg.num_epochs):
+            skip = start_step if epoch == start_epoch else 0
+            train_sampler.set_epoch(epoch, skip)
+            epoch_state = {"epoch": epoch, "steps": skip, "images": 0, "loss_sum": 0.0}
+            if skip and epoch_state_carry:
+                epoch_state.update({k: epoch_state_carry[k] for k in ("images", "loss_sum") if k in epoch_state_carry})
+            t0 = time.perf_counter()
+            if bar:
+                bar.reset(total=len(train_sampler) + skip)
+                bar.update(skip)
+                bar.set_description(f"epoch {epoch + 1}/{cfg.num_epochs}")
+            progress = (lambda s, loss: (bar.update(cfg.log_every), bar.set_postfix(loss=f"{loss:.4f}"))) \
+                if bar else None
+            train_one_epoch(train_model, loaders["train"], augment, optimizer, scaler, precision, cfg, epoch_state,
+                            on_step=on_step, progress=progress, channels_last=channels_last)
+            epoch_lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            # Whole-job throughput: images summed over processes / the slowest process's steady time.
+            stats = torch.tensor([epoch_state["steady_images"], epoch_state["images"], epoch_state["loss_sum"],
+                                  epoch_state["steps"]], dtype=torch.float64, device=device)
+            D.all_reduce_sum(stats)
+            slow = D.all_reduce_max(torch.tensor([epoch_state["steady_seconds"], time.perf_counter() - t0],
+                                                 dtype=torch.float64, device=device))
+            steady_images, images, loss_total, steps = stats.tolist()
+            steady_s, epoch_s = slow.tolist()
+            if steady_s <= 0:  # too few steps for a steady state: count the whole epoch
+                steady_images, steady_s = images, epoch_s
+            total_steady_images += steady_images
+            total_steady_seconds += steady_s
+            epoch_fps = steady_images / max(steady_s, 1e-9)
+            train_loss = loss_total / max(1.0, steps)
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": epoch_lr, "train_img_per_s": epoch_fps,
+                   "epoch_seconds": epoch_s}
+            is_last = epoch + 1 == cfg.num_epochs
+            if (epoch + 1) % cfg.eval_every == 0 or is_last:
+                valid = evaluate(model if info.distributed else train_model, loaders["valid"], plain, precision,
+                                 cfg.threshold, channels_last).compute() if len(caches["valid"]) else None
+                row["valid"] = valid
+                score = (valid["JS"] + valid["DC"]) if valid else -float(epoch)
+                if score > best_score:
+                    best_score, best_epoch = score, epoch + 1
+                    row["best"] = True
+                    if info.is_main:
+                        save_checkpoint(run.best, model=model, config=cfg.to_dict(), epoch=epoch + 1,
+                                        best_score=best_score, best_epoch=best_epoch)
+            if info.is_main:
+                with open(run.metrics, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                _log_epoch(log, row, cfg.num_epochs)
+                if writer:
+                    _tensorboard(writer, row)
+                plots.plot_curves(plots.read_metrics(run.metrics), run.dir / "curves.png")
+                if sample_idx and ((epoch + 1) % cfg.sample_every == 0 or is_last):
+                    run.samples.mkdir(exist_ok=True)
+                    draw_samples(model, caches["valid"], sample_idx, plain, precision, cfg,
+                                 run.samples / f"epoch_{epoch + 1:03d}.png", f"epoch {epoch + 1}")
+            save_last(epoch + 1, 0)
+            D.barrier()
+        if bar:
+            bar.close()
+        # Final scores: the best model on the *test* split.
+        best = load_file(run.best) if run.best.exists() else None
+        if best is not None:
+            load_weights(model, model_state(best), str(run.best))
+        test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last).compute() \
+            if len(caches["test"]) else None
+        fps = total_steady_images / max(total_steady_seconds, 1e-9)
+        results = {"test": test, "best_epoch": best_epoch, "best_valid_JS_plus_DC": best_score, "fps": fps,
+                   "model_type": cfg.model_type, "t": cfg.t, "image_size": cfg.image_size,
+                   "global_batch_size": global_batch, "world_size": info.world_size, "precision": precision.name,
+                   "epochs": cfg.num_epochs, "device": str(device), "torch": str(torch.__version__)}
+        if info.is_main:
+            tmp = run.results.with_suffix(".tmp")
+            tmp.write_text(json.dumps(results, indent=2) + "\n")
+            os.replace(tmp, run.results)
+            if sample_idx:
+                final = run.samples / f"epoch_{cfg.num_epochs:03d}.png"
+                if final.exists():
+                    shutil.copyfile(final, run.dir / "samples.png")
+            if test:
+                log(f"test (best epoch {best_epoch}): "
+                    + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+            log(f"FPS: {fps:.2f}")
+        return results
+    except KeyboardInterrupt:
+        if bar:
+            bar.close()
+        save_last(epoch_state["epoch"], epoch_state["steps"], {"epoch_state": {
+            k: epoch_state[k] for k in ("images", "loss_sum") if k in epoch_state}})
+        log(f"interrupted: saved {run.last} (epoch {epoch_state['epoch'] + 1}, step {epoch_state['steps']}); "
+            "continue with --resume")
+        raise
+    finally:
+        if writer:
+            writer.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress(info: D.DistInfo, total: int):
+    if not info.is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", dynamic_ncols=True, leave=False)
+
+
+def _log_epoch(log, row: dict, num_epochs: int) -> None:
+    msg = (f"epoch {row['epoch']}/{num_epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+           f"{row['train_img_per_s']:.1f} img/s")
+    if row.get("valid"):
+        v = row["valid"]
+        msg += f"  valid JS {v['JS']:.4f} DC {v['DC']:.4f} ACC {v['ACC']:.4f}" + ("  (best)" if row.get("best") else "")
+    log(msg)
+
+
+def _tensorboard(writer, row: dict) -> None:
+    step = row["epoch"]
+    writer.add_scalar("train/loss", row["train_loss"], step)
+    writer.add_scalar("train/lr", row["lr"], step)
+    writer.add_scalar("train/img_per_s", row["train_img_per_s"], step)
+    for k, v in (row.get("valid") or {}).items():
+        writer.add_scalar(f"valid/{k}", v, step)
+
+
+@torch.no_grad()
+def draw_samples(model, cache, indices, transform, precision, cfg, out, title) -> Path:
+    """Grid of image | ground truth | prediction for fixed validation images."""
+    batch = {"images": torch.from_numpy(np.ascontiguousarray(cache.images[indices])),
+             "masks": torch.from_numpy(np.ascontiguousarray(cache.masks[indices]))}
+    x, y = transform(batch)
+    model.eval()
+    with precision.autocast():
+        probs = torch.sigmoid(model(x).float())
+    rgb = x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1)
+    images = ((rgb * STD + MEAN).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return plots.sample_grid(images, (y[:, 0] > 0.5).cpu().numpy(), (probs[:, 0] > cfg.threshold).cpu().numpy(),
+                             out, title)
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
+                       base_channels: int | None = None, img_ch: int | None = None,
+                       output_ch: int | None = None) -> tuple[nn.Module, TrainConfig]:
+    """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
+    the checkpoint's config (and are required for a bare state_dict's architecture, else the defaults apply)."""
+    obj = load_file(checkpoint)
+    cfg = TrainConfig.from_dict(obj["config"]) if obj.get("format") == "r2unet" else TrainConfig()
+    for name, value in (("model_type", model_type), ("t", t), ("base_channels", base_channels),
+                        ("img_ch", img_ch), ("output_ch", output_ch)):
+        if value is not None:
+            setattr(cfg, name, value)
+    if cfg.model_type not in ("U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"):
+        raise ConfigError(f"--model_type: unknown model {cfg.model_type!r}")
+    model = build_model(cfg)
+    load_weights(model, model_state(obj), str(checkpoint))
+    return model.eval(), cfg
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
+                        device: str = "auto", threshold: float | None = None, image_size: int | None = None,
+                        amp: str = "off", log=print, **model_overrides) -> dict:
+    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``)."""
+    if split not in ("train", "valid", "test"):
+        raise ConfigError(f"--split must be train, valid or test, got {split!r}")
+    model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
+    if image_size is not None:
+        cfg.image_size = image_size
+    cfg.device, cfg.amp = device, amp
+    cfg.validate()
+    dev = resolve_device(cfg, D.DistInfo())
+    precision = Precision(resolve_amp(cfg, dev), dev)
+    cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
+    loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
+    acc = evaluate(model.to(dev), loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
+                   threshold if threshold is not None else cfg.threshold)
+    out = acc.compute("image")
+    out["pooled"] = acc.compute("pooled")
+    out["num_images"] = acc.num_images
+    return out
+
+
+__all__ = ["CheckpointError", "TrainingError", "evaluate", "evaluate_checkpoint", "fit", "load_for_inference",
+           "lr_factor", "train_one_epoch"]

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from r2unet.cli import main
+from r2unet.engine.config import TrainConfig
+from r2unet.engine.trainer import lr_factor
+
+TINY = ["--model_type", "R2U_Net", "--t", "1", "--base_channels", "4", "--image_size", "32", "--batch_size", "4",
+        "--num_workers", "0", "--device", "cpu", "--seed", "3", "--num_epochs_decay", "1", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    assert main(["synth", "--output", str(root / "raw"), "--num_images", "24", "--seed", "2", "--max_side", "160"]) == 0
+    assert main(["prepare", "--origin_data_path", str(root / "raw" / "ISIC2018_Task1-2_Training_Input"),
+                 "--origin_GT_path", str(root / "raw" / "ISIC2018_Task1_Training_GroundTruth"),
+                 "--data_path", str(root / "data"), "--image_size", "32", "--num_workers", "1"]) == 0
+    return root
+
+
+def _train(root, out, *extra):
+    return main(["train", "--data_path", str(root / "data"), "--output_dir", str(out), *TINY, *extra])
+
+
+def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "2") == 0
+    printed = capsys.readouterr()
+    assert "FPS: " in printed.out
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["test"]) == {"ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"}
+    assert results["model_type"] == "R2U_Net" and results["fps"] > 0 and results["best_epoch"] in (1, 2)
+    for f in ("config.json", "metrics.jsonl", "curves.png", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (out / f).is_file(), f
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["optimizer"] and ckpt["config"]["t"] == 1
+
+    # evaluate reproduces the reported test metrics from the best checkpoint
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path",
+                 str(prepared / "data"), "--split", "test", "--json", "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k, v in results["test"].items():
+        assert evaluated[k] == pytest.approx(v, abs=1e-9), k
+
+    # resume continues from epoch 2 to 3 with the checkpoint's settings
+    assert _train(prepared, out, "--resume", "--num_epochs", "3") == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_two_cpu_runs_with_the_same_seed_are_identical(prepared, tmp_path):
+    for name in ("a", "b"):
+        assert _train(prepared, tmp_path / name, "--num_epochs", "1") == 0
+    a = json.loads((tmp_path / "a" / "results.json").read_text())
+    b = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert a["test"] == b["test"]
+    wa = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "b" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_existing_run_is_not_overwritten(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1") == 0
+    capsys.readouterr()
+    assert _train(prepared, out, "--num_epochs", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_reference_schedule():
+    cfg = TrainConfig(num_epochs=10, num_epochs_decay=4)
+    factors = [lr_factor(e, cfg) for e in range(10)]
+    # the reference lowers lr by lr/decay after each of the last `decay` epochs: it never trains at 0
+    assert factors == [1, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25]
+    assert lr_factor(3, TrainConfig(num_epochs=5, num_epochs_decay=0)) == 1
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--image_size", "100", "--image_size: must be a positive multiple of 16"),
+    ("--t", "0", "--t: recurrence steps must be >= 1"),
+    ("--batch_size", "0", "--batch_size: must be >= 1"),
+    ("--lr", "-1", "--lr: must be > 0"),
+    ("--num_epochs_decay", "500", "--num_epochs_decay"),
+    ("--augmentation_prob", "1.5", "--augmentation_prob"),
+    ("--loss_scale_value", "abc", "--loss_scale_value"),
+    ("--img_ch", "2", "--img_ch"),
+])
+def test_bad_flags_fail_before_work(flag, value, message, tmp_path, capsys):
+    assert main(["train", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "o"), flag, value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_model_and_missing_folders(tmp_path, capsys):
+    with pytest.raises(SystemExit):  # argparse lists the choices
+        main(["train", "--model_type", "R3U_Net"])
+    assert "R2AttU_Net" in capsys.readouterr().err
+    assert main(["train", "--data_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--data_path" in err and "r2unet prepare" in err
+
+
+def test_config_file_and_command_line_precedence(tmp_path):
+    from r2unet.cli import _train_config, build_parser
+
+    (tmp_path / "c.yaml").write_text("lr: 0.001\nbatch_size: 8\nmodel_type: AttU_Net\n")
+    (tmp_path / "c.toml").write_text("lr = 0.003\n")
+    args = build_parser().parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--batch_size", "2"])
+    cfg = _train_config(args)
+    assert (cfg.lr, cfg.batch_size, cfg.model_type, cfg.beta1) == (0.001, 2, "AttU_Net", 0.5)
+    assert _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "c.toml")])).lr == 0.003
+    apex = _train_config(build_parser().parse_args(["train", "--apex", "1", "--apex-opt-level", "O2",
+                                                    "--loss_scale_value", "128", "--npu_idx", "0"]))
+    assert (apex.amp, apex.loss_scale, apex.device_index) == ("fp16", "128", 0)
+    (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown setting"):
+        _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
