@@ -10,6 +10,7 @@ from .data.io import DataError
 from .engine.checkpoint import CheckpointError
 from .engine.config import TrainConfig
 from .engine.trainer import TrainingError
+from .export import ExportError
 
 REF_ORIGIN_DATA = "../ISIC/dataset/ISIC2018_Task1-2_Training_Input"
 REF_ORIGIN_GT = "../ISIC/dataset/ISIC2018_Task1_Training_GroundTruth"
@@ -126,6 +127,40 @@ def _cmd_evaluate(args) -> None:
     _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images (per-image means):")
 
 
+def _load_model(args):
+    from .engine.trainer import load_for_inference
+
+    return load_for_inference(args.checkpoint, model_type=args.model_type, t=args.t,
+                              base_channels=args.base_channels)
+
+
+def _cmd_predict(args) -> None:
+    import torch
+
+    from .engine.distributed import DistInfo
+    from .engine.trainer import resolve_device
+    from .predict import run_predict
+
+    model, cfg = _load_model(args)
+    cfg.device = args.device
+    device = resolve_device(cfg.validate(), DistInfo())
+    with torch.inference_mode():
+        written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
+                              batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                              save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
+                              img_ch=cfg.img_ch)
+    print(f"wrote {len(written)} mask(s) to {args.output}")
+
+
+def _cmd_export(args) -> None:
+    from .export import export_onnx
+
+    model, cfg = _load_model(args)
+    report = export_onnx(model, args.output, image_size=args.image_size or cfg.image_size, img_ch=cfg.img_ch,
+                         check=not args.no_check)
+    print(f"wrote {report['path']} (opset {report['opset']})")
+
+
 def _cmd_plot(args) -> None:
     from .plots import redraw
 
@@ -189,6 +224,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment images: masks at the original resolution, overlays")
+    p.add_argument("--checkpoint", required=True, help="r2unet checkpoint or the reference's state_dict .pkl")
+    p.add_argument("--input", required=True, help="an image or a folder of images")
+    p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
+    _add_model_override_flags(p)
+    p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
+    p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
+    p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")
+    p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--output", required=True, help="e.g. model.onnx")
+    _add_model_override_flags(p)
+    p.add_argument("--image_size", type=int, default=None, help="example size (the exported model is dynamic)")
+    p.add_argument("--no_check", action="store_true", help="skip the onnxruntime comparison")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plot", help="redraw curves.png of a training run from its metrics.jsonl")
     p.add_argument("run_dir")
@@ -278,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (UserError, DataError, ValueError, FileNotFoundError, CheckpointError, TrainingError) as exc:
+    except (UserError, DataError, ValueError, FileNotFoundError, CheckpointError, TrainingError,
+            ExportError) as exc:
         print(f"r2unet {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

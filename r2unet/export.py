@@ -1,0 +1,73 @@
+"""ONNX export with dynamic batch and spatial size, checked against PyTorch with onnxruntime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import SIZE_MULTIPLE
+
+OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 224, img_ch: int = 3,
+                check: bool = True, tolerance: float = 1e-4, log=print) -> dict:
+    """Write ``output`` (input ``image`` (N, C, H, W), output ``logits`` (N, 1, H, W); N, H, W dynamic, H and W
+    multiples of 16) and, with ``check``, compare onnxruntime with PyTorch on a random input of another size."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("export needs onnx and onnxruntime: pip install 'r2unet[export]'") from None
+    model = model.eval().float().cpu()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(1, img_ch, image_size, image_size)
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        _export(model, example, tmp)
+        tmp.replace(output)
+    finally:
+        tmp.unlink(missing_ok=True)
+        for side in output.parent.glob(f".{output.name}.tmp*"):
+            side.unlink(missing_ok=True)
+    report = {"path": str(output), "opset": OPSET}
+    if check:
+        g = torch.Generator().manual_seed(0)
+        h, w = image_size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, image_size - SIZE_MULTIPLE)
+        x = torch.randn(2, img_ch, h, w, generator=g)
+        with torch.no_grad():
+            ref = model(x).numpy()
+        session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        diff = float(np.abs(got - ref).max())
+        report.update(max_abs_diff=diff, check_shape=list(x.shape))
+        log(f"onnxruntime vs PyTorch on a {tuple(x.shape)} input: max |diff| = {diff:.2e} (tolerance {tolerance:g})")
+        if not diff <= tolerance:
+            raise ExportError(f"{output}: ONNX output differs from PyTorch by {diff:.3e} > {tolerance:g}; "
+                              "the exported model is not faithful (file kept for inspection)")
+    return report
+
+
+def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    h16 = torch.export.Dim("h16", min=1, max=512)
+    w16 = torch.export.Dim("w16", min=1, max=512)
+    dynamic = {"x": {0: batch, 2: SIZE_MULTIPLE * h16, 3: SIZE_MULTIPLE * w16}}
+    try:
+        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                          opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=False)
+    except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
+        try:
+            torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              opset_version=17, dynamo=False,
+                              dynamic_axes={"image": {0: "batch", 2: "height", 3: "width"},
+                                            "logits": {0: "batch", 2: "height", 3: "width"}})
+        except Exception as exc2:  # noqa: BLE001
+            raise ExportError(f"ONNX export failed: {exc}; fallback exporter: {exc2}") from None

@@ -1,0 +1,143 @@
+"""Segment new images with a trained model: masks at each image's original resolution, probability maps, overlays."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .data.augment import MEAN, STD
+from .data.io import DataError, is_image_file, read_image, read_mask
+from .data.prepare import mask_stem_for
+from .plots import overlay
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    path = Path(path)
+    if path.is_file():
+        if not is_image_file(path):
+            raise DataError(f"{path}: not an image (expected .jpg .jpeg .png .bmp .tif .tiff)")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{path}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        return files
+    raise DataError(f"--input: {path} does not exist")
+
+
+def _to_input(image: np.ndarray, image_size: int, img_ch: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, C, S, S) normalised, resized as in training (square, antialiased)."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255)
+    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - MEAN) / STD
+    return x.mean(1, keepdim=True) if img_ch == 1 else x
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Logits (B, 1, S, S). With ``tta``, the probabilities of the identity, horizontal and vertical flips are
+    averaged (each flipped back) and returned as logits of that mean."""
+    if not tta:
+        return model(x).float()
+    probs = torch.sigmoid(model(x).float())
+    for dims in ((3,), (2,)):
+        probs += torch.sigmoid(model(x.flip(dims)).float()).flip(dims)
+    probs /= 3
+    return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
+
+
+def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device,
+                   batch_size: int = 8, tta: bool = False, img_ch: int = 3) -> Iterator[tuple[Path, np.ndarray,
+                                                                                               np.ndarray]]:
+    """Yield (path, image (H, W, 3) uint8, probabilities (H, W) float32 at the original resolution) per image.
+
+    Images are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
+    needs its full-resolution pixels in memory; the logits are resized back to the original size before the
+    sigmoid (and the caller's threshold)."""
+    model.eval().to(device)
+    paths = list(paths)
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        images, sizes, inputs = [], [], []
+        for p in chunk:
+            with Image.open(p) as probe:
+                sizes.append((probe.size[1], probe.size[0]))  # (H, W) of the original
+            img = read_image(p, min_size=(2 * image_size, 2 * image_size))
+            images.append(img)
+            inputs.append(_to_input(img, image_size, img_ch))
+        logits = predict_logits(model, torch.cat(inputs).to(device), tta)
+        for p, img, (h, w), lg in zip(chunk, images, sizes, logits):
+            yield p, img, _upsample_probs(lg, h, w)
+
+
+def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**22) -> np.ndarray:
+    """Bilinear resize of (1, S, S) logits to (h, w), then sigmoid; done in row bands for very large images."""
+    out = np.empty((h, w), np.float32)
+    band = max(1, max_pixels // max(1, w))
+    full = logits.unsqueeze(0).float().cpu()
+    if h * w <= max_pixels:
+        up = F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)
+        return torch.sigmoid(up)[0, 0].numpy()
+    # Bands: compute source rows for each band with the same sampling grid as one big interpolate.
+    s = full.shape[-2]
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) * s / h - 0.5
+        yn = (ys + 0.5) / s * 2 - 1  # normalised, align_corners=False
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * full.shape[-1] / w - 0.5
+        xn = (xs + 0.5) / full.shape[-1] * 2 - 1
+        grid = torch.stack(torch.meshgrid(yn, xn, indexing="ij")[::-1], -1).unsqueeze(0)
+        up = F.grid_sample(full, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out[y0:y1] = torch.sigmoid(up)[0, 0].numpy()
+    return out
+
+
+def find_gt(gt_dir: Path, image: Path) -> Path | None:
+    for stem in mask_stem_for(image.stem):
+        for p in sorted(gt_dir.glob(f"{stem}.*")):
+            if is_image_file(p):
+                return p
+    return None
+
+
+def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
+                device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
+                save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
+                img_ch: int = 3, progress: bool = True) -> list[Path]:
+    """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request."""
+    paths = list_inputs(input_path)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    gt_dir = Path(gt_dir) if gt_dir else None
+    if gt_dir is not None and not gt_dir.is_dir():
+        raise DataError(f"--gt_dir: {gt_dir} does not exist")
+    results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch)
+    if progress:
+        from tqdm import tqdm
+
+        results = tqdm(results, total=len(paths), desc="predict", unit="img")
+    written = []
+    for path, image, probs in results:
+        mask = probs > threshold
+        dst = output / f"{path.stem}_segmentation.png"
+        Image.fromarray(mask.astype(np.uint8) * 255).save(dst)
+        written.append(dst)
+        if save_probs:
+            Image.fromarray(np.round(probs * 255).astype(np.uint8)).save(output / f"{path.stem}_prob.png")
+        if save_overlay:
+            h, w = mask.shape
+            base = image if image.shape[:2] == (h, w) else np.asarray(Image.fromarray(image).resize((w, h)))
+            gt = None
+            if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
+                gt = read_mask(gt_path)
+                if gt.shape != mask.shape:
+                    raise DataError(f"{gt_path}: size {gt.shape[1]}x{gt.shape[0]} differs from {path.name}")
+            pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
+            Image.fromarray(pic).save(output / f"{path.stem}_overlay.jpg", quality=92)
+    return written

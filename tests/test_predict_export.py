@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r2unet import create_model
+from r2unet.cli import main
+from r2unet.engine.checkpoint import save_checkpoint
+from r2unet.engine.config import TrainConfig
+from r2unet.plots import plot_curves, redraw, sample_grid
+from r2unet.predict import _upsample_probs, predict_logits
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = TrainConfig(model_type="R2AttU_Net", t=2, base_channels=4, image_size=32)
+    model = create_model("R2AttU_Net", t=2, base_channels=4)
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics so outputs vary with the input
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, 3, 32, 32) * 2 + 0.3)
+    model.eval()
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    save_checkpoint(path, model=model, config=cfg.to_dict(), epoch=1)
+    return path, model
+
+
+def test_predict_writes_binary_masks_at_original_sizes(checkpoint, tmp_path):
+    path, _ = checkpoint
+    sizes = [(50, 37), (123, 200), (640, 480), (33, 33)]
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate(sizes):
+        ext = [".jpg", ".png", ".bmp", ".tif"][i]
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"img{i}{ext}")
+    (src / "notes.txt").write_text("not an image")
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    Image.fromarray(np.zeros((37, 50), np.uint8)).save(gt / "img0_segmentation.png")
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--overlay", "--save_probs", "--gt_dir", str(gt), "--batch_size", "3", "--device", "cpu"]) == 0
+    for i, (w, h) in enumerate(sizes):
+        mask = Image.open(tmp_path / "out" / f"img{i}_segmentation.png")
+        assert mask.size == (w, h)
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        assert Image.open(tmp_path / "out" / f"img{i}_prob.png").size == (w, h)
+        assert Image.open(tmp_path / "out" / f"img{i}_overlay.jpg").size == (w, h)
+
+
+def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
+    _, model = checkpoint
+    model.eval()
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        p0 = torch.sigmoid(model(x))
+        ph = torch.sigmoid(model(x.flip(3))).flip(3)
+        pv = torch.sigmoid(model(x.flip(2))).flip(2)
+        got = torch.sigmoid(predict_logits(model, x, tta=True))
+    assert torch.allclose(got, (p0 + ph + pv) / 3, atol=1e-5)
+    assert not torch.allclose(got, p0, atol=1e-6)
+
+
+def test_banded_upsampling_equals_one_interpolate():
+    logits = torch.randn(1, 16, 16)
+    small = _upsample_probs(logits, 300, 200, max_pixels=10**9)
+    banded = _upsample_probs(logits, 300, 200, max_pixels=5000)
+    assert np.abs(small - banded).max() < 1e-5
+
+
+def test_predict_rejects_missing_input(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    assert main(["predict", "--checkpoint", str(path), "--input", str(tmp_path / "nope"),
+                 "--output", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_reference_state_dict_predicts(tmp_path):
+    model = create_model("U_Net", base_channels=4)
+    torch.save(model.state_dict(), tmp_path / "ref.pkl")
+    Image.fromarray(np.zeros((40, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    assert main(["predict", "--checkpoint", str(tmp_path / "ref.pkl"), "--model_type", "U_Net",
+                 "--base_channels", "4", "--image_size", "32", "--input", str(tmp_path / "a.png"),
+                 "--output", str(tmp_path / "o"), "--device", "cpu"]) == 0
+    assert Image.open(tmp_path / "o" / "a_segmentation.png").size == (30, 40)
+
+
+def test_export_onnx_round_trip(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    path, _ = checkpoint
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "m.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "max |diff|" in out and (tmp_path / "m.onnx").stat().st_size > 1000
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).standard_normal((3, 3, 64, 96)).astype(np.float32)  # another batch and size
+    _, model = checkpoint
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(x)).numpy()
+    assert np.abs(session.run(None, {"image": x})[0] - ref).max() <= 1e-4
+
+
+def test_curves_and_grid_are_valid_pngs(tmp_path):
+    rows = [{"epoch": e, "train_loss": 1 / e, "lr": 1e-3, "valid": {"JS": 0.1 * e, "DC": 0.12 * e}}
+            for e in range(1, 5)]
+    plot_curves(rows, tmp_path / "curves.png")
+    assert Image.open(tmp_path / "curves.png").format == "PNG"
+    imgs = np.zeros((2, 32, 32, 3), np.uint8)
+    masks = np.zeros((2, 32, 32), bool)
+    masks[:, 8:20, 8:20] = True
+    sample_grid(imgs, masks, masks, tmp_path / "grid.png", "t")
+    im = Image.open(tmp_path / "grid.png")
+    assert im.format == "PNG" and im.size[0] > im.size[1]  # two rows of three panels
+    (tmp_path / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows) + '{"epo')
+    assert redraw(tmp_path)[0].name == "curves.png"  # a line cut by a crash is ignored
