@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .data.io import DataError
@@ -81,8 +82,6 @@ def _train_config(args) -> TrainConfig:
     if "npu_idx" in given:
         given["device_index"] = given.pop("npu_idx")
     world = given.pop("world_size", None)
-    import os
-
     if world is not None and world > 1 and int(os.environ.get("WORLD_SIZE", "1")) != world:
         raise UserError(f"--world-size {world}: launch the processes with torchrun, e.g. "
                         f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
@@ -94,17 +93,19 @@ def _train_config(args) -> TrainConfig:
             values.update({k: v for k, v in load_file(last)["config"].items() if k != "extra"})
     values.update(given)
     values["resume"] = bool(resume)
+    epochs = values.get("num_epochs", TrainConfig.num_epochs)
+    decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
+    if "num_epochs_decay" not in values and decay > epochs:
+        # the default decay (70 epochs) is longer than a short run: decay over the whole run, and say so
+        values["num_epochs_decay"] = epochs
+        print(f"note: --num_epochs_decay defaults to 70 > --num_epochs {epochs}; decaying over all {epochs} epochs")
     return TrainConfig.from_dict(values).validate()
 
 
 def _cmd_train(args) -> None:
     from .engine.trainer import fit
 
-    cfg = _train_config(args)
-    try:
-        fit(cfg)
-    except KeyboardInterrupt:
-        raise UserError("interrupted; the last checkpoint was saved, continue with --resume") from None
+    fit(_train_config(args))  # Ctrl-C / SIGTERM: fit saves last.pt and says so; main() exits with 130
 
 
 def _print_metrics(metrics: dict, as_json: bool, header: str) -> None:
@@ -314,6 +315,8 @@ def _add_train_flags(p) -> None:
     g.add_argument("--scale_lr", action="store_true", help="multiply --lr by the number of processes "
                    "(linear scaling rule; the 8p recipe: 8 x 2e-4 = 0.0016)")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes")
+    g.add_argument("--dist_timeout_s", type=float, help="seconds before a collective waiting on a dead process "
+                   "fails (default 600)")
     g.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], help="auto: on for CUDA")
     g.add_argument("--deterministic", action="store_true", help="bit-identical CPU runs (see README for GPUs)")
@@ -338,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (UserError, DataError, ValueError, FileNotFoundError, CheckpointError, TrainingError,
             ExportError) as exc:
-        print(f"r2unet {args.command}: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        where = f" [rank {rank}]" if rank is not None else ""
+        print(f"r2unet {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"r2unet {args.command}: interrupted", file=sys.stderr)

@@ -49,6 +49,7 @@ class TrainConfig:
     compile: str = "auto"  # auto | on | off
     channels_last: str = "auto"  # auto | on | off
     sync_bn: bool = False
+    dist_timeout_s: float = 600.0  # bound on every collective: a dead rank makes the others fail, not hang
     deterministic: bool = False
     detect_anomaly: bool = False
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before training stops
@@ -103,6 +104,8 @@ class TrainConfig:
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_workers < 0:
             bad("num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.dist_timeout_s < 10:
+            bad("dist_timeout_s", f"must be >= 10 seconds, got {self.dist_timeout_s}")
         if self.warmup_steps < 0 or self.save_every_steps < 0:
             bad("warmup_steps" if self.warmup_steps < 0 else "save_every_steps", "must be >= 0")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

@@ -113,3 +113,65 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self):
         return iter(self.indices)
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose backward sums the incoming gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
+    """SyncBatchNorm for CPU process groups (gloo), where ``torch.nn.SyncBatchNorm`` refuses to run.
+
+    Training-mode statistics are computed over the batches of all processes: per-channel sum, sum of squares and
+    count are summed with a differentiable all-reduce, so the backward pass also sums the statistics' gradients
+    across processes — the same semantics as ``torch.nn.SyncBatchNorm`` on GPUs. Same parameters and buffers as
+    ``BatchNorm2d``, so state_dicts are interchangeable.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        count = torch.full((1,), x.numel() // c, dtype=x.dtype, device=x.device)
+        stats = _AllReduceSum.apply(torch.cat((x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count)))
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)  # biased, for normalisation
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp(min=1), alpha=m)
+        y = (x - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
+def convert_sync_batchnorm(module: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """BatchNorm -> synchronised BatchNorm: torch's on GPUs, ``GlooSyncBatchNorm`` on CPUs."""
+    if device_type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if type(child) is torch.nn.BatchNorm2d:
+            new = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            convert_sync_batchnorm(child, device_type)
+    return module

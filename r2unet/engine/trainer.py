@@ -247,19 +247,21 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def fit(cfg: TrainConfig, log=print) -> dict:
-    """Train as configured; return the results (also written to ``results.json``)."""
+def fit(cfg: TrainConfig, log=print, return_model: bool = False):
+    """Train as configured; return the results (also written to ``results.json``), and with ``return_model`` the
+    trained model of this process too (the best checkpoint's weights)."""
     cfg.validate()
     probe = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
         else "cpu"
-    info = D.init_distributed(probe)
+    info = D.init_distributed(probe, timeout_s=cfg.dist_timeout_s)
     try:
-        return _fit(cfg, info, _log_fn(info, log))
+        results, model = _fit(cfg, info, _log_fn(info, log))
+        return (results, model) if return_model else results
     finally:
         D.cleanup()
 
 
-def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> dict:
+def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     run = _Run(cfg.output_dir)
     device = resolve_device(cfg, info)
     precision = Precision(resolve_amp(cfg, device), device)
@@ -328,7 +330,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> dict:
     # Model, optimiser, precision.
     model = build_model(cfg)
     if cfg.sync_bn and info.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = D.convert_sync_batchnorm(model, device.type)
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -496,7 +498,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> dict:
                 log(f"test (best epoch {best_epoch}): "
                     + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
             log(f"FPS: {fps:.2f}")
-        return results
+        return results, model
     except KeyboardInterrupt:
         if bar:
             bar.close()

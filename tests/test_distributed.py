@@ -1,0 +1,124 @@
+"""Two CPU processes with gloo: identical weights on all ranks, sharded evaluation equal to a 1-process one, and
+2 x batch B with SyncBatchNorm equal to 1 x batch 2B after one step."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from r2unet.cli import main
+from r2unet.data.prepare import prepare_split
+from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from r2unet.engine.checkpoint import load_file
+from r2unet.engine.config import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """23 pairs -> 16/2/5: the test split does not divide evenly between 2 processes."""
+    root = tmp_path_factory.mktemp("ddp")
+    generate_dataset(root / "raw", num_images=23, seed=5, max_side=160)
+    prepare_split(root / "raw" / IMAGE_DIR, root / "raw" / MASK_DIR, data_path=root / "data", seed=0,
+                  log=lambda *_: None)
+    # build the caches once, before processes race for them
+    from r2unet.data.dataset import split_cache
+
+    for split in ("train", "valid", "test"):
+        split_cache(root / "data", split, 32, progress=False, log=lambda *_: None)
+    return root / "data"
+
+
+def _worker(rank, world, port, cfg_dict, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from r2unet.engine.trainer import fit
+
+    results, model = fit(TrainConfig.from_dict(cfg_dict), log=lambda *_: None, return_model=True)
+    torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(out_dir, f"r{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(out_dir, "results_rank0.json"), "w") as f:
+            json.dump(results, f)
+
+
+def _cfg(data, out, **kw):
+    base = dict(model_type="R2U_Net", t=1, base_channels=4, image_size=32, batch_size=2, num_epochs=1,
+                num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(data), output_dir=str(out),
+                seed=11, log_every=1, amp="off", dist_timeout_s=60)
+    base.update(kw)
+    return TrainConfig(**base).to_dict()
+
+
+def _spawn(world, cfg, out):
+    os.makedirs(out, exist_ok=True)
+    mp.spawn(_worker, args=(world, _free_port(), cfg, str(out)), nprocs=world, join=True)
+
+
+def test_two_processes_identical_weights_and_exact_sharded_evaluation(odd_data, tmp_path, capsys):
+    out = tmp_path / "ddp"
+    _spawn(2, _cfg(odd_data, out, num_epochs=2), out)
+    w0, w1 = (torch.load(out / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    results = json.loads((out / "results_rank0.json").read_text())
+    assert results["world_size"] == 2 and results["global_batch_size"] == 4
+    # the checkpoint has no DDP prefix and a 1-process evaluation gives the same scores on the uneven split
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path", str(odd_data),
+                 "--split", "test", "--json", "--device", "cpu"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert single["num_images"] == 5
+    for k, v in results["test"].items():
+        assert single[k] == pytest.approx(v, abs=1e-12), k
+
+
+def test_sync_bn_two_by_b_equals_one_by_two_b(odd_data, tmp_path):
+    common = dict(max_steps_per_epoch=1, augmentation_prob=0.0, eval_every=1)
+    _spawn(2, _cfg(odd_data, tmp_path / "two", batch_size=2, sync_bn=True, **common), tmp_path / "two")
+    _spawn(1, _cfg(odd_data, tmp_path / "one", batch_size=4, **common), tmp_path / "one")
+    two = load_file(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
+    one = load_file(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    start = __import__("r2unet").create_model("R2U_Net", t=1, base_channels=4).state_dict()
+    lr = 2e-4
+    close = total = 0
+    for k in one:
+        if not one[k].is_floating_point():
+            continue
+        if "running" in k:  # batch statistics over the 2B images: exact up to float rounding
+            assert torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6), k
+        else:
+            # Adam's first step moves each weight by ~lr * sign(grad): weights whose gradient is ~0 in exact
+            # arithmetic (conv biases feeding BatchNorm) may flip sign on rounding noise, hence atol 2.1 * lr.
+            assert torch.allclose(two[k], one[k], atol=2.1 * lr), k
+            close += torch.isclose(two[k], one[k], rtol=1e-4, atol=1e-6).sum().item()
+            total += one[k].numel()
+            assert not torch.equal(one[k], start[k]), f"{k} did not move"
+    assert close / total > 0.9  # all but the zero-gradient weights agree tightly
+
+
+def test_torchrun_launches_the_cli(odd_data, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "r2unet",
+           "train", "--data_path", str(odd_data), "--output_dir", str(out), "--model_type", "U_Net",
+           "--base_channels", "4", "--image_size", "32", "--batch_size", "2", "--num_epochs", "1",
+           "--num_workers", "0", "--device", "cpu", "--world-size", "2", "--global_batch_size", "4", "--scale_lr"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert done.stdout.count("FPS: ") == 1, log  # only rank 0 prints
+    assert "2 process(es) x batch 2 = global batch 4, lr 0.0004" in done.stdout, log
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and results["fps"] > 0
+    state = load_file(out / "checkpoints" / "last.pt")["model"]
+    assert not any(k.startswith("module.") for k in state)

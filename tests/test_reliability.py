@@ -1,0 +1,182 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from r2unet import create_model
+from r2unet.cli import main
+from r2unet.engine import checkpoint as ckpt_mod
+from r2unet.engine.checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
+from r2unet.engine.config import TrainConfig
+
+TINY = ["--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
+        "--num_workers", "0", "--device", "cpu", "--num_epochs_decay", "0", "--log_every", "1"]
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling this would create the marker file
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(str(marker))}, evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_file(evil)
+    for argv in (["evaluate", "--checkpoint", str(evil), "--data_path", str(tmp_path)],
+                 ["predict", "--checkpoint", str(evil), "--input", str(tmp_path), "--output", str(tmp_path / "o")],
+                 ["export", "--checkpoint", str(evil), "--output", str(tmp_path / "m.onnx")]):
+        assert main(argv) == 2
+        assert "refusing to load" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_wrong_architecture_lists_keys_and_shapes(tmp_path):
+    src = create_model("R2U_Net", t=2, base_channels=4)
+    torch.save(src.state_dict(), tmp_path / "r2u.pkl")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(create_model("U_Net", base_channels=4), model_state(load_file(tmp_path / "r2u.pkl")), "r2u.pkl")
+    text = str(err.value)
+    assert "missing keys" in text and "Conv1.conv.0.weight" in text and "unexpected keys" in text
+    with pytest.raises(CheckpointError) as err:
+        load_weights(create_model("R2U_Net", base_channels=8), model_state(load_file(tmp_path / "r2u.pkl")))
+    assert "shape mismatches" in str(err.value) and "checkpoint (4, 3, 1, 1) vs model (8, 3, 1, 1)" in str(err.value)
+
+
+def test_ddp_and_compile_prefixes_are_stripped(tmp_path):
+    model = create_model("U_Net", base_channels=4)
+    torch.save({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
+    load_weights(create_model("U_Net", base_channels=4), model_state(load_file(tmp_path / "w.pt")))
+
+
+def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = create_model("U_Net", base_channels=4)
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, model=model, config={}, epoch=1)
+    before = path.read_bytes()
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*previous checkpoint"):
+        save_checkpoint(path, model=model, config={}, epoch=2)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monkeypatch):
+    from r2unet.engine import trainer
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=3,
+                      num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
+                      output_dir=str(tmp_path / "run"), log_every=1, max_nonfinite_steps=3)
+    real_loss = trainer.bce_dice_loss
+    calls = {"n": 0}
+
+    def loss_goes_nan_in_epoch_2(logits, target, dice):
+        calls["n"] += 1
+        loss = real_loss(logits, target, dice)
+        return loss * float("nan") if calls["n"] > steps_per_epoch else loss
+
+    steps_per_epoch = 14 // 2  # 14 training images of the shared fixture, batch 2
+    monkeypatch.setattr(trainer, "bce_dice_loss", loss_goes_nan_in_epoch_2)
+    with pytest.raises(trainer.TrainingError, match=r"epoch 2, step 3"):
+        trainer.fit(cfg, log=lambda *_: None)
+    last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["epoch"] == 1  # the last good checkpoint is kept
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatch):
+    from r2unet.engine import trainer
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=1,
+                      num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
+                      output_dir=str(tmp_path / "run"), log_every=1, amp="off")
+    real_loss = trainer.bce_dice_loss
+    calls = {"n": 0}
+
+    def one_nan(logits, target, dice):
+        calls["n"] += 1
+        loss = real_loss(logits, target, dice)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer, "bce_dice_loss", one_nan)
+    results = trainer.fit(cfg, log=lambda *_: None)
+    assert results["test"] is not None and all(v == v for v in results["test"].values())
+    last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
+def _spawn_train(data, out, *extra):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "r2unet", "train", "--data_path", str(data), "--output_dir",
+                             str(out), *TINY, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                            text=True)
+
+
+def _wait_for(predicate, timeout=120):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_9_mid_epoch_then_resume_completes(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pt"
+    proc = _spawn_train(tiny_data, out, "--num_epochs", "3", "--save_every_steps", "1")
+    try:
+        assert _wait_for(lambda: last.exists() and load_file(last)["epoch"] >= 1 and load_file(last)["step"] >= 2)
+    except CheckpointError:
+        pass  # never a half-written file: see the loop below
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    state = load_file(last)  # loadable after SIGKILL at an arbitrary moment
+    assert state["epoch"] >= 1
+    done = subprocess.run([sys.executable, "-m", "r2unet", "train", "--data_path", str(tiny_data), "--output_dir",
+                           str(out), "--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resumed from" in done.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"] is not None
+    assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn_train(tiny_data, out, "--num_epochs", "50")
+    assert _wait_for(lambda: (out / "metrics.jsonl").exists())
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    assert "interrupted: saved" in stdout and "--resume" in stdout
+    state = load_file(out / "checkpoints" / "last.pt")
+    assert state["epoch"] >= 1 or state["step"] >= 1  # the interrupted epoch's progress is kept
+
+
+def test_deterministic_flag_gives_bit_identical_cpu_runs(tiny_data, tmp_path):
+    for name in ("a", "b"):
+        assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(tmp_path / name), *TINY,
+                     "--num_epochs", "1", "--deterministic", "--num_workers", "2"]) == 0
+    wa = load_file(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    wb = load_file(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
