@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def bench_data(
     """Images/s of augmented training batches delivered on ``device`` from the cache (built first, timed apart)."""
     dev = torch.device(device)
     t0 = time.perf_counter()
-    cache = split_cache(data_path, "train", image_size, log=log)
+    cache = split_cache(data_path, "train", image_size, log=log, progress=sys.stderr.isatty())
     cache_build_s = time.perf_counter() - t0
     loader = make_loader(cache, batch_size, train=True, num_workers=num_workers, pin_memory=dev.type == "cuda",
                          drop_last=False)
@@ -48,3 +49,179 @@ def bench_data(
     return {"img_per_s": images / elapsed, "cache_build_s": cache_build_s, "images": images, "seconds": elapsed,
             "device": str(dev), "image_size": image_size, "batch_size": batch_size, "num_workers": num_workers,
             "cached_images": len(cache), "torch": str(torch.__version__)}
+
+
+def _peak_tflops(device: torch.device, dtype=torch.bfloat16) -> float:
+    """Measured peak of a large matmul on this device (TFLOP/s)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def train_flops_per_image(model: torch.nn.Module, batch_size: int, image_size: int, img_ch: int = 3) -> float:
+    """FLOPs of one training step (forward + backward) per image, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    x = torch.randn(batch_size, img_ch, image_size, image_size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        model(x).float().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch_size
+
+
+def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
+                compile_model):
+    """A model-only training step (forward, BCE-with-logits, backward, Adam) on fixed device tensors."""
+    import torch.nn.functional as F
+
+    from .models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(model_type, t=t, base_channels=base_channels).to(device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    y = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.5).float()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True if fused else None)
+    fwd = torch.compile(model) if compile_model else model
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = fwd(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step, model
+
+
+def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: int = 224, t: int = 2,
+                base_channels: int = 64, device: str = "auto", steps: int = 20, warmup: int = 5,
+                compile_model: str = "auto", data_path: str | Path | None = None, end_to_end: bool = True,
+                log=print) -> dict:
+    """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured
+    in one run, with ratios to the baseline and the fraction of the FLOP bound of this device."""
+    import tempfile
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
+    rows = []
+    variants = [
+        ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
+        ("+ bf16 autocast", dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
+        ("+ channels_last", dict(bf16=True, channels_last=True, fused=False, compile_model=False)),
+        ("+ fused Adam", dict(bf16=True, channels_last=True, fused=True, compile_model=False)),
+    ]
+    if use_compile:
+        variants.append(("+ torch.compile", dict(bf16=True, channels_last=True, fused=True, compile_model=True)))
+    flops = None
+    for name, opts in variants:
+        step, model = _model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
+        if flops is None:
+            flops = train_flops_per_image(model, batch_size, image_size)
+        seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0))
+        rows.append({"config": name, "img_per_s": batch_size * steps / seconds})
+        log(f"  {name:<28}{rows[-1]['img_per_s']:10.1f} img/s")
+        del step, model
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if end_to_end:
+        rows.append(_bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
+                                            warmup, data_path, tempfile))
+        log(f"  {rows[-1]['config']:<28}{rows[-1]['img_per_s']:10.1f} img/s")
+    peak = _peak_tflops(dev)
+    base = rows[0]["img_per_s"]
+    for row in rows:
+        row["x_baseline"] = row["img_per_s"] / base
+        row["frac_flop_bound"] = row["img_per_s"] * flops / (peak * 1e12)
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": str(torch.__version__),
+            "model_type": model_type, "t": t, "base_channels": base_channels, "image_size": image_size,
+            "batch_size": batch_size, "train_gflop_per_image": flops / 1e9, "peak_bf16_tflops": peak,
+            "flop_bound_img_per_s": peak * 1e12 / flops, "rows": rows}
+
+
+def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
+                            tempfile) -> dict:
+    """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
+    loss, backward, optimizer, metric-free training loop (train_one_epoch)."""
+    from .data.prepare import prepare_split
+    from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+    from .engine import distributed as D
+    from .engine.config import TrainConfig
+    from .engine.trainer import (
+        Precision,
+        build_model,
+        resolve_amp,
+        resolve_channels_last,
+        resolve_flag,
+        train_one_epoch,
+    )
+
+    tmp = None
+    if data_path is None:
+        tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-")
+        raw = Path(tmp.name) / "raw"
+        # enough images for one epoch of warm-up + timed steps (the warm-up is excluded once per epoch)
+        generate_dataset(raw, num_images=min(512, batch_size * (warmup + steps + 1)), seed=0, max_side=400)
+        data_path = Path(tmp.name) / "data"
+        prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
+                      test_ratio=0, log=lambda *_: None)
+    try:
+        cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
+                          batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
+                          max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0)
+        precision = Precision(resolve_amp(cfg, dev), dev)
+        channels_last = resolve_channels_last(cfg, dev, precision)
+        cache = split_cache(data_path, "train", image_size, log=lambda *_: None, progress=False)
+        sampler = D.EpochBatchSampler(len(cache), batch_size, D.DistInfo(), seed=0)
+        loader = make_loader(cache, batch_size, train=True, batch_sampler=sampler, pin_memory=dev.type == "cuda",
+                             num_workers=cfg.num_workers)
+        transform = DeviceTransform(image_size, dev, AugmentConfig(augmentation_prob=cfg.augmentation_prob))
+        model = build_model(cfg).to(dev)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+        scaler = torch.amp.GradScaler(dev.type, enabled=precision.dtype == torch.float16)
+        train_model = torch.compile(model) if resolve_flag(cfg.compile, dev) else model
+        images = seconds = 0.0
+        epoch = 0
+        while images < batch_size * steps:
+            sampler.set_epoch(epoch)
+            state = {"epoch": epoch, "steps": 0, "images": 0, "loss_sum": 0.0}
+            cfg.max_steps_per_epoch = warmup + steps
+            train_one_epoch(train_model, loader, transform, optimizer, scaler, precision, cfg, state,
+                            channels_last=channels_last)
+            images += state["steady_images"]
+            seconds += state["steady_seconds"]
+            epoch += 1
+        name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}" \
+               f"{', compile' if resolve_flag(cfg.compile, dev) else ''}, data+aug)"
+        return {"config": name, "img_per_s": images / max(seconds, 1e-9)}
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

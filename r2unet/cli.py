@@ -50,9 +50,29 @@ def _cmd_prepare(args) -> None:
 def _cmd_bench(args) -> None:
     from . import bench
 
-    if args.what == "data":
+    if args.what == "train":
+        result = bench.bench_train(args.model_type, batch_size=args.batch_size, image_size=args.image_size, t=args.t,
+                                   base_channels=args.base_channels, device=args.device, steps=args.steps,
+                                   warmup=args.warmup, compile_model=args.compile, data_path=args.data_path,
+                                   log=(lambda *_: None) if args.json else print)
+        if args.json:
+            print(json.dumps(result))
+            return
+        print(f"\n{result['model_type']} t={result['t']} base {result['base_channels']}, {result['image_size']}px, "
+              f"batch {result['batch_size']} on {result['device']} (torch {result['torch']}): "
+              f"{result['train_gflop_per_image']:.1f} GFLOP per training image; measured bf16 peak "
+              f"{result['peak_bf16_tflops']:.1f} TFLOP/s -> bound {result['flop_bound_img_per_s']:.0f} img/s")
+        print(f"{'configuration':<58}{'img/s':>9}{'x base':>8}{'of bound':>10}")
+        for row in result["rows"]:
+            print(f"{row['config']:<58}{row['img_per_s']:9.1f}{row['x_baseline']:8.2f}"
+                  f"{100 * row['frac_flop_bound']:9.1f}%")
+    elif args.what == "data":
+        if not args.data_path:
+            raise UserError("bench data needs --data_path (a prepared dataset)")
+        device = args.device if args.device != "auto" else ("cuda" if __import__("torch").cuda.is_available()
+                                                             else "cpu")
         result = bench.bench_data(args.data_path, image_size=args.image_size, batch_size=args.batch_size,
-                                  device=args.device, num_workers=args.num_workers,
+                                  device=device, num_workers=args.num_workers,
                                   log=(lambda *_: None) if args.json else print)
         if args.json:
             print(json.dumps(result))
@@ -261,11 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks: 'data' (loader + augmentation) or 'train' (training step)")
-    p.add_argument("what", choices=["data"])
-    p.add_argument("--data_path", help="prepared dataset (output of prepare)")
+    p.add_argument("what", choices=["data", "train"])
+    p.add_argument("--data_path", help="prepared dataset (data: required; train: default a synthetic one)")
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--model_type", default="R2U_Net", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"])
+    p.add_argument("--t", type=int, default=2)
+    p.add_argument("--base_channels", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)

@@ -334,8 +334,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    fused = device.type == "cuda"
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+    # Fused Adam: one kernel for all parameters (CUDA and CPU); same arithmetic as the reference's Adam.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
     init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
     scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision.dtype == torch.float16)

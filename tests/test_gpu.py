@@ -1,0 +1,43 @@
+"""Checks that need a CUDA GPU (run by benchmarks/gpu_check.sh on a lent GPU machine); skipped elsewhere."""
+
+import pytest
+import torch
+
+from r2unet.data.augment import AugmentConfig, train_batch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")]
+
+
+def test_augmentation_on_gpu_equals_cpu():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 255, (8, 96, 96, 3), dtype=torch.uint8, generator=g)
+    masks = (torch.rand(8, 96, 96, generator=g) > 0.5).to(torch.uint8)
+    aspect = torch.rand(8, generator=g) + 0.5
+    cfg = AugmentConfig(augmentation_prob=1.0)
+    cpu = train_batch(images, masks, aspect, 64, cfg, torch.Generator().manual_seed(1))
+    gpu = train_batch(images.cuda(), masks.cuda(), aspect, 64, cfg, torch.Generator().manual_seed(1))
+    assert torch.allclose(cpu[0], gpu[0].cpu(), atol=1e-4)
+    assert (cpu[1] != gpu[1].cpu()).float().mean() < 1e-3  # threshold ties may differ on a few pixels
+
+
+def test_default_gpu_training_runs(tiny_data, tmp_path):
+    from r2unet.engine.config import TrainConfig
+    from r2unet.engine.trainer import fit
+
+    cfg = TrainConfig(model_type="R2AttU_Net", t=2, base_channels=8, image_size=64, batch_size=4, num_epochs=2,
+                      num_epochs_decay=1, num_workers=2, device="cuda", data_path=str(tiny_data),
+                      output_dir=str(tmp_path / "run"))
+    results = fit(cfg, log=print)
+    assert results["precision"] in ("bf16", "fp16") and results["fps"] > 0
+    assert all(v == v for v in results["test"].values())
+
+
+def test_fp16_with_scaler_runs(tiny_data, tmp_path):
+    from r2unet.engine.config import TrainConfig
+    from r2unet.engine.trainer import fit
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=8, image_size=64, batch_size=4, num_epochs=1,
+                      num_epochs_decay=0, num_workers=0, device="cuda", amp="fp16", loss_scale="128",
+                      compile="off", data_path=str(tiny_data), output_dir=str(tmp_path / "run"))
+    assert fit(cfg, log=print)["precision"] == "fp16"
