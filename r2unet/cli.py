@@ -183,9 +183,12 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_plot(args) -> None:
+    from .engine.trainer import redraw_samples
     from .plots import redraw
 
     for path in redraw(args.run_dir):
+        print(f"wrote {path}")
+    if not args.curves_only and (path := redraw_samples(args.run_dir)) is not None:
         print(f"wrote {path}")
 
 
@@ -269,8 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime comparison")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("plot", help="redraw curves.png of a training run from its metrics.jsonl")
+    p = sub.add_parser("plot", help="redraw curves.png (from metrics.jsonl) and samples.png (from best.pt)")
     p.add_argument("run_dir")
+    p.add_argument("--curves_only", action="store_true", help="do not redraw the sample grid")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("demo", help="synthetic data -> prepare -> train a small R2U-Net on the CPU -> test scores")

@@ -53,6 +53,15 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 3
     assert "resumed from" in capsys.readouterr().out
 
+    # pictures: the sample grid of the last epoch, and `r2unet plot` redraws curves and samples
+    from PIL import Image
+
+    assert Image.open(out / "samples.png").format == "PNG"
+    (out / "curves.png").unlink()
+    (out / "samples.png").unlink()
+    assert main(["plot", str(out)]) == 0
+    assert Image.open(out / "curves.png").format == "PNG" and Image.open(out / "samples.png").format == "PNG"
+
 
 def test_two_cpu_runs_with_the_same_seed_are_identical(prepared, tmp_path):
     for name in ("a", "b"):
@@ -121,3 +130,27 @@ def test_config_file_and_command_line_precedence(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
         _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+
+
+def test_evaluate_accepts_a_reference_state_dict(prepared, tmp_path, capsys):
+    from r2unet import create_model
+
+    torch.manual_seed(0)
+    model = create_model("AttU_Net", base_channels=4)
+    torch.save(model.state_dict(), tmp_path / "AttU_Net-ref.pkl")  # what the reference writes
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "AttU_Net-ref.pkl"), "--model_type", "AttU_Net",
+                 "--base_channels", "4", "--image_size", "32", "--data_path", str(prepared / "data"),
+                 "--split", "valid", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 <= out["JS"] <= 1 and out["num_images"] == 2
+    # without --model_type the default (R2U_Net) does not fit: a readable key report, no traceback
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "AttU_Net-ref.pkl"), "--data_path",
+                 str(prepared / "data")]) == 2
+    assert "missing keys" in capsys.readouterr().err
+
+
+def test_tensorboard_logging(prepared, tmp_path):
+    pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1", "--tensorboard") == 0
+    assert any((out / "tensorboard").iterdir())

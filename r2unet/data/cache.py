@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from .io import DataError, read_image, read_mask
-from .prepare import Pair, check_pair, pair_files
+from .prepare import checked_pairs, report_problems
 
 CACHE_VERSION = 1
 
@@ -96,16 +96,7 @@ def build_cache(
     """Create or update the cache of one split folder pair and open it (see the module docstring)."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
-    report = pair_files(image_dir, mask_dir)
-    problems = [f"{p}: no mask found in {mask_dir}" for p in report.missing_masks]
-    problems += [f"{p}: mask has no matching image in {image_dir}" for p in report.extra_masks]
-    pairs: list[Pair] = []
-    for pair in report.pairs:
-        try:
-            check_pair(pair)
-            pairs.append(pair)
-        except DataError as exc:
-            problems.append(str(exc))
+    pairs, problems, _ = checked_pairs(image_dir, mask_dir)
     # Problems are reported together after decoding the good pairs, so one run lists every bad file.
 
     meta_path = cache_dir / "meta.json"
@@ -180,7 +171,7 @@ def build_cache(
             arr.flush()
         _write_meta(meta_path, side, entries)
     del arrays
-    _handle_problems(problems + [err for _, err in failed], skip_bad, log)
+    report_problems(problems + [err for _, err in failed], skip_bad, log)
     return open_cache(cache_dir, side)
 
 
@@ -201,15 +192,6 @@ def open_cache(cache_dir: str | Path, side: int) -> SplitCache:
     if len(keep) < len(entries):  # fall back to an in-memory copy of the good rows only
         images, masks = images[keep], masks[keep]
     return SplitCache(cache_dir, [entries[i]["image"] for i in keep], images, masks, hw)
-
-
-def _handle_problems(problems: list[str], skip_bad: bool, log) -> None:
-    if not problems:
-        return
-    listing = "\n  ".join(problems)
-    if not skip_bad:
-        raise DataError(f"{len(problems)} problem(s) in the dataset (use --skip_bad to skip them):\n  {listing}")
-    log(f"skipping {len(problems)} bad item(s):\n  {listing}")
 
 
 def _read_meta(path: Path, side: int) -> dict | None:

@@ -98,6 +98,32 @@ def check_pair(pair: Pair) -> None:
         )
 
 
+def checked_pairs(image_dir: str | Path, mask_dir: str | Path) -> tuple[list[Pair], list[str], list[Path]]:
+    """Pair the folders and check each pair's headers: (good pairs, problems naming files, ignored non-images)."""
+    report = pair_files(image_dir, mask_dir)
+    problems = [f"{p}: no mask found in {mask_dir} (expected {p.stem}_segmentation.<ext> or {p.stem}.<ext>)"
+                for p in report.missing_masks]
+    problems += [f"{p}: mask has no matching image in {image_dir}" for p in report.extra_masks]
+    pairs = []
+    for pair in report.pairs:
+        try:
+            check_pair(pair)
+            pairs.append(pair)
+        except DataError as exc:
+            problems.append(str(exc))
+    return pairs, problems, report.ignored
+
+
+def report_problems(problems: list[str], skip_bad: bool, log) -> None:
+    """Stop with every problem listed, or (``skip_bad``) log them and go on without those files."""
+    if not problems:
+        return
+    listing = "\n  ".join(problems)
+    if not skip_bad:
+        raise DataError(f"{len(problems)} problem(s) in the dataset (use --skip_bad to skip them):\n  {listing}")
+    log(f"skipping {len(problems)} bad item(s):\n  {listing}")
+
+
 def split_counts(n: int, train_ratio: float, valid_ratio: float, test_ratio: float) -> tuple[int, int, int]:
     """The reference's arithmetic: 2594 images at 0.7/0.1/0.2 -> (1815, 259, 520)."""
     ratios = (train_ratio, valid_ratio, test_ratio)
@@ -181,25 +207,11 @@ def prepare_split(
     counts = split_counts(1, train_ratio, valid_ratio, test_ratio)  # validates the ratios before any work
     del counts
 
-    report = pair_files(origin_data_path, origin_GT_path)
-    if report.ignored:
-        log(f"ignoring {len(report.ignored)} non-image file(s): " + ", ".join(p.name for p in report.ignored[:5])
-            + (" ..." if len(report.ignored) > 5 else ""))
-    bad: list[str] = [f"{p}: no mask found in {origin_GT_path} (expected {p.stem}_segmentation.<ext> or "
-                      f"{p.stem}.<ext>)" for p in report.missing_masks]
-    bad += [f"{p}: mask has no matching image in {origin_data_path}" for p in report.extra_masks]
-    pairs = []
-    for pair in report.pairs:
-        try:
-            check_pair(pair)
-            pairs.append(pair)
-        except DataError as exc:
-            bad.append(str(exc))
-    if bad:
-        listing = "\n  ".join(bad)
-        if not skip_bad:
-            raise DataError(f"{len(bad)} problem(s) in the dataset (use --skip_bad to skip them):\n  {listing}")
-        log(f"skipping {len(bad)} bad item(s):\n  {listing}")
+    pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path)
+    if ignored:
+        log(f"ignoring {len(ignored)} non-image file(s): " + ", ".join(p.name for p in ignored[:5])
+            + (" ..." if len(ignored) > 5 else ""))
+    report_problems(bad, skip_bad, log)
     if not pairs:
         raise DataError(f"{origin_data_path}: no usable image/mask pairs")
 
