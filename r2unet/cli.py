@@ -34,7 +34,8 @@ def _cmd_prepare(args) -> None:
     from .data.prepare import SPLITS, prepare_split
 
     kwargs = dict(train_ratio=args.train_ratio, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio,
-                  seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link)
+                  seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
+                  progress=sys.stderr.isatty())
     if args.data_path:
         manifest = prepare_split(args.origin_data_path, args.origin_GT_path, data_path=args.data_path, **kwargs)
     else:
@@ -177,6 +178,13 @@ def _cmd_export(args) -> None:
     from .export import export_onnx
 
     model, cfg = _load_model(args)
+    if args.output.endswith(".safetensors"):
+        from .engine.checkpoint import save_weights_safetensors
+
+        save_weights_safetensors(model, args.output, cfg.to_dict())
+        print(f"wrote {args.output} (weights only; load with --checkpoint {args.output} --model_type "
+              f"{cfg.model_type} --t {cfg.t} --base_channels {cfg.base_channels})")
+        return
     report = export_onnx(model, args.output, image_size=args.image_size or cfg.image_size, img_ch=cfg.img_ch,
                          check=not args.no_check)
     print(f"wrote {report['path']} (opset {report['opset']})")
@@ -264,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
+    p = sub.add_parser("export", help="ONNX export checked with onnxruntime, or weights as .safetensors")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--output", required=True, help="e.g. model.onnx")
+    p.add_argument("--output", required=True, help="model.onnx, or model.safetensors for the weights alone")
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="example size (the exported model is dynamic)")
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime comparison")

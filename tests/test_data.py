@@ -305,3 +305,23 @@ def test_loader_batches_any_size(tiny_data):
             sizes.append(x.shape[0])
             assert x.shape[1:] == (3, 32, 32) and y.shape[1:] == (1, 32, 32)
     assert sum(sizes) == 3 * len(cache)
+
+
+def test_interrupted_prepare_can_be_redone_with_overwrite(tmp_path, monkeypatch):
+    from r2unet.data import prepare as prep
+
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    real, calls = prep._place, {"n": 0}
+
+    def dies_after_three(src, dst, link):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt
+        real(src, dst, link)
+
+    monkeypatch.setattr(prep, "_place", dies_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", log=lambda *_: None)
+    monkeypatch.setattr(prep, "_place", real)
+    m = prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", overwrite=True, log=lambda *_: None)
+    assert m["complete"] and len(m["written"]) == 20

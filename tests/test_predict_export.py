@@ -115,3 +115,16 @@ def test_curves_and_grid_are_valid_pngs(tmp_path):
     assert im.format == "PNG" and im.size[0] > im.size[1]  # two rows of three panels
     (tmp_path / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows) + '{"epo')
     assert redraw(tmp_path)[0].name == "curves.png"  # a line cut by a crash is ignored
+
+
+def test_safetensors_weights_round_trip(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    out = tmp_path / "w.safetensors"
+    assert main(["export", "--checkpoint", str(path), "--output", str(out)]) == 0
+    assert "weights only" in capsys.readouterr().out
+    from r2unet.engine.trainer import load_for_inference
+
+    loaded, _ = load_for_inference(out, model_type="R2AttU_Net", t=2, base_channels=4)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))

@@ -171,6 +171,13 @@ def _load_manifest(path: Path) -> dict | None:
     return manifest
 
 
+def _write_manifest(path: Path, manifest: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+
+
 def prepare_split(
     origin_data_path: str | Path,
     origin_GT_path: str | Path,
@@ -186,6 +193,7 @@ def prepare_split(
     link: str = "copy",
     manifest_path: str | Path | None = None,
     log=print,
+    progress: bool = False,
 ) -> dict:
     """Split and copy (or link) the pairs; return the manifest (also written to disk).
 
@@ -244,19 +252,7 @@ def prepare_split(
                 if (dst.exists() or dst.is_symlink()) and dst.absolute() not in ours and dst.resolve() not in ours:
                     raise DataError(f"{dst}: exists and was not written by r2unet; refusing to overwrite it")
                 plan.append((src, dst))
-    # Remove only our own files from the previous run (they may belong to another split now).
-    for old in ours:
-        if old.is_symlink() or old.exists():
-            old.unlink()
-    for img_dir, gt_dir in targets.values():
-        img_dir.mkdir(parents=True, exist_ok=True)
-        gt_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for src, dst in plan:
-        _place(src, dst, link)
-        written.append(str(dst.absolute()))
-
-    manifest = {
+    manifest_base = {
         "version": MANIFEST_VERSION,
         "seed": seed,
         "ratios": [train_ratio, valid_ratio, test_ratio],
@@ -267,12 +263,30 @@ def prepare_split(
         "splits": {s: [{"image": p.image.name, "mask": p.mask.name} for p in items]
                    for s, items in assignment.items()},
         "skipped": bad,
-        "written": written,
     }
-    manifest_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = manifest_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)
+    # Remove only our own files from the previous run (they may belong to another split now).
+    for old in ours:
+        if old.is_symlink() or old.exists():
+            old.unlink()
+    for img_dir, gt_dir in targets.values():
+        img_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    steps = plan
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(plan, desc=f"prepare ({link})", unit="file")
+    try:
+        for src, dst in steps:
+            _place(src, dst, link)
+            written.append(str(dst.absolute()))
+    finally:
+        # Even when interrupted, record what was written so that a re-run with --overwrite may replace it.
+        _write_manifest(manifest_path, {**manifest_base, "written": written, "complete": False})
+
+    manifest = {**manifest_base, "written": written, "complete": True}
+    _write_manifest(manifest_path, manifest)
     log(f"split {len(pairs)} pairs -> train {n_train}, valid {n_valid}, test {len(assignment['test'])}; "
         f"manifest {manifest_path}")
     return manifest

@@ -3,8 +3,8 @@
 - Written atomically (temporary file in the same folder, fsync, rename): a crash at any moment leaves either the old
   or the new file, never a half-written one. A failed write (disk full, permission) keeps the previous file.
 - Read with ``torch.load(weights_only=True)`` only: a file whose unpickling would run code is refused.
-- Reads both r2unet checkpoints (a dict with ``format: "r2unet"``) and bare ``state_dict`` files such as the
-  reference's ``.pkl``.
+- Reads r2unet checkpoints (a dict with ``format: "r2unet"``), bare ``state_dict`` files such as the reference's
+  ``.pkl``, and ``.safetensors`` weight files (``r2unet export --output model.safetensors`` writes one).
 """
 
 from __future__ import annotations
@@ -64,6 +64,14 @@ def load_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
+    if path.suffix == ".safetensors":  # weights only, by construction: nothing in it can run
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+
+        try:
+            return load_safetensors(str(path), device="cpu")
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -116,6 +124,23 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
             f"--output_ch?)" + block("missing keys", missing) + block("unexpected keys", unexpected)
             + block("shape mismatches", mismatched))
     unwrap(model).load_state_dict(state, strict=True)
+
+
+def save_weights_safetensors(model: nn.Module, path: str | Path, config: dict | None = None) -> None:
+    """The model's weights (and buffers) alone as a safetensors file; the config goes into its text metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config or {})})
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: int, step: int = 0,
