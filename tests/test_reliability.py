@@ -180,3 +180,41 @@ def test_deterministic_flag_gives_bit_identical_cpu_runs(tiny_data, tmp_path):
     wa = load_file(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     wb = load_file(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_after_interrupt_mid_epoch_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch):
+    """Interrupted at step 3 of epoch 2 and resumed, the run ends with the same weights, bit for bit."""
+    from r2unet.data import dataset
+    from r2unet.engine import trainer
+
+    def cfg(name, resume=False):
+        return TrainConfig(model_type="R2U_Net", t=1, base_channels=4, image_size=32, batch_size=2, num_epochs=2,
+                           num_epochs_decay=1, num_workers=0, device="cpu", amp="off", data_path=str(tiny_data),
+                           output_dir=str(tmp_path / name), augmentation_prob=1.0, resume=resume)
+
+    trainer.fit(cfg("straight"), log=lambda *_: None)
+
+    real_call, calls = dataset.DeviceTransform.__call__, {"n": 0}
+
+    def interrupt_tenth_training_batch(self, batch):
+        if self.augment is not None:
+            calls["n"] += 1
+            if calls["n"] == 10:  # 7 batches per epoch: epoch 2, step 3
+                raise KeyboardInterrupt
+        return real_call(self, batch)
+
+    monkeypatch.setattr(dataset.DeviceTransform, "__call__", interrupt_tenth_training_batch)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(cfg("interrupted"), log=lambda *_: None)
+    saved = load_file(tmp_path / "interrupted" / "checkpoints" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 2)
+    monkeypatch.setattr(dataset.DeviceTransform, "__call__", real_call)
+    trainer.fit(cfg("interrupted", resume=True), log=lambda *_: None)
+
+    a = load_file(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_file(tmp_path / "interrupted" / "checkpoints" / "last.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("straight", "interrupted")]
+    assert [r["epoch"] for r in rows[1]] == [1, 2]
+    assert rows[0][1]["train_loss"] == pytest.approx(rows[1][1]["train_loss"], rel=1e-9)

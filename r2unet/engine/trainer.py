@@ -144,12 +144,17 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     model.train()
     device = precision.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    state["loss_device"] = loss_sum  # updated in place; read by checkpoints written mid-epoch
     nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
         if steady_start is None and steps_this_call >= cfg.warmup_steps:
             _sync(device)
             steady_start = time.perf_counter()
+        # the augmentation RNG as it was before this batch: a checkpoint written before the step completes
+        # resumes with exactly this batch's augmentation
+        state["augment_rng"] = transform.generator.get_state()
+        state["in_step"] = True
         x, y = transform(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -171,10 +176,11 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
             for g in grads:
                 g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
             optimizer.step()
+        state["steps"] += 1
+        state["in_step"] = False
         loss_sum += torch.where(finite, loss.detach().double(), 0.0)
         nonfinite_run = torch.where(finite, 0, nonfinite_run + 1)
         steps_this_call += 1
-        state["steps"] += 1
         state["images"] += x.shape[0]
         if steady_start is not None:
             steady_images += x.shape[0]
@@ -187,12 +193,12 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
             if progress is not None:
                 progress(state, float(loss.detach()))
         if on_step is not None:
-            on_step(state, loss_sum)
+            on_step(state)
         if cfg.max_steps_per_epoch and state["steps"] >= cfg.max_steps_per_epoch:
             break
     _sync(device)
     end = time.perf_counter()
-    state["loss_sum"] = state.get("loss_sum", 0.0) + float(loss_sum.item())
+    state["loss_sum"] = state.get("loss_sum", 0.0) + float(state.pop("loss_device").item())
     state["steady_images"] = state.get("steady_images", 0) + steady_images
     state["steady_seconds"] = state.get("steady_seconds", 0.0) + (end - steady_start if steady_start else 0.0)
     return state
@@ -302,15 +308,19 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     if cfg.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
 
-    # Data: rank 0 builds/updates the caches, the others wait and open them.
-    caches = {}
-    if info.is_main:
-        for split in SPLITS:
-            caches[split] = split_cache(data_path, split, cfg.image_size, cache_dir=cfg.cache_dir,
-                                        num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
-                                        progress=sys.stderr.isatty(), log=log)
+    # Data: rank 0 builds/updates the caches first; then the first process of every other node validates them (a
+    # no-op on a shared file system, a build on a node-local one); then every process opens them.
+    def build():
+        return {s: split_cache(data_path, s, cfg.image_size, cache_dir=cfg.cache_dir,
+                               num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
+                               progress=sys.stderr.isatty() and info.is_main, log=log) for s in SPLITS}
+
+    caches = build() if info.is_main else {}
     D.barrier()
-    if not info.is_main:
+    if info.local_rank == 0 and not info.is_main:
+        caches = build()
+    D.barrier()
+    if not caches:
         caches = {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir) for s in SPLITS}
     pin = device.type == "cuda"
     train_sampler = D.EpochBatchSampler(len(caches["train"]), cfg.batch_size, info, cfg.seed)
@@ -395,20 +405,24 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         writer = SummaryWriter(str(run.dir / "tensorboard"))
 
     sample_idx = list(range(min(6, len(caches["valid"]))))
-    rng_state = lambda: {"torch": torch.get_rng_state(), "augment": augment.generator.get_state()}  # noqa: E731
     epoch_state = {"epoch": start_epoch, "steps": 0, "images": 0, "loss_sum": 0.0}
 
-    def save_last(epoch: int, step: int, extra: dict | None = None):
+    def save_last(epoch: int, step: int, extra: dict | None = None, augment_rng=None):
         if info.is_main:
+            rng = {"torch": torch.get_rng_state(),
+                   "augment": augment_rng if augment_rng is not None else augment.generator.get_state()}
             save_checkpoint(run.last, model=model, config=cfg.to_dict(), epoch=epoch, step=step,
                             optimizer=optimizer, scaler=scaler, scheduler=scheduler, best_score=best_score,
-                            best_epoch=best_epoch, rng=rng_state(), extra=extra)
+                            best_epoch=best_epoch, rng=rng, extra=extra)
 
-    def on_step(state, loss_sum):
+    def mid_epoch(state) -> dict:
+        """What a checkpoint written inside an epoch carries to finish that epoch's statistics after a resume."""
+        device_part = float(state["loss_device"].item()) if "loss_device" in state else 0.0
+        return {"epoch_state": {"images": state["images"], "loss_sum": state.get("loss_sum", 0.0) + device_part}}
+
+    def on_step(state):
         if cfg.save_every_steps and state["steps"] % cfg.save_every_steps == 0:
-            carry = {**state, "loss_sum": state.get("loss_sum", 0.0) + float(loss_sum.item())}
-            carry.pop("loss_sum_device", None)
-            save_last(state["epoch"], state["steps"], {"epoch_state": carry})
+            save_last(state["epoch"], state["steps"], mid_epoch(state))
 
     bar = _progress(info, len(train_sampler))
     old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
@@ -453,7 +467,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                 valid = evaluate(model if info.distributed else train_model, loaders["valid"], plain, precision,
                                  cfg.threshold, channels_last).compute() if len(caches["valid"]) else None
                 row["valid"] = valid
-                score = (valid["JS"] + valid["DC"]) if valid else -float(epoch)
+                score = (valid["JS"] + valid["DC"]) if valid else float(epoch)  # no valid split: the latest
                 if score > best_score:
                     best_score, best_epoch = score, epoch + 1
                     row["best"] = True
@@ -502,8 +516,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     except KeyboardInterrupt:
         if bar:
             bar.close()
-        save_last(epoch_state["epoch"], epoch_state["steps"], {"epoch_state": {
-            k: epoch_state[k] for k in ("images", "loss_sum") if k in epoch_state}})
+        # interrupted inside a step: that step is redone on resume, with the augmentation it had drawn
+        save_last(epoch_state["epoch"], epoch_state["steps"], mid_epoch(epoch_state),
+                  epoch_state.get("augment_rng") if epoch_state.get("in_step") else None)
         log(f"interrupted: saved {run.last} (epoch {epoch_state['epoch'] + 1}, step {epoch_state['steps']}); "
             "continue with --resume")
         raise
