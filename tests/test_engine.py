@@ -154,3 +154,17 @@ def test_tensorboard_logging(prepared, tmp_path):
     out = tmp_path / "run"
     assert _train(prepared, out, "--num_epochs", "1", "--tensorboard") == 0
     assert any((out / "tensorboard").iterdir())
+
+
+def test_compile_failure_falls_back_to_eager(prepared, tmp_path, monkeypatch, capsys):
+    def broken_compile(module, *args, **kwargs):
+        def fail(*a, **k):
+            raise RuntimeError("no C compiler found (simulated)")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1", "--compile", "on") == 0
+    printed = capsys.readouterr().out
+    assert "torch.compile failed (RuntimeError: no C compiler found (simulated)); continuing in eager mode" in printed
+    assert "compile on" in printed and (out / "results.json").exists()

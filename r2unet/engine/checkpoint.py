@@ -49,9 +49,11 @@ def atomic_save(obj, path: str | Path) -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    """The plain module under DDP (``.module``), torch.compile (``._orig_mod``) and compile-fallback wrappers."""
     while True:
-        if hasattr(model, "_orig_mod"):
+        if type(model).__name__ == "CompileWithFallback":
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
         elif isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

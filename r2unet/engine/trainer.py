@@ -25,7 +25,7 @@ from .. import plots
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
 from ..metrics import MetricAccumulator
-from ..models import create_model
+from ..models import RECURRENT, create_model
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -132,6 +132,35 @@ class Precision:
     @property
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+class CompileWithFallback(nn.Module):
+    """``torch.compile`` of a module that falls back to eager mode, once and for good, if compilation fails.
+
+    Compilation happens lazily at the first call, so failures (a missing compiler toolchain, an unsupported
+    operation on an old torch) surface there; they are logged and the step is redone eagerly. Errors after a
+    successful first call are real errors and propagate."""
+
+    def __init__(self, module: nn.Module, log=print):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "_compiled", torch.compile(module))  # not a submodule: no duplicate state
+        self._log, self._ok = log, None
+
+    def forward(self, *args, **kwargs):
+        if self._ok is False:
+            return self.module(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure; re-raised below once compile worked
+            if self._ok:
+                raise
+            self._ok = False
+            self._log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                      "continuing in eager mode (use --compile off to skip compilation)")
+            return self.module(*args, **kwargs)
+        self._ok = True
+        return out
 
 
 # ------------------------------------------------------------------------------------------------------- train/eval
@@ -376,12 +405,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     if info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = ddp_model
-    if use_compile:
-        try:
-            train_model = torch.compile(ddp_model)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-            log(f"torch.compile unavailable ({exc}); training in eager mode")
+    train_model = CompileWithFallback(ddp_model, log) if use_compile else ddp_model
 
     if info.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -390,7 +414,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         if cfg.resume and run.metrics.exists():  # drop rows of epochs the checkpoint does not cover
             rows = [r for r in plots.read_metrics(run.metrics) if r["epoch"] <= start_epoch]
             run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    log(f"{cfg.model_type} (t={cfg.t}) on {device}, {precision.name}, compile {'on' if use_compile else 'off'}, "
+    name = f"{cfg.model_type} (t={cfg.t})" if cfg.model_type in RECURRENT else cfg.model_type
+    log(f"{name} on {device}, {precision.name}, compile {'on' if use_compile else 'off'}, "
         f"channels_last {'on' if channels_last else 'off'}; {info.world_size} process(es) x batch {cfg.batch_size} "
         f"= global batch {global_batch}, lr {lr:g}; train/valid/test = "
         f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
