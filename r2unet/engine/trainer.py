@@ -449,7 +449,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         if cfg.save_every_steps and state["steps"] % cfg.save_every_steps == 0:
             save_last(state["epoch"], state["steps"], mid_epoch(state))
 
-    bar = _progress(info, len(train_sampler))
+    bar = _progress(info, len(train_sampler), global_batch)
     old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
     total_steady_images = total_steady_seconds = 0.0
     results: dict = {}
@@ -560,12 +560,13 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _progress(info: D.DistInfo, total: int):
+def _progress(info: D.DistInfo, total: int, images_per_batch: int):
+    """A tqdm bar counting batches but showing images and img/s (the whole job's), on a terminal only."""
     if not info.is_main or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="batch", dynamic_ncols=True, leave=False)
+    return tqdm(total=total, unit="img", unit_scale=images_per_batch, dynamic_ncols=True, leave=False)
 
 
 def _log_epoch(log, row: dict, num_epochs: int) -> None:
