@@ -325,3 +325,13 @@ def test_interrupted_prepare_can_be_redone_with_overwrite(tmp_path, monkeypatch)
     monkeypatch.setattr(prep, "_place", real)
     m = prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", overwrite=True, log=lambda *_: None)
     assert m["complete"] and len(m["written"]) == 20
+
+
+def test_16_bit_and_grayscale_images_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(64 * 32, dtype=np.uint32).reshape(32, 64) * 31).astype(np.uint16)  # up to ~63k
+    Image.fromarray(ramp).save(tmp_path / "a16.png")
+    img = read_image(tmp_path / "a16.png")
+    assert img.shape == (32, 64, 3) and img.dtype == np.uint8
+    assert img[..., 0].max() > 200 and len(np.unique(img[..., 0])) > 100  # the full range survives
+    Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "g.bmp")
+    assert (read_image(tmp_path / "g.bmp") == 77).all()

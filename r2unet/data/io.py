@@ -62,6 +62,11 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
 def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
     """RGB uint8 array (H, W, 3). With ``min_size`` (w, h), a JPEG may be decoded at a reduced scale >= that size."""
     img = _open(Path(path), draft_size=min_size)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale: scale to 8 bits, not clip
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if values.max() > 255 else 255.0
+        gray = np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
     if img.mode != "RGB":
         img = img.convert("RGB")
     return np.asarray(img)
