@@ -124,8 +124,6 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                 log=print) -> dict:
     """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured
     in one run, with ratios to the baseline and the fraction of the FLOP bound of this device."""
-    import tempfile
-
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
@@ -152,7 +150,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
 
     if end_to_end:
         rows.append(_bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
-                                            warmup, data_path, tempfile))
+                                            warmup, data_path))
         log(f"  {rows[-1]['config']:<28}{rows[-1]['img_per_s']:10.1f} img/s")
     peak = _peak_tflops(dev)
     base = rows[0]["img_per_s"]
@@ -165,10 +163,12 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
             "flop_bound_img_per_s": peak * 1e12 / flops, "rows": rows}
 
 
-def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
-                            tempfile) -> dict:
+def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup,
+                            data_path) -> dict:
     """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
     loss, backward, optimizer, metric-free training loop (train_one_epoch)."""
+    import tempfile
+
     from .data.prepare import prepare_split
     from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
     from .engine import distributed as D

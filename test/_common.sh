@@ -37,7 +37,8 @@ run_and_report() {
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"Final Performance images/sec : {r['fps']:.2f}")
-print(f"Final Train Accuracy : {r['test']['ACC']:.4f}" if r.get("test") else "Final Train Accuracy : n/a")
+# as the seed: pixel accuracy on the (augmented) training batches of the last epoch
+print(f"Final Train Accuracy : {r['train']['ACC']:.4f}" if r.get("train") else "Final Train Accuracy : n/a")
 print(f"E2E Training Duration sec : {sys.argv[2]}")
 PY
 }

@@ -33,6 +33,7 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"}
     assert results["model_type"] == "R2U_Net" and results["fps"] > 0 and results["best_epoch"] in (1, 2)
+    assert set(results["train"]) == set(results["test"]) and 0 <= results["train"]["ACC"] <= 1
     for f in ("config.json", "metrics.jsonl", "curves.png", "checkpoints/best.pt", "checkpoints/last.pt"):
         assert (out / f).is_file(), f
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

@@ -174,6 +174,8 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     device = precision.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     state["loss_device"] = loss_sum  # updated in place; read by checkpoints written mid-epoch
+    # training-batch metrics (after augmentation), accumulated on the device like the reference's per-step scores
+    metrics = state.setdefault("train_metrics", MetricAccumulator(threshold=cfg.threshold, device=device))
     nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
@@ -208,6 +210,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         state["steps"] += 1
         state["in_step"] = False
         loss_sum += torch.where(finite, loss.detach().double(), 0.0)
+        metrics.update(torch.sigmoid(logits.detach().float()), y)
         nonfinite_run = torch.where(finite, 0, nonfinite_run + 1)
         steps_this_call += 1
         state["images"] += x.shape[0]
@@ -452,6 +455,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     bar = _progress(info, len(train_sampler), global_batch)
     old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
     total_steady_images = total_steady_seconds = 0.0
+    last_train = None  # training-batch metrics of the last epoch run in this session
     results: dict = {}
     try:
         for epoch in range(start_epoch, cfg.num_epochs):
@@ -485,8 +489,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             total_steady_seconds += steady_s
             epoch_fps = steady_images / max(steady_s, 1e-9)
             train_loss = loss_total / max(1.0, steps)
+            train_metrics = epoch_state.pop("train_metrics")
+            train_metrics.all_reduce()
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": epoch_lr, "train_img_per_s": epoch_fps,
-                   "epoch_seconds": epoch_s}
+                   "epoch_seconds": epoch_s, "train": train_metrics.compute()}
+            last_train = row["train"]
             is_last = epoch + 1 == cfg.num_epochs
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 valid = evaluate(model if info.distributed else train_model, loaders["valid"], plain, precision,
@@ -521,7 +528,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last).compute() \
             if len(caches["test"]) else None
         fps = total_steady_images / max(total_steady_seconds, 1e-9)
-        results = {"test": test, "best_epoch": best_epoch, "best_valid_JS_plus_DC": best_score, "fps": fps,
+        results = {"test": test, "train": last_train, "best_epoch": best_epoch,
+                   "best_valid_JS_plus_DC": best_score, "fps": fps,
                    "model_type": cfg.model_type, "t": cfg.t, "image_size": cfg.image_size,
                    "global_batch_size": global_batch, "world_size": info.world_size, "precision": precision.name,
                    "epochs": cfg.num_epochs, "device": str(device), "torch": str(torch.__version__)}
