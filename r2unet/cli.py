@@ -388,9 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         where = f" [rank {rank}]" if rank is not None else ""
         print(f"r2unet {args.command}{where}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"r2unet {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): whatever was running has saved its state
+        terminated = type(exc).__name__ == "Terminated"
+        print(f"r2unet {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     return 0
 
 

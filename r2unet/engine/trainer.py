@@ -281,8 +281,13 @@ def build_model(cfg: TrainConfig) -> nn.Module:
                         base_channels=cfg.base_channels)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (save, then exit). A subclass on purpose: CPython kills itself with SIGINT at
+    exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
+
+
 def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise Terminated(f"signal {signum}")
 
 
 def fit(cfg: TrainConfig, log=print, return_model: bool = False):
