@@ -122,3 +122,54 @@ def test_torchrun_launches_the_cli(odd_data, tmp_path):
     assert results["world_size"] == 2 and results["fps"] > 0
     state = load_file(out / "checkpoints" / "last.pt")["model"]
     assert not any(k.startswith("module.") for k in state)
+
+
+def _worker_rank1_dies(rank, world, port, cfg_dict, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from r2unet.engine import trainer
+
+    if rank == 1:  # dies in epoch 2, after the epoch-1 checkpoint was written
+        real, calls = trainer.bce_dice_loss, {"n": 0}
+
+        def dying_loss(*args):
+            calls["n"] += 1
+            if calls["n"] == 6:
+                os._exit(3)
+            return real(*args)
+
+        trainer.bce_dice_loss = dying_loss
+    try:
+        trainer.fit(TrainConfig.from_dict(cfg_dict), log=lambda *_: None)
+    except Exception as exc:  # noqa: BLE001 - the test reads what rank 0 saw
+        with open(os.path.join(out_dir, f"error_r{rank}.txt"), "w") as f:
+            f.write(f"{type(exc).__name__}: {exc}")
+        raise SystemExit(1) from None
+
+
+def test_a_dead_rank_makes_the_others_fail_not_hang_and_resume_works(odd_data, tmp_path):
+    import time
+
+    out = tmp_path / "crash"
+    out.mkdir()
+    cfg = _cfg(odd_data, out, num_epochs=3, dist_timeout_s=30)
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_worker_rank1_dies, args=(r, 2, port, cfg, str(out))) for r in range(2)]
+    start = time.time()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert not any(p.is_alive() for p in procs), "a process hung after its peer died"
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert procs[1].exitcode == 3 and procs[0].exitcode == 1
+    assert time.time() - start < 110
+    error = (out / "error_r0.txt").read_text()  # rank 0 failed with an error instead of waiting forever
+    assert error.startswith("TrainingError: process 0 of 2 stopped") and "--resume" in error
+    # the epoch-1 checkpoint survives the crash and a 1-process --resume finishes the run
+    assert load_file(out / "checkpoints" / "last.pt")["epoch"] == 1
+    assert main(["train", "--output_dir", str(out), "--resume"]) == 0
+    assert json.loads((out / "results.json").read_text())["world_size"] == 1

@@ -300,6 +300,15 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
     try:
         results, model = _fit(cfg, info, _log_fn(info, log))
         return (results, model) if return_model else results
+    except RuntimeError as exc:
+        if not info.distributed or isinstance(exc, (TrainingError, CheckpointError)):
+            raise
+        # A collective failed: usually another process crashed, was killed, or stalled past --dist_timeout_s.
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise TrainingError(
+            f"process {info.rank} of {info.world_size} stopped: {first}. If another process crashed or was killed, "
+            f"see its log; the last checkpoint in {Path(cfg.output_dir) / 'checkpoints'} is kept, continue with "
+            "--resume (any number of processes)") from exc
     finally:
         D.cleanup()
 
