@@ -12,6 +12,7 @@ from .engine.checkpoint import CheckpointError
 from .engine.config import TrainConfig
 from .engine.trainer import TrainingError
 from .export import ExportError
+from .models import list_models
 
 REF_ORIGIN_DATA = "../ISIC/dataset/ISIC2018_Task1-2_Training_Input"
 REF_ORIGIN_GT = "../ISIC/dataset/ISIC2018_Task1_Training_GroundTruth"
@@ -303,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_size", type=int, default=224)
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--model_type", default="R2U_Net", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"])
+    p.add_argument("--model_type", default="R2U_Net", choices=list_models())
     p.add_argument("--t", type=int, default=2)
     p.add_argument("--base_channels", type=int, default=64)
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
@@ -316,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_override_flags(p) -> None:
-    p.add_argument("--model_type", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"], default=None,
+    p.add_argument("--model_type", choices=list_models(), default=None,
                    help="needed for a bare state_dict (default R2U_Net); overrides the checkpoint's")
     p.add_argument("--t", type=int, default=None, help="recurrence steps of a bare state_dict (default 3)")
     p.add_argument("--base_channels", type=int, default=None)
@@ -324,7 +325,7 @@ def _add_model_override_flags(p) -> None:
 
 def _add_train_flags(p) -> None:
     g = p.add_argument_group("the reference's flags")
-    g.add_argument("--model_type", choices=["U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"], help="default R2U_Net")
+    g.add_argument("--model_type", choices=list_models(), help="default R2U_Net")
     g.add_argument("--t", type=int, help="recurrence steps (default 3)")
     g.add_argument("--image_size", type=int, help="square training size, multiple of 16 (default 224)")
     g.add_argument("--img_ch", type=int, help="input channels: 3 (RGB) or 1 (grayscale)")

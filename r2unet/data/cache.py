@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..fileio import atomic_write_text
 from .io import DataError, read_image, read_mask
 from .prepare import checked_pairs, report_problems
 
@@ -205,6 +206,4 @@ def _read_meta(path: Path, side: int) -> dict | None:
 
 
 def _write_meta(path: Path, side: int, entries: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": CACHE_VERSION, "side": side, "entries": entries}))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"version": CACHE_VERSION, "side": side, "entries": entries}))

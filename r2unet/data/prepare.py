@@ -17,6 +17,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fileio import atomic_write_text
 from .io import DataError, image_size, is_image_file
 
 MANIFEST_NAME = "r2unet_manifest.json"
@@ -172,10 +173,7 @@ def _load_manifest(path: Path) -> dict | None:
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(manifest, indent=1))
 
 
 def prepare_split(

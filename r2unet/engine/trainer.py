@@ -24,8 +24,9 @@ from torch import nn
 from .. import plots
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
+from ..fileio import atomic_write_text
 from ..metrics import MetricAccumulator
-from ..models import RECURRENT, create_model
+from ..models import RECURRENT, create_model, list_models
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -548,9 +549,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                    "global_batch_size": global_batch, "world_size": info.world_size, "precision": precision.name,
                    "epochs": cfg.num_epochs, "device": str(device), "torch": str(torch.__version__)}
         if info.is_main:
-            tmp = run.results.with_suffix(".tmp")
-            tmp.write_text(json.dumps(results, indent=2) + "\n")
-            os.replace(tmp, run.results)
+            atomic_write_text(run.results, json.dumps(results, indent=2) + "\n")
             if sample_idx:
                 final = run.samples / f"epoch_{cfg.num_epochs:03d}.png"
                 if final.exists():
@@ -657,8 +656,8 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
                         ("img_ch", img_ch), ("output_ch", output_ch)):
         if value is not None:
             setattr(cfg, name, value)
-    if cfg.model_type not in ("U_Net", "R2U_Net", "AttU_Net", "R2AttU_Net"):
-        raise ConfigError(f"--model_type: unknown model {cfg.model_type!r}")
+    if cfg.model_type not in list_models():
+        raise ConfigError(f"--model_type: unknown model {cfg.model_type!r}; choose one of {', '.join(list_models())}")
     model = build_model(cfg)
     load_weights(model, model_state(obj), str(checkpoint))
     return model.eval(), cfg
