@@ -10,11 +10,7 @@ import torch
 
 from .data.augment import AugmentConfig
 from .data.dataset import DeviceTransform, make_loader, split_cache
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from .engine.trainer import synchronize
 
 
 def bench_data(
@@ -38,13 +34,13 @@ def bench_data(
     for batch in loader:  # warm-up: first touches of the memory map, worker start, kernels
         transform(batch)
         break
-    _sync(dev)
+    synchronize(dev)
     images, start = 0, time.perf_counter()
     while images < min_images:
         for batch in loader:
             x, y = transform(batch)
             images += x.shape[0]
-    _sync(dev)
+    synchronize(dev)
     elapsed = time.perf_counter() - start
     return {"img_per_s": images / elapsed, "cache_build_s": cache_build_s, "images": images, "seconds": elapsed,
             "device": str(dev), "image_size": image_size, "batch_size": batch_size, "num_workers": num_workers,
@@ -58,12 +54,12 @@ def _peak_tflops(device: torch.device, dtype=torch.bfloat16) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    synchronize(device)
     reps = 20 if device.type == "cuda" else 5
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    synchronize(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
@@ -82,11 +78,11 @@ def train_flops_per_image(model: torch.nn.Module, batch_size: int, image_size: i
 def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -166,7 +162,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
 def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup,
                             data_path) -> dict:
     """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
-    loss, backward, optimizer, metric-free training loop (train_one_epoch)."""
+    loss, backward, optimizer and training metrics (train_one_epoch)."""
     import tempfile
 
     from .data.prepare import prepare_split
@@ -174,8 +170,9 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
     from .engine import distributed as D
     from .engine.config import TrainConfig
     from .engine.trainer import (
+        CompileWithFallback,
         Precision,
-        build_model,
+        build_training,
         resolve_amp,
         resolve_channels_last,
         resolve_flag,
@@ -202,18 +199,13 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
         loader = make_loader(cache, batch_size, train=True, batch_sampler=sampler, pin_memory=dev.type == "cuda",
                              num_workers=cfg.num_workers)
         transform = DeviceTransform(image_size, dev, AugmentConfig(augmentation_prob=cfg.augmentation_prob))
-        model = build_model(cfg).to(dev)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=True)
-        scaler = torch.amp.GradScaler(dev.type, enabled=precision.dtype == torch.float16)
-        train_model = torch.compile(model) if resolve_flag(cfg.compile, dev) else model
+        model, optimizer, scaler = build_training(cfg, dev, precision, cfg.lr, channels_last)
+        train_model = CompileWithFallback(model, log=lambda *_: None) if resolve_flag(cfg.compile, dev) else model
         images = seconds = 0.0
         epoch = 0
         while images < batch_size * steps:
             sampler.set_epoch(epoch)
             state = {"epoch": epoch, "steps": 0, "images": 0, "loss_sum": 0.0}
-            cfg.max_steps_per_epoch = warmup + steps
             train_one_epoch(train_model, loader, transform, optimizer, scaler, precision, cfg, state,
                             channels_last=channels_last)
             images += state["steady_images"]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .data.augment import MEAN, STD
+from .data.augment import eval_images
 from .data.io import DataError, is_image_file, read_image, read_mask
 from .data.prepare import mask_stem_for
 from .plots import overlay
@@ -33,9 +33,7 @@ def list_inputs(path: str | Path) -> list[Path]:
 
 def _to_input(image: np.ndarray, image_size: int, img_ch: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, C, S, S) normalised, resized as in training (square, antialiased)."""
-    x = torch.from_numpy(np.array(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255)
-    x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
-    x = (x - MEAN) / STD
+    x = eval_images(torch.from_numpy(np.array(image)).unsqueeze(0), image_size)
     return x.mean(1, keepdim=True) if img_ch == 1 else x
 
 

@@ -146,11 +146,18 @@ def train_batch(
     return (x - MEAN) / STD, y
 
 
+def eval_images(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, S, S) resized (antialiased) and normalised: the network input outside training."""
+    x = images_u8.permute(0, 3, 1, 2).float().div_(255)
+    if x.shape[-2:] != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False)
+    return (x - MEAN) / STD
+
+
 def eval_batch(images_u8: torch.Tensor, masks_u8: torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Resize + normalise only (validation / test)."""
-    x, y = to_float_nchw(images_u8, masks_u8)
-    size = (image_size, image_size)
-    if x.shape[-2:] != size:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-        y = (F.interpolate(y, size=size, mode="bilinear", antialias=True, align_corners=False) > 0.5).float()
-    return (x - MEAN) / STD, y
+    y = masks_u8.unsqueeze(1).float()
+    if y.shape[-2:] != (image_size, image_size):
+        y = (F.interpolate(y, size=(image_size, image_size), mode="bilinear", antialias=True,
+                           align_corners=False) > 0.5).float()
+    return eval_images(images_u8, image_size), y

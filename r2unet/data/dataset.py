@@ -38,19 +38,22 @@ class CachedBatches(Dataset):
         }
 
 
+def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None) -> Path:
+    root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
+    return root / f"{split}-{cache_side(image_size)}"
+
+
 def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
                 **build_kwargs) -> SplitCache:
     """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it."""
     data_path = Path(data_path)
-    root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
-    return build_cache(data_path / split, data_path / f"{split}_GT", root / f"{split}-{cache_side(image_size)}",
-                       image_size=image_size, **build_kwargs)
+    return build_cache(data_path / split, data_path / f"{split}_GT",
+                       _cache_folder(data_path, split, image_size, cache_dir), image_size=image_size, **build_kwargs)
 
 
 def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None) -> SplitCache:
-    root = Path(cache_dir) if cache_dir else Path(data_path) / CACHE_DIRNAME
-    side = cache_side(image_size)
-    return open_cache(root / f"{split}-{side}", side)
+    """Open an existing cache (built by another process) without revalidating it."""
+    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir), cache_side(image_size))
 
 
 def make_loader(

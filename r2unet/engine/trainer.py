@@ -181,7 +181,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
         if steady_start is None and steps_this_call >= cfg.warmup_steps:
-            _sync(device)
+            synchronize(device)
             steady_start = time.perf_counter()
         # the augmentation RNG as it was before this batch: a checkpoint written before the step completes
         # resumes with exactly this batch's augmentation
@@ -229,7 +229,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
             on_step(state)
         if cfg.max_steps_per_epoch and state["steps"] >= cfg.max_steps_per_epoch:
             break
-    _sync(device)
+    synchronize(device)
     end = time.perf_counter()
     state["loss_sum"] = state.get("loss_sum", 0.0) + float(state.pop("loss_device").item())
     state["steady_images"] = state.get("steady_images", 0) + steady_images
@@ -254,7 +254,8 @@ def evaluate(model, loader, transform, precision: Precision, threshold: float = 
     return acc
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work (timing boundaries only; a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -285,6 +286,22 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C (save, then exit). A subclass on purpose: CPython kills itself with SIGINT at
     exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
+
+
+def build_training(cfg: TrainConfig, device: torch.device, precision: Precision, lr: float, channels_last: bool,
+                   sync_bn: bool = False):
+    """The model on its device, the optimiser and the loss scaler, as ``train`` uses them (and ``bench train``)."""
+    model = build_model(cfg)
+    if sync_bn:
+        model = D.convert_sync_batchnorm(model, device.type)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    # Fused Adam: one kernel for all parameters (CUDA and CPU); same arithmetic as the reference's Adam.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
+    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision.dtype == torch.float16)
+    return model, optimizer, scaler
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -385,17 +402,9 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     plain = DeviceTransform(cfg.image_size, device, None, img_ch=cfg.img_ch)
 
     # Model, optimiser, precision.
-    model = build_model(cfg)
-    if cfg.sync_bn and info.distributed:
-        model = D.convert_sync_batchnorm(model, device.type)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    # Fused Adam: one kernel for all parameters (CUDA and CPU); same arithmetic as the reference's Adam.
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    model, optimizer, scaler = build_training(cfg, device, precision, lr, channels_last,
+                                              sync_bn=cfg.sync_bn and info.distributed)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: lr_factor(e, cfg))
-    init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
-    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision.dtype == torch.float16)
 
     start_epoch, start_step, best_score, best_epoch = 0, 0, float("-inf"), -1
     epoch_state_carry: dict = {}
