@@ -101,8 +101,10 @@ class MetricAccumulator:
         scores = scores_from_counts(counts)
         js = scores["JS"]
         per_image = torch.stack([scores[k] for k in METRIC_NAMES], dim=1).sum(0)
+        # the image count is made on the device (torch.full), not copied from the host: a host-to-GPU copy of a
+        # new tensor waits for the GPU queue to drain, once per step
         extra = torch.stack((torch.where(js >= ISIC_JS_THRESHOLD, js, torch.zeros_like(js)).sum(),
-                             torch.tensor(float(len(js)), dtype=torch.float64, device=self.device)))
+                             torch.full((), float(len(js)), dtype=torch.float64, device=self.device)))
         self.image_sums += torch.cat((per_image, extra))
         self.pooled_counts += counts.sum(0)
 

@@ -41,3 +41,48 @@ def test_fp16_with_scaler_runs(tiny_data, tmp_path):
                       num_epochs_decay=0, num_workers=0, device="cuda", amp="fp16", loss_scale="128",
                       compile="off", data_path=str(tiny_data), output_dir=str(tmp_path / "run"))
     assert fit(cfg, log=print)["precision"] == "fp16"
+
+
+def test_training_steps_never_wait_for_the_gpu(tiny_data):
+    """Between log points a training step (cache batch -> augmentation -> forward -> loss -> backward -> fused Adam
+    with the non-finite check -> metric counts) must not synchronise the host with the GPU: CUDA's sync debug mode
+    turns every implicit synchronisation (.item(), a blocking host-to-device copy, ...) into an error."""
+    from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+    from r2unet.engine import distributed as D
+    from r2unet.engine.config import TrainConfig
+    from r2unet.engine.trainer import Precision, build_training, train_one_epoch
+
+    device = torch.device("cuda")
+    n = 6
+    cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=8, image_size=64, batch_size=2, device="cuda",
+                      warmup_steps=0, log_every=10**9, max_steps_per_epoch=n, num_workers=0)
+    precision = Precision(torch.bfloat16, device)
+    cache = split_cache(tiny_data, "train", cfg.image_size, progress=False, log=lambda *_: None)
+    sampler = D.EpochBatchSampler(len(cache), cfg.batch_size, D.DistInfo(), seed=0)
+    assert len(sampler) >= n
+    loader = make_loader(cache, cfg.batch_size, train=True, batch_sampler=sampler, pin_memory=True)
+    transform = DeviceTransform(cfg.image_size, device, AugmentConfig(augmentation_prob=1.0))
+    model, optimizer, scaler = build_training(cfg, device, precision, cfg.lr, channels_last=True)
+    checked = []
+
+    def watch(state):  # steps 2..n run entirely under the debug mode (step 1 warms up allocators and cuDNN)
+        if state["steps"] == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        elif state["steps"] == n:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(n - 1)
+
+    try:
+        state = {"epoch": 0, "steps": 0, "images": 0, "loss_sum": 0.0}
+        train_one_epoch(model, loader, transform, optimizer, scaler, precision, cfg, state, on_step=watch,
+                        channels_last=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checked == [n - 1] and state["steps"] == n
+    # the debug mode does catch a synchronisation (so the check above could fail)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError):
+            torch.ones((), device=device).item()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

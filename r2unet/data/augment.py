@@ -134,13 +134,19 @@ def train_batch(
     b = x.shape[0]
     theta, apply = sample_affine(aspect, cfg, g)
     bright, contrast, matrix = sample_color(apply, cfg, g)
-    grid = F.affine_grid(theta.to(device, non_blocking=True), [b, 1, image_size, image_size], align_corners=False)
+    # All per-image parameters travel in one copy, from pinned memory on a GPU, so the host never waits for the GPU
+    params = torch.cat((theta.view(b, 6), bright.view(b, 1), contrast.view(b, 1), matrix.view(b, 9)), dim=1)
+    if device.type == "cuda":
+        params = params.pin_memory()
+    params = params.to(device, non_blocking=True)
+    theta, matrix = params[:, :6].reshape(b, 2, 3), params[:, 8:].reshape(b, 3, 3)
+    bright, contrast = params[:, 6], params[:, 7]
+    grid = F.affine_grid(theta, [b, 1, image_size, image_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
-    if bool(apply.any()):
-        bright, contrast, matrix = (t.to(device, non_blocking=True) for t in (bright, contrast, matrix))
+    if bool(apply.any()):  # a CPU tensor: no device synchronisation
         x = x * bright.view(b, 1, 1, 1)
-        gray_mean = (x * torch.tensor([0.299, 0.587, 0.114], device=device).view(1, 3, 1, 1)).sum(1).mean((1, 2))
+        gray_mean = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2))
         x = (x - gray_mean.view(b, 1, 1, 1)) * contrast.view(b, 1, 1, 1) + gray_mean.view(b, 1, 1, 1)
         x = torch.einsum("bij,bjhw->bihw", matrix, x.clamp_(0, 1)).clamp_(0, 1)
     return (x - MEAN) / STD, y
