@@ -87,7 +87,7 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
 
 
 def _model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
-                compile_model):
+                compile_model, compile_mode="default"):
     """A model-only training step (forward, BCE-with-logits, backward, Adam) on fixed device tensors."""
     import torch.nn.functional as F
 
@@ -101,7 +101,7 @@ def _model_step(model_type, t, base_channels, image_size, batch_size, device, *,
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True if fused else None)
-    fwd = torch.compile(model) if compile_model else model
+    fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_model else model
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -114,45 +114,78 @@ def _model_step(model_type, t, base_channels, image_size, batch_size, device, *,
     return step, model
 
 
+FAST = dict(bf16=True, channels_last=True, fused=True)
+# name -> (row label, options of the model-only step); "default" is the trainer's own step, end to end
+CONFIGS = {
+    "fp32": ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
+    "bf16": ("+ bf16 autocast", dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
+    "channels_last": ("+ channels_last", dict(bf16=True, channels_last=True, fused=False, compile_model=False)),
+    "fused": ("+ fused Adam", dict(FAST, compile_model=False)),
+    "compile": ("+ torch.compile", dict(FAST, compile_model=True)),
+    "cudagraphs": ("+ CUDA graphs (compile reduce-overhead)",
+                   dict(FAST, compile_model=True, compile_mode="reduce-overhead")),
+    "default": None,
+}
+
+
+def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[str]:
+    """``all`` or a comma list of CONFIGS names; the baseline always comes first (it is the ratios' reference).
+    ``all`` leaves out what cannot run here: compiled rows when compilation is off, CUDA graphs off a GPU."""
+    if spec == "all":
+        names = [n for n in CONFIGS if (n not in ("compile", "cudagraphs") or use_compile)
+                 and (n != "cudagraphs" or device.type == "cuda")]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        unknown = [n for n in names if n not in CONFIGS]
+        if unknown:
+            raise ValueError(f"--configs: unknown {', '.join(unknown)}; choose from all, {', '.join(CONFIGS)}")
+    return ["fp32"] + [n for n in names if n != "fp32"]
+
+
 def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: int = 224, t: int = 2,
                 base_channels: int = 64, device: str = "auto", steps: int = 20, warmup: int = 5,
-                compile_model: str = "auto", data_path: str | Path | None = None, end_to_end: bool = True,
-                log=print) -> dict:
+                compile_model: str = "auto", compile_mode: str = "default", configs: str = "all",
+                data_path: str | Path | None = None, log=print) -> dict:
     """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured
     in one run, with ratios to the baseline and the fraction of the FLOP bound of this device."""
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
     rows = []
-    variants = [
-        ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
-        ("+ bf16 autocast", dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
-        ("+ channels_last", dict(bf16=True, channels_last=True, fused=False, compile_model=False)),
-        ("+ fused Adam", dict(bf16=True, channels_last=True, fused=True, compile_model=False)),
-    ]
-    if use_compile:
-        variants.append(("+ torch.compile", dict(bf16=True, channels_last=True, fused=True, compile_model=True)))
     flops = None
-    for name, opts in variants:
-        step, model = _model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
-        if flops is None:
-            flops = train_flops_per_image(model, batch_size, image_size)
-        seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0))
-        rows.append({"config": name, "img_per_s": batch_size * steps / seconds})
-        log(f"  {name:<28}{rows[-1]['img_per_s']:10.1f} img/s")
-        del step, model
+    for key in parse_configs(configs, dev, use_compile):
+        name, opts = CONFIGS[key] or ("default train step", {})
+        if key == "compile" and compile_mode != "default":
+            opts = dict(opts, compile_mode=compile_mode)
+            name += f" ({compile_mode})"
+        try:
+            if key == "default":
+                row = _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
+                                              warmup, data_path, "on" if use_compile else "off", compile_mode, log)
+            else:
+                step, model = _model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
+                if flops is None:
+                    flops = train_flops_per_image(model, batch_size, image_size)
+                seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0))
+                row = {"config": name, "img_per_s": batch_size * steps / seconds}
+                del step, model
+        except Exception as exc:  # noqa: BLE001 - one configuration failing (e.g. a compiler error) is a result
+            if key == "fp32":
+                raise
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            row = {"config": name, "img_per_s": None, "error": f"{type(exc).__name__}: {reason}"}
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-
-    if end_to_end:
-        rows.append(_bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
-                                            warmup, data_path))
-        log(f"  {rows[-1]['config']:<28}{rows[-1]['img_per_s']:10.1f} img/s")
+        row["key"] = key
+        rows.append(row)
+        log(f"  {row['config']:<28}" + (f"{row['img_per_s']:10.1f} img/s" if row["img_per_s"] is not None
+                                        else f"  failed: {row['error']}"))
     peak = _peak_tflops(dev)
     base = rows[0]["img_per_s"]
     for row in rows:
-        row["x_baseline"] = row["img_per_s"] / base
-        row["frac_flop_bound"] = row["img_per_s"] * flops / (peak * 1e12)
+        ok = row["img_per_s"] is not None
+        row["x_baseline"] = row["img_per_s"] / base if ok else None
+        row["frac_flop_bound"] = row["img_per_s"] * flops / (peak * 1e12) if ok else None
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": str(torch.__version__),
             "model_type": model_type, "t": t, "base_channels": base_channels, "image_size": image_size,
             "batch_size": batch_size, "train_gflop_per_image": flops / 1e9, "peak_bf16_tflops": peak,
@@ -160,7 +193,8 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
 
 
 def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup,
-                            data_path) -> dict:
+                            data_path, compile_flag: str = "auto", compile_mode: str = "default",
+                            log=print) -> dict:
     """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
     loss, backward, optimizer and training metrics (train_one_epoch)."""
     import tempfile
@@ -191,7 +225,8 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
     try:
         cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
                           batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
-                          max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0)
+                          max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
+                          compile=compile_flag, compile_mode=compile_mode)
         precision = Precision(resolve_amp(cfg, dev), dev)
         channels_last = resolve_channels_last(cfg, dev, precision)
         cache = split_cache(data_path, "train", image_size, log=lambda *_: None, progress=False)
@@ -200,7 +235,8 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
                              num_workers=cfg.num_workers)
         transform = DeviceTransform(image_size, dev, AugmentConfig(augmentation_prob=cfg.augmentation_prob))
         model, optimizer, scaler = build_training(cfg, dev, precision, cfg.lr, channels_last)
-        train_model = CompileWithFallback(model, log=lambda *_: None) if resolve_flag(cfg.compile, dev) else model
+        use_compile = resolve_flag(cfg.compile, dev)
+        train_model = CompileWithFallback(model, log, compile_mode) if use_compile else model
         images = seconds = 0.0
         epoch = 0
         while images < batch_size * steps:
@@ -211,9 +247,12 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
             images += state["steady_images"]
             seconds += state["steady_seconds"]
             epoch += 1
-        name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}" \
-               f"{', compile' if resolve_flag(cfg.compile, dev) else ''}, data+aug)"
-        return {"config": name, "img_per_s": images / max(seconds, 1e-9)}
+        compiled = (", compile" + (f" {compile_mode}" if compile_mode != "default" else "")) if use_compile else ""
+        name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}{compiled}, data+aug)"
+        row = {"config": name, "img_per_s": images / max(seconds, 1e-9)}
+        if use_compile and train_model._ok is False:
+            row["config"] += " [compile failed: eager]"
+        return row
     finally:
         if tmp is not None:
             tmp.cleanup()

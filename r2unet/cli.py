@@ -9,7 +9,7 @@ import sys
 
 from .data.io import DataError
 from .engine.checkpoint import CheckpointError
-from .engine.config import TrainConfig
+from .engine.config import COMPILE_MODES, TrainConfig
 from .engine.trainer import TrainingError
 from .export import ExportError
 from .models import list_models
@@ -49,14 +49,20 @@ def _cmd_prepare(args) -> None:
                             skip_bad=args.skip_bad)
 
 
+def _stderr_log(*args) -> None:
+    """Progress of a --json run: stdout stays one JSON object, stderr keeps what finished if the run is cut short."""
+    print(*args, file=sys.stderr, flush=True)
+
+
 def _cmd_bench(args) -> None:
     from . import bench
 
     if args.what == "train":
         result = bench.bench_train(args.model_type, batch_size=args.batch_size, image_size=args.image_size, t=args.t,
                                    base_channels=args.base_channels, device=args.device, steps=args.steps,
-                                   warmup=args.warmup, compile_model=args.compile, data_path=args.data_path,
-                                   log=(lambda *_: None) if args.json else print)
+                                   warmup=args.warmup, compile_model=args.compile, compile_mode=args.compile_mode,
+                                   configs=args.configs, data_path=args.data_path,
+                                   log=_stderr_log if args.json else print)
         if args.json:
             print(json.dumps(result))
             return
@@ -66,6 +72,9 @@ def _cmd_bench(args) -> None:
               f"{result['peak_bf16_tflops']:.1f} TFLOP/s -> bound {result['flop_bound_img_per_s']:.0f} img/s")
         print(f"{'configuration':<58}{'img/s':>9}{'x base':>8}{'of bound':>10}")
         for row in result["rows"]:
+            if row["img_per_s"] is None:
+                print(f"{row['config']:<58} failed: {row['error']}")
+                continue
             print(f"{row['config']:<58}{row['img_per_s']:9.1f}{row['x_baseline']:8.2f}"
                   f"{100 * row['frac_flop_bound']:9.1f}%")
     elif args.what == "data":
@@ -75,7 +84,7 @@ def _cmd_bench(args) -> None:
                                                              else "cpu")
         result = bench.bench_data(args.data_path, image_size=args.image_size, batch_size=args.batch_size,
                                   device=device, num_workers=args.num_workers,
-                                  log=(lambda *_: None) if args.json else print)
+                                  log=_stderr_log if args.json else print)
         if args.json:
             print(json.dumps(result))
         else:
@@ -310,6 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
+                   help="torch.compile mode of the '+ torch.compile' row and the default step")
+    p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, bf16, channels_last, "
+                   "fused, compile, cudagraphs, default (the baseline always runs)")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
@@ -362,6 +375,8 @@ def _add_train_flags(p) -> None:
     g.add_argument("--dist_timeout_s", type=float, help="seconds before a collective waiting on a dead process "
                    "fails (default 600)")
     g.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+    g.add_argument("--compile_mode", choices=COMPILE_MODES, help="torch.compile mode (default 'default'; "
+                   "reduce-overhead adds CUDA graphs)")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], help="auto: on for CUDA")
     g.add_argument("--deterministic", action="store_true", help="bit-identical CPU runs (see README for GPUs)")
     g.add_argument("--detect_anomaly", action="store_true", help="autograd anomaly detection (slow; debugging)")

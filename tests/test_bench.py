@@ -18,3 +18,32 @@ def test_bench_train_reports_every_configuration(capsys):
                  "default train step"):
         assert name in out, name
     assert "GFLOP per training image" in out and "of bound" in out
+
+
+TINY_TRAIN = ["bench", "train", "--device", "cpu", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
+              "--steps", "2", "--warmup", "1", "--t", "1", "--json"]
+
+
+def test_bench_train_configs_subset_keeps_the_baseline_first(capsys):
+    assert main([*TINY_TRAIN, "--configs", "default,bf16"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["key"] for r in out["rows"]] == ["fp32", "default", "bf16"]
+    assert out["rows"][0]["x_baseline"] == 1.0 and all(r["img_per_s"] > 0 for r in out["rows"])
+
+
+def test_bench_train_unknown_config_is_a_clear_error(capsys):
+    assert main([*TINY_TRAIN, "--configs", "fp32,turbo"]) != 0
+    assert "unknown turbo" in capsys.readouterr().err
+
+
+def test_a_failing_compiler_is_reported_in_its_row_not_a_crash(monkeypatch, capsys):
+    import torch
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    assert main([*TINY_TRAIN, "--compile", "on", "--configs", "compile,default"]) == 0
+    rows = {r["key"]: r for r in json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows"]}
+    assert rows["compile"]["img_per_s"] is None and "no C++ compiler" in rows["compile"]["error"]
+    assert rows["default"]["img_per_s"] > 0 and "[compile failed: eager]" in rows["default"]["config"]

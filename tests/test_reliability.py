@@ -120,6 +120,37 @@ def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_nonfinite_gradient_skips_the_whole_optimizer_step(fused):
+    from r2unet.engine.trainer import skip_nonfinite_step
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, fused=fused)
+    found_inf = torch.zeros(())
+
+    def step(poison: bool):
+        model(torch.randn(5, 4)).sum().backward()
+        if poison:
+            model[1].weight.grad[0, 0] = float("nan")
+        taken = skip_nonfinite_step(opt, found_inf)
+        opt.zero_grad(set_to_none=True)
+        return bool(taken)
+
+    assert step(poison=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = [opt.state[p]["exp_avg"].clone() for p in model.parameters()]
+    assert not step(poison=True)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a NaN gradient changed the weights"
+    if fused:  # the fused kernel skips the update entirely: moments and step count are untouched too
+        assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(moments, model.parameters()))
+        assert all(float(opt.state[p]["step"]) == 1 for p in model.parameters())
+    assert not hasattr(opt, "found_inf")  # the flag is only attached for the step
+    assert step(poison=False)
+    assert not torch.equal(before["1.weight"], model.state_dict()["1.weight"]), "a finite step must update"
+
+
 def _spawn_train(data, out, *extra):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "r2unet", "train", "--data_path", str(data), "--output_dir",

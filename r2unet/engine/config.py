@@ -9,6 +9,9 @@ from pathlib import Path
 
 from ..models import SIZE_MULTIPLE, list_models
 
+# torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the flag."""
@@ -47,6 +50,7 @@ class TrainConfig:
     amp: str = "auto"  # auto | off | fp16 | bf16
     loss_scale: str = "dynamic"  # initial GradScaler scale for fp16: a number or "dynamic"
     compile: str = "auto"  # auto | on | off
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
     channels_last: str = "auto"  # auto | on | off
     sync_bn: bool = False
     dist_timeout_s: float = 600.0  # bound on every collective: a dead rank makes the others fail, not hang
@@ -97,6 +101,7 @@ class TrainConfig:
         if not 0 < self.threshold < 1:
             bad("threshold", f"must be in (0, 1), got {self.threshold}")
         for name, choices in (("amp", ("auto", "off", "fp16", "bf16")), ("compile", ("auto", "on", "off")),
+                              ("compile_mode", COMPILE_MODES),
                               ("channels_last", ("auto", "on", "off")), ("loss", ("bce", "dice_bce"))):
             if getattr(self, name) not in choices:
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")

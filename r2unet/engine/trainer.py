@@ -142,11 +142,22 @@ class CompileWithFallback(nn.Module):
     operation on an old torch) surface there; they are logged and the step is redone eagerly. Errors after a
     successful first call are real errors and propagate."""
 
-    def __init__(self, module: nn.Module, log=print):
+    def __init__(self, module: nn.Module, log=print, mode: str = "default"):
         super().__init__()
         self.module = module
-        object.__setattr__(self, "_compiled", torch.compile(module))  # not a submodule: no duplicate state
         self._log, self._ok = log, None
+        try:  # torch.compile itself refuses some setups (e.g. a Python version dynamo does not support yet)
+            compiled = torch.compile(module, mode=None if mode == "default" else mode)
+        except Exception as exc:  # noqa: BLE001
+            compiled = None
+            self._fall_back(exc)
+        object.__setattr__(self, "_compiled", compiled)  # not a submodule: no duplicate state
+
+    def _fall_back(self, exc: Exception) -> None:
+        self._ok = False
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        self._log(f"torch.compile failed ({type(exc).__name__}: {reason}); continuing in eager mode "
+                  "(use --compile off to skip compilation)")
 
     def forward(self, *args, **kwargs):
         if self._ok is False:
@@ -156,9 +167,7 @@ class CompileWithFallback(nn.Module):
         except Exception as exc:  # noqa: BLE001 - any compiler failure; re-raised below once compile worked
             if self._ok:
                 raise
-            self._ok = False
-            self._log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                      "continuing in eager mode (use --compile off to skip compilation)")
+            self._fall_back(exc)
             return self.module(*args, **kwargs)
         self._ok = True
         return out
@@ -178,6 +187,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     # training-batch metrics (after augmentation), accumulated on the device like the reference's per-step scores
     metrics = state.setdefault("train_metrics", MetricAccumulator(threshold=cfg.threshold, device=device))
     nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
+    found_inf = torch.zeros((), dtype=torch.float32, device=device)
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
         if steady_start is None and steps_this_call >= cfg.warmup_steps:
@@ -201,13 +211,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
             scaler.update()
         else:
             loss.backward()
-            # bf16/fp32: neutralise non-finite gradients on the device (no host sync) so one bad batch cannot
-            # poison the weights; a persistent problem is caught below at the next log point.
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, finite.float())
-            for g in grads:
-                g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
-            optimizer.step()
+            finite = finite & skip_nonfinite_step(optimizer, found_inf)
         state["steps"] += 1
         state["in_step"] = False
         loss_sum += torch.where(finite, loss.detach().double(), 0.0)
@@ -235,6 +239,29 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     state["steady_images"] = state.get("steady_images", 0) + steady_images
     state["steady_seconds"] = state.get("steady_seconds", 0.0) + (end - steady_start if steady_start else 0.0)
     return state
+
+
+@torch.no_grad()
+def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> torch.Tensor:
+    """``optimizer.step()`` unless a gradient is NaN/Inf, decided on the device (no host synchronisation).
+
+    One fused pass flags non-finite gradients in ``found_inf`` (the check ``GradScaler`` uses, with a scale of 1);
+    the fused Adam kernel then skips the whole update, moments and step count included, when the flag is set: one
+    bad batch cannot poison the weights (bf16/fp32; fp16 steps go through the GradScaler, which does the same).
+    Returns a device bool: the step was taken."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    found_inf.zero_()
+    if grads:
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones_like(found_inf))
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = found_inf
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not found_inf.item():  # optimisers without the fused kernel's found_inf: decided on the host
+        optimizer.step()
+    return found_inf == 0
 
 
 @torch.no_grad()
@@ -432,7 +459,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     if info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
-    train_model = CompileWithFallback(ddp_model, log) if use_compile else ddp_model
+    train_model = CompileWithFallback(ddp_model, log, cfg.compile_mode) if use_compile else ddp_model
 
     if info.is_main:
         run.dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +469,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             rows = [r for r in plots.read_metrics(run.metrics) if r["epoch"] <= start_epoch]
             run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     name = f"{cfg.model_type} (t={cfg.t})" if cfg.model_type in RECURRENT else cfg.model_type
-    log(f"{name} on {device}, {precision.name}, compile {'on' if use_compile else 'off'}, "
+    compiled = ("on" + (f" ({cfg.compile_mode})" if cfg.compile_mode != "default" else "")) if use_compile else "off"
+    log(f"{name} on {device}, {precision.name}, compile {compiled}, "
         f"channels_last {'on' if channels_last else 'off'}; {info.world_size} process(es) x batch {cfg.batch_size} "
         f"= global batch {global_batch}, lr {lr:g}; train/valid/test = "
         f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
@@ -520,8 +548,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             last_train = row["train"]
             is_last = epoch + 1 == cfg.num_epochs
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
-                valid = evaluate(model if info.distributed else train_model, loaders["valid"], plain, precision,
-                                 cfg.threshold, channels_last).compute() if len(caches["valid"]) else None
+                # eager: the compiled graph is for training mode at the training batch size; eval mode and a last
+                # partial batch would each cost a recompilation
+                valid = evaluate(model, loaders["valid"], plain, precision, cfg.threshold,
+                                 channels_last).compute() if len(caches["valid"]) else None
                 row["valid"] = valid
                 score = (valid["JS"] + valid["DC"]) if valid else float(epoch)  # no valid split: the latest
                 if score > best_score:
