@@ -1,67 +1,94 @@
 #!/usr/bin/env bash
 # One prepared script for a lent GPU machine (device tool): GPU tests, training-step benchmarks, data pipeline and a
-# short fp32-vs-default accuracy comparison. Installs nothing; uses the machine's torch. Most important first, and
-# the summary is rewritten after every stage, so a run cut short by the lease still returns what it measured.
+# short fp32-vs-default accuracy comparison. Installs nothing; uses the machine's torch. Most important first; every
+# stage's time limit is cut to what is left of BUDGET seconds, so the script ends (and prints its table) inside one
+# device call, and the summary is rewritten after every stage, so a run cut short still returns what it measured.
 # $OUT gets summary.txt, summary.json and results.tar.gz (all logs/JSON): three files, under the device tool's limit.
-#   run:  bash benchmarks/gpu_check.sh          (about 10 minutes on an H100/H200)
+#   run:  bash benchmarks/gpu_check.sh          (BUDGET=540 s by default; give the device call timeout_s ~ 600)
 #   dry run of the plumbing on a CPU:
-#         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 bash benchmarks/gpu_check.sh
+#         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 OTHER_CONFIGS=fp32,default \
+#         PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/r2unet_gpu}
-DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STEPS=${STEPS:-30} EPOCHS=${EPOCHS:-8}
-NIMG=${NIMG:-400}
+DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STEPS=${STEPS:-30} EPOCHS=${EPOCHS:-10}
+NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,compile,default}
 PY=${PY:-python3}
 WORK=$(mktemp -d)
-RAW="$WORK/results"  # outside $OUT: the device tool returns at most 8 files, so $OUT only gets the three below
+RAW="$WORK/results"  # outside $OUT: the device tool returns few files, so $OUT only gets the three below
 mkdir -p "$RAW" "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
 
 summarize() {
     $PY benchmarks/summarize_gpu_check.py "$RAW" "$OUT/summary.json" > "$OUT/summary.txt" 2>&1
     tar -czf "$OUT/results.tar.gz" -C "$WORK" results 2>/dev/null
 }
 
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
-  date -u; } > "$RAW/gpu.txt" 2>&1
+# limit WANT: WANT seconds, or what is left of the budget (keeping 15 s to summarise); 0 when nothing is left
+limit() {
+    local left=$((BUDGET - SECONDS - 15))
+    if ((left < 20)); then echo 0; elif ((left < $1)); then echo "$left"; else echo "$1"; fi
+}
 
-# 1. correctness on the GPU
-timeout 120 $PY -m pytest -q -x tests/test_gpu.py tests/test_models.py tests/test_metrics.py > "$RAW/tests.log" 2>&1
-echo "tests rc=$?" >> "$RAW/tests.log"
-summarize
-
-bench_train() {  # model, timeout
-    timeout "$2" $PY -m r2unet bench train --model_type "$1" --t 2 --batch_size "$BATCH" --image_size "$SIZE" \
-        --base_channels "$BASE" --device "$DEVICE" --steps "$STEPS" --warmup 10 --json \
-        > "$RAW/bench_train_$1.json" 2> "$RAW/bench_train_$1.err"
+# run NAME WANT CMD...: CMD under a time limit, stdout to NAME.out, stderr to NAME.err; skipped when out of time
+run() {
+    local name=$1 t
+    t=$(limit "$2")
+    shift 2
+    if ((t == 0)); then echo "skipped: out of time" > "$RAW/$name.err"; return; fi
+    echo "stage $name (limit ${t}s, at ${SECONDS}s)" >&2
+    timeout "$t" "$@" > "$RAW/$name.out" 2> "$RAW/$name.err"
+    echo "rc=$? limit=${t}s" >> "$RAW/$name.err"
     summarize
 }
 
-# 2. the headline: R2U-Net t=2, 224, batch 16 — baseline, each optimisation, default end to end
-bench_train R2U_Net 240
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit --format=csv
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn',
+torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
+  nproc; date -u; } > "$RAW/gpu.txt" 2>&1
 
-# 3. data pipeline on the GPU, and the dataset for the accuracy runs
+bench_train() {  # NAME WANT MODEL CONFIGS
+    run "bench_train_$1" "$2" $PY -m r2unet bench train --model_type "$3" --t 2 --batch_size "$BATCH" \
+        --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --steps "$STEPS" --warmup 10 \
+        --configs "$4" --json
+}
+
+# 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, CUDA graphs, default end to end
+bench_train R2U_Net 240 R2U_Net all
+
+# 2. correctness on the GPU: augmentation parity, bf16/fp16 training, no host sync inside the training step
+run tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
+
+# 3. the dataset for the accuracy runs, and the data pipeline on the GPU
 $PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1 > /dev/null 2>&1
 $PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
     --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" > /dev/null 2>&1
-timeout 60 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" --num_workers 4 --json \
-    > "$RAW/bench_data.json" 2> "$RAW/bench_data.err"
-summarize
+run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" --num_workers 4 --json
 
-# 4. accuracy: fp32 eager vs the default fast configuration, same seed and data, short run
-for cfg in "fp32:--amp off --compile off --channels_last off" "default:"; do
-    name=${cfg%%:*}; flags=${cfg#*:}
-    # shellcheck disable=SC2086  # $flags is a list of flags
-    timeout 150 $PY -m r2unet train --data_path "$WORK/data" --output_dir "$WORK/acc_$name" --model_type R2U_Net \
-        --t 2 --num_epochs "$EPOCHS" --num_epochs_decay 0 --batch_size "$BATCH" --image_size "$SIZE" \
-        --base_channels "$BASE" --lr 1e-3 --num_workers 4 --device "$DEVICE" $flags > "$RAW/acc_$name.log" 2>&1
-    cp "$WORK/acc_$name/results.json" "$RAW/acc_$name.json" 2>/dev/null
+# 4. accuracy: fp32 eager vs the default fast configuration, same seed and data, short runs
+accuracy() {  # NAME WANT SEED FLAGS...
+    local name=$1 want=$2 seed=$3
+    shift 3
+    run "acc_$name" "$want" $PY -m r2unet train --data_path "$WORK/data" --output_dir "$WORK/acc_$name" \
+        --model_type R2U_Net --t 2 --num_epochs "$EPOCHS" --num_epochs_decay 0 --batch_size "$BATCH" \
+        --image_size "$SIZE" --base_channels "$BASE" --lr 1e-3 --num_workers 4 --device "$DEVICE" --seed "$seed" "$@"
+    cp "$WORK/acc_$name/results.json" "$RAW/acc_$name.results.json" 2>/dev/null
+    cp "$WORK/acc_$name/metrics.jsonl" "$RAW/acc_$name.metrics.jsonl" 2>/dev/null
     summarize
+}
+accuracy fp32 120 1 --amp off --compile off --channels_last off
+accuracy default 120 1
+
+# 5. the other three networks: baseline, compiled model-only step, default end to end
+for m in U_Net AttU_Net R2AttU_Net; do
+    bench_train "$m" 100 "$m" "$OTHER_CONFIGS"
 done
 
-# 5. the other three networks
-for m in U_Net AttU_Net R2AttU_Net; do
-    bench_train "$m" 150
-done
+# 6. seed-to-seed noise of the accuracy comparison, if time is left
+accuracy default_seed2 100 2
+accuracy fp32_seed2 100 2 --amp off --compile off --channels_last off
+
+summarize
 rm -rf "$WORK"
+echo "total ${SECONDS}s of a ${BUDGET}s budget" >> "$OUT/summary.txt"
 cat "$OUT/summary.txt"

@@ -17,41 +17,77 @@ def _last_json(path: Path):
         return None
 
 
+def _tail(path: Path, n: int = 3) -> list[str]:
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()][-n:]
+    except OSError:
+        return []
+
+
+def _bench_train(raw: Path, summary: dict) -> None:
+    summary["bench_train"] = {}
+    stems = {f.stem for f in raw.glob("bench_train_*.err")}
+    for stem in sorted(stems, key=lambda s: (s != "bench_train_R2U_Net", s)):
+        name = stem.removeprefix("bench_train_")
+        r = _last_json(raw / f"{stem}.out")
+        if r is None:  # cut short or failed: the rows it finished are in its stderr
+            print(f"{name}: no result; last lines: " + " | ".join(_tail(raw / f"{stem}.err", 6)))
+            continue
+        summary["bench_train"][name] = r
+        print(f"{name} (t={r['t']}, {r['image_size']}px, batch {r['batch_size']}, {r['device']}): "
+              f"{r['train_gflop_per_image']:.1f} GFLOP/img, measured peak {r['peak_bf16_tflops']:.0f} TFLOP/s, "
+              f"bound {r['flop_bound_img_per_s']:.0f} img/s")
+        by_key = {}
+        for row in r["rows"]:
+            by_key[row.get("key")] = row
+            if row["img_per_s"] is None:
+                print(f"   {row['config']:<62} failed: {row['error'][:120]}")
+                continue
+            print(f"   {row['config']:<62}{row['img_per_s']:8.1f} img/s {row['x_baseline']:5.2f}x "
+                  f"{100 * row['frac_flop_bound']:5.1f}% of bound")
+        model_only = [by_key[k]["img_per_s"] for k in ("compile", "cudagraphs", "fused")
+                      if k in by_key and by_key[k]["img_per_s"]]
+        if "default" in by_key and by_key["default"]["img_per_s"] and model_only:
+            ratio = by_key["default"]["img_per_s"] / max(model_only)
+            r["e2e_over_best_model_only"] = ratio
+            print(f"   end to end / best model-only step: {ratio:.3f}")
+
+
+def _accuracy(raw: Path, summary: dict) -> None:
+    summary["accuracy"] = {}
+    for f in sorted(raw.glob("acc_*.err")):
+        name = f.stem.removeprefix("acc_")
+        res = raw / f"acc_{name}.results.json"
+        if not res.exists():
+            print(f"accuracy {name}: no result; last lines: " + " | ".join(_tail(f, 4)))
+            continue
+        r = json.loads(res.read_text())
+        valid_js = []
+        metrics = raw / f"acc_{name}.metrics.jsonl"
+        if metrics.exists():
+            valid_js = [json.loads(line)["valid"]["JS"] for line in metrics.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("valid")]
+        r["valid_JS_per_epoch"] = valid_js
+        summary["accuracy"][name] = r
+        best_valid = f"best valid JS {max(valid_js):.4f}, " if valid_js else ""
+        print(f"accuracy {name}: {best_valid}test JS {r['test']['JS']:.4f} DC {r['test']['DC']:.4f} "
+              f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s ({r['precision']})")
+
+
 def main(raw: Path, out_json: Path) -> None:
     summary: dict = {"gpu": (raw / "gpu.txt").read_text().strip() if (raw / "gpu.txt").exists() else None}
     print(summary["gpu"])
-    if (raw / "tests.log").exists():
-        tail = [line for line in (raw / "tests.log").read_text().splitlines() if line.strip()][-2:]
-        summary["tests"] = tail
-        print("tests:", " | ".join(tail))
-    summary["bench_train"] = {}
-    for f in sorted(raw.glob("bench_train_*.json")):
-        r = _last_json(f)
-        name = f.stem.removeprefix("bench_train_")
-        if r is None:
-            err = (raw / f"{f.stem}.err")
-            print(f"{name}: no result" + (f" ({err.read_text().strip().splitlines()[-1][:200]})"
-                                          if err.exists() and err.read_text().strip() else ""))
-            continue
-        summary["bench_train"][name] = r
-        print(f"{name} (t={r['t']}, {r['image_size']}px, batch {r['batch_size']}): "
-              f"{r['train_gflop_per_image']:.1f} GFLOP/img, measured peak {r['peak_bf16_tflops']:.0f} TFLOP/s, "
-              f"bound {r['flop_bound_img_per_s']:.0f} img/s")
-        for row in r["rows"]:
-            print(f"   {row['config']:<62}{row['img_per_s']:8.1f} img/s {row['x_baseline']:5.2f}x "
-                  f"{100 * row['frac_flop_bound']:5.1f}% of bound")
-    data = _last_json(raw / "bench_data.json") if (raw / "bench_data.json").exists() else None
+    if (raw / "tests.err").exists():
+        summary["tests"] = _tail(raw / "tests.out", 2) + _tail(raw / "tests.err", 1)
+        print("tests:", " | ".join(summary["tests"]))
+    _bench_train(raw, summary)
+    data = _last_json(raw / "bench_data.out")
     summary["bench_data"] = data
     if data:
         print(f"data pipeline: {data['img_per_s']:.0f} img/s on {data['device']}")
-    summary["accuracy"] = {}
-    for name in ("fp32", "default"):
-        f = raw / f"acc_{name}.json"
-        if f.exists():
-            r = json.loads(f.read_text())
-            summary["accuracy"][name] = r
-            print(f"accuracy {name}: test JS {r['test']['JS']:.4f} DC {r['test']['DC']:.4f}, best epoch "
-                  f"{r['best_epoch']}, {r['fps']:.0f} img/s ({r['precision']})")
+    elif (raw / "bench_data.err").exists():
+        print("data pipeline: no result; " + " | ".join(_tail(raw / "bench_data.err", 2)))
+    _accuracy(raw, summary)
     out_json.write_text(json.dumps(summary, indent=1))
 
 
