@@ -87,12 +87,13 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
 
 
 def _model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
-                compile_model, compile_mode="default"):
+                compile_model, compile_mode="default", cudnn_benchmark=True):
     """A model-only training step (forward, BCE-with-logits, backward, Adam) on fixed device tensors."""
     import torch.nn.functional as F
 
     from .models import create_model
 
+    torch.backends.cudnn.benchmark = cudnn_benchmark  # a global switch: each row sets its own
     torch.manual_seed(0)
     model = create_model(model_type, t=t, base_channels=base_channels).to(device)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
@@ -115,9 +116,12 @@ def _model_step(model_type, t, base_channels, image_size, batch_size, device, *,
 
 
 FAST = dict(bf16=True, channels_last=True, fused=True)
-# name -> (row label, options of the model-only step); "default" is the trainer's own step, end to end
+# name -> (row label, options of the model-only step); "default" is the trainer's own step, end to end. The baseline
+# is PyTorch's defaults (cuDNN benchmark off); every later row has it on, as train does.
 CONFIGS = {
-    "fp32": ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
+    "fp32": ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False,
+                                           cudnn_benchmark=False)),
+    "cudnn_benchmark": ("+ cuDNN benchmark", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
     "bf16": ("+ bf16 autocast", dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
     "channels_last": ("+ channels_last", dict(bf16=True, channels_last=True, fused=False, compile_model=False)),
     "fused": ("+ fused Adam", dict(FAST, compile_model=False)),
@@ -130,10 +134,11 @@ CONFIGS = {
 
 def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[str]:
     """``all`` or a comma list of CONFIGS names; the baseline always comes first (it is the ratios' reference).
-    ``all`` leaves out what cannot run here: compiled rows when compilation is off, CUDA graphs off a GPU."""
+    ``all`` leaves out what cannot run here: compiled rows when compilation is off, GPU-only rows on a CPU."""
     if spec == "all":
+        gpu_only = ("cudagraphs", "cudnn_benchmark")
         names = [n for n in CONFIGS if (n not in ("compile", "cudagraphs") or use_compile)
-                 and (n != "cudagraphs" or device.type == "cuda")]
+                 and (n not in gpu_only or device.type == "cuda")]
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
         unknown = [n for n in names if n not in CONFIGS]
@@ -207,6 +212,7 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
         CompileWithFallback,
         Precision,
         build_training,
+        configure_backends,
         resolve_amp,
         resolve_channels_last,
         resolve_flag,
@@ -227,6 +233,7 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
                           batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
                           max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
                           compile=compile_flag, compile_mode=compile_mode)
+        configure_backends(dev)
         precision = Precision(resolve_amp(cfg, dev), dev)
         channels_last = resolve_channels_last(cfg, dev, precision)
         cache = split_cache(data_path, "train", image_size, log=lambda *_: None, progress=False)

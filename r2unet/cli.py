@@ -321,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
                    help="torch.compile mode of the '+ torch.compile' row and the default step")
-    p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, bf16, channels_last, "
-                   "fused, compile, cudagraphs, default (the baseline always runs)")
+    p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
+                   "channels_last, fused, compile, cudagraphs, default (the baseline always runs)")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)

@@ -96,6 +96,21 @@ def resolve_channels_last(cfg: TrainConfig, device: torch.device, precision: Pre
     return precision.dtype == torch.bfloat16 and cfg.base_channels >= 16
 
 
+def configure_backends(device: torch.device, deterministic: bool = False) -> None:
+    """Library switches of a training run (``train`` and ``bench train``'s default row): on GPUs cuDNN picks the
+    fastest convolution algorithm for each shape and float32 work may use TF32; ``deterministic`` trades both for
+    reproducibility."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -387,15 +402,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                                   f"{data_path} ...' first")
 
     seed_everything(cfg.seed + info.rank)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device, cfg.deterministic)
     if cfg.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
 
