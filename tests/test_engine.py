@@ -169,3 +169,33 @@ def test_compile_failure_falls_back_to_eager(prepared, tmp_path, monkeypatch, ca
     printed = capsys.readouterr().out
     assert "torch.compile failed (RuntimeError: no C compiler found (simulated)); continuing in eager mode" in printed
     assert "compile on" in printed and (out / "results.json").exists()
+
+
+def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, monkeypatch, capsys):
+    import re
+
+    from r2unet.engine import trainer
+
+    monkeypatch.setattr(trainer, "PROGRESS_LOG_INTERVAL_S", 0.0)  # every log point; the default is once a minute
+    assert _train(prepared, tmp_path / "run", "--num_epochs", "1") == 0
+    found = re.findall(r"epoch 1/1  step (\d+)/(\d+)  loss ([\d.]+)  ([\d.]+) img/s", capsys.readouterr().out)
+    assert len(found) >= 2, found
+    steps = [int(f[0]) for f in found]
+    assert steps == list(range(1, len(steps) + 1)) and steps[-1] == int(found[-1][1]), "every step, up to the last"
+    assert all(float(f[2]) > 0 and float(f[3]) > 0 for f in found)
+
+
+def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):
+    from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+    from r2unet.engine.trainer import Precision, evaluate
+    from r2unet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("U_Net", base_channels=4)
+    cache = split_cache(prepared / "data", "test", 32, progress=False, log=lambda *_: None)
+    loader = make_loader(cache, 2, train=False, drop_last=False)
+    transform = DeviceTransform(32, torch.device("cpu"), None)
+    precision = Precision(None, torch.device("cpu"))
+    plain = evaluate(model, loader, transform, precision).compute()
+    with_bar = evaluate(model, loader, transform, precision, progress="test split").compute()
+    assert plain == with_bar

@@ -281,10 +281,15 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
-             channels_last: bool = False) -> MetricAccumulator:
-    """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint)."""
+             channels_last: bool = False, progress: str | None = None) -> MetricAccumulator:
+    """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
+    ``progress``: a description to show a progress bar under (None: no bar)."""
     model.eval()
     acc = MetricAccumulator(threshold=threshold, device=precision.device)
+    if progress is not None:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
     for batch in loader:
         x, y = transform(batch)
         if channels_last:
@@ -462,6 +467,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     for group in optimizer.param_groups:  # the decay schedule follows the (possibly extended) num_epochs
         group["lr"] = lr * lr_factor(start_epoch, cfg)
 
+    bar = _progress(info, len(train_sampler), global_batch)
+    log = _around_bars(log, bar)
     ddp_model = model
     if info.distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
@@ -511,7 +518,6 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         if cfg.save_every_steps and state["steps"] % cfg.save_every_steps == 0:
             save_last(state["epoch"], state["steps"], mid_epoch(state))
 
-    bar = _progress(info, len(train_sampler), global_batch)
     old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
     total_steady_images = total_steady_seconds = 0.0
     last_train = None  # training-batch metrics of the last epoch run in this session
@@ -528,8 +534,10 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                 bar.reset(total=len(train_sampler) + skip)
                 bar.update(skip)
                 bar.set_description(f"epoch {epoch + 1}/{cfg.num_epochs}")
-            progress = (lambda s, loss: (bar.update(cfg.log_every), bar.set_postfix(loss=f"{loss:.4f}"))) \
-                if bar else None
+            if bar:
+                progress = lambda s, loss: (bar.update(cfg.log_every), bar.set_postfix(loss=f"{loss:.4f}"))  # noqa: E731
+            else:  # no terminal (a batch job's log): a line now and then, so a long epoch is not silent
+                progress = _LogLines(log, epoch, cfg.num_epochs, len(train_sampler) + skip, skip, global_batch)
             train_one_epoch(train_model, loaders["train"], augment, optimizer, scaler, precision, cfg, epoch_state,
                             on_step=on_step, progress=progress, channels_last=channels_last)
             epoch_lr = optimizer.param_groups[0]["lr"]
@@ -557,8 +565,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 # eager: the compiled graph is for training mode at the training batch size; eval mode and a last
                 # partial batch would each cost a recompilation
-                valid = evaluate(model, loaders["valid"], plain, precision, cfg.threshold,
-                                 channels_last).compute() if len(caches["valid"]) else None
+                valid = evaluate(model, loaders["valid"], plain, precision, cfg.threshold, channels_last,
+                                 "validation" if bar else None).compute() if len(caches["valid"]) else None
                 row["valid"] = valid
                 score = (valid["JS"] + valid["DC"]) if valid else float(epoch)  # no valid split: the latest
                 if score > best_score:
@@ -586,8 +594,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         best = load_file(run.best) if run.best.exists() else None
         if best is not None:
             load_weights(model, model_state(best), str(run.best))
-        test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last).compute() \
-            if len(caches["test"]) else None
+        test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last,
+                        "test" if bar else None).compute() if len(caches["test"]) else None
         fps = total_steady_images / max(total_steady_seconds, 1e-9)
         results = {"test": test, "train": last_train, "best_epoch": best_epoch,
                    "best_valid_JS_plus_DC": best_score, "fps": fps,
@@ -625,6 +633,40 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+def _around_bars(log, bar):
+    """``log`` that clears the progress bars (stderr) while it prints, so a message never lands inside a bar's line."""
+    if bar is None:
+        return log
+    from tqdm import tqdm
+
+    def write(*args, **kwargs):
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(*args, **kwargs)
+
+    return write
+
+
+PROGRESS_LOG_INTERVAL_S = 60.0
+
+
+class _LogLines:
+    """Progress inside an epoch without a terminal: at log points, one line at most every PROGRESS_LOG_INTERVAL_S."""
+
+    def __init__(self, log, epoch: int, num_epochs: int, total_steps: int, first_step: int, images_per_step: int):
+        self.log, self.epoch, self.num_epochs, self.total = log, epoch, num_epochs, total_steps
+        self.first, self.images_per_step = first_step, images_per_step
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, state: dict, loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_LOG_INTERVAL_S:
+            return
+        self.last = now
+        rate = (state["steps"] - self.first) * self.images_per_step / max(now - self.start, 1e-9)
+        self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}  step {state['steps']}/{self.total}  loss {loss:.4f}  "
+                 f"{rate:.1f} img/s")
 
 
 def _progress(info: D.DistInfo, total: int, images_per_batch: int):
@@ -725,7 +767,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
     loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
     acc = evaluate(model.to(dev), loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
-                   threshold if threshold is not None else cfg.threshold)
+                   threshold if threshold is not None else cfg.threshold,
+                   progress=f"{split} split" if sys.stderr.isatty() else None)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
