@@ -53,16 +53,16 @@ bench_train() {  # NAME WANT MODEL CONFIGS
         --configs "$4" --json
 }
 
-# 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, CUDA graphs, default end to end
-bench_train R2U_Net 240 R2U_Net all
+# 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, default end to end, CUDA graphs
+bench_train R2U_Net 300 R2U_Net all
 
 # 2. correctness on the GPU: augmentation parity, bf16/fp16 training, no host sync inside the training step
 run tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
 
 # 3. the dataset for the accuracy runs, and the data pipeline on the GPU
-$PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1 > /dev/null 2>&1
-$PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
-    --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" > /dev/null 2>&1
+run synth 60 $PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1
+run prepare 60 $PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
+    --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" --num_workers 8
 run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" --num_workers 4 --json
 
 # 4. accuracy: fp32 eager vs the default fast configuration, same seed and data, short runs
