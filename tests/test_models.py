@@ -133,3 +133,12 @@ def test_bad_input_size_names_nearest_valid():
     model = create_model("U_Net", base_channels=4)
     with pytest.raises(ValueError, match="nearest valid size is 48x32"):
         model(torch.randn(1, 3, 50, 30))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_compiles_as_one_graph(name):
+    """A graph break would split torch.compile's graph and cost GPU speed silently (tracing only, no codegen)."""
+    torch._dynamo.reset()
+    model = create_model(name, t=2, base_channels=4)
+    explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
