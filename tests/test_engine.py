@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,16 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     (out / "samples.png").unlink()
     assert main(["plot", str(out)]) == 0
     assert Image.open(out / "curves.png").format == "PNG" and Image.open(out / "samples.png").format == "PNG"
+
+    # predict with the best checkpoint: one binary mask per test image, at that image's own size
+    test_images = sorted((prepared / "data" / "test").iterdir())
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--input",
+                 str(prepared / "data" / "test"), "--output", str(tmp_path / "masks"), "--device", "cpu"]) == 0
+    masks = sorted((tmp_path / "masks").glob("*.png"))
+    assert len(masks) == len(test_images) > 0
+    for image, mask in zip(test_images, masks):
+        with Image.open(image) as a, Image.open(mask) as b:
+            assert a.size == b.size and set(np.unique(np.asarray(b))) <= {0, 255}, mask.name
 
 
 def test_two_cpu_runs_with_the_same_seed_are_identical(prepared, tmp_path):
