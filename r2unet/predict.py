@@ -13,6 +13,7 @@ from PIL import Image
 
 from .data.augment import eval_images
 from .data.io import DataError, is_image_file, read_image, read_mask
+from .data.io import image_size as image_size_of
 from .data.prepare import mask_stem_for
 from .plots import overlay
 
@@ -64,8 +65,8 @@ def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: in
         chunk = paths[start:start + batch_size]
         images, sizes, inputs = [], [], []
         for p in chunk:
-            with Image.open(p) as probe:
-                sizes.append((probe.size[1], probe.size[0]))  # (H, W) of the original
+            w, h = image_size_of(p)  # as displayed (EXIF orientation applied), like the pixels read below
+            sizes.append((h, w))
             img = read_image(p, min_size=(2 * image_size, 2 * image_size))
             images.append(img)
             inputs.append(_to_input(img, image_size, img_ch))

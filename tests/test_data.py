@@ -335,3 +335,53 @@ def test_16_bit_and_grayscale_images_are_scaled_not_clipped(tmp_path):
     assert img[..., 0].max() > 200 and len(np.unique(img[..., 0])) > 100  # the full range survives
     Image.fromarray(np.full((8, 8), 77, np.uint8)).save(tmp_path / "g.bmp")
     assert (read_image(tmp_path / "g.bmp") == 77).all()
+
+
+def _rotated_photo(path):
+    """A JPEG stored 60x40 (w x h) with a red block, tagged EXIF orientation 6 (shown turned 90 degrees: 40x60)."""
+    from PIL import ImageOps
+
+    stored = np.full((40, 60, 3), 60, np.uint8)
+    stored[5:15, 5:25] = (230, 20, 20)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, exif=exif, quality=95)
+    with Image.open(path) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img))
+    return stored, shown
+
+
+@pytest.mark.parametrize("frame", ["displayed", "stored"])
+def test_exif_rotated_photos_pair_with_masks_drawn_on_either_frame(tmp_path, frame):
+    img_dir, mask_dir = tmp_path / "img", tmp_path / "gt"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    stored, shown = _rotated_photo(img_dir / "ISIC_0000001.jpg")
+    assert shown.shape == (60, 40, 3) and read_image(img_dir / "ISIC_0000001.jpg").shape == (60, 40, 3)
+    assert read_image(img_dir / "ISIC_0000001.jpg", oriented=False).shape == (40, 60, 3)
+    frame_pixels = shown if frame == "displayed" else stored
+    Image.fromarray(((frame_pixels[..., 0] > 150) * 255).astype(np.uint8)).save(
+        mask_dir / "ISIC_0000001_segmentation.png")
+    for i in range(2, 5):
+        _write_pair(img_dir, mask_dir, f"ISIC_{i:07d}")
+    prepare_split(img_dir, mask_dir, data_path=tmp_path / "data", train_ratio=1, valid_ratio=0, test_ratio=0,
+                  log=lambda *_: None)
+    cache = split_cache(tmp_path / "data", "train", 32, progress=False, log=lambda *_: None)
+    row = cache.names.index("ISIC_0000001.jpg")
+    image, mask = cache.images[row].astype(float), cache.masks[row].astype(bool)
+    assert cache.aspect[row] == pytest.approx(60 / 40 if frame == "displayed" else 40 / 60)
+    red = image[..., 0] - image[..., 1]
+    assert mask.any() and red[mask].mean() > 100 > red[~mask].mean(), "image and mask are in different frames"
+
+
+def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_path):
+    from r2unet.models import create_model
+    from r2unet.predict import run_predict
+
+    (tmp_path / "in").mkdir()
+    _rotated_photo(tmp_path / "in" / "photo.jpg")
+    run_predict(create_model("U_Net", base_channels=4), tmp_path / "in", tmp_path / "out", 32, torch.device("cpu"),
+                save_overlay=True, progress=False)
+    with Image.open(tmp_path / "out" / "photo_segmentation.png") as m, Image.open(tmp_path / "out" /
+                                                                               "photo_overlay.jpg") as o:
+        assert m.size == o.size == (40, 60)

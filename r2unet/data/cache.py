@@ -47,12 +47,18 @@ def _file_fp(p: Path) -> str:
 
 def decode_pair(image: str, mask: str, side: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8 0/1, original (h, w))."""
-    img = read_image(image, min_size=(side, side))
     m = read_mask(mask)
     h, w = m.shape
-    # A draft-decoded JPEG is smaller than the mask by a power of two; compare aspect, not pixels.
-    if abs(img.shape[0] / img.shape[1] - h / w) > 0.02 or img.shape[0] > h or img.shape[1] > w:
-        raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
+
+    def fits(img):  # a draft-decoded JPEG is smaller than the mask by a power of two: compare aspect, not pixels
+        return abs(img.shape[0] / img.shape[1] - h / w) <= 0.02 and img.shape[0] <= h and img.shape[1] <= w
+
+    img = read_image(image, min_size=(side, side))
+    if not fits(img):  # a mask drawn on the stored pixels of a photo whose EXIF orientation turns it
+        stored = read_image(image, min_size=(side, side), oriented=False)
+        if not fits(stored):
+            raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
+        img = stored
     small = np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR))
     small_mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((side, side), Image.BOX)) >= 128
     return small, small_mask.astype(np.uint8), (h, w)

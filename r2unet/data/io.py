@@ -8,6 +8,10 @@ Masks arrive in many encodings. ``read_mask`` normalises all of them to a boolea
 - the values are then thresholded at the midpoint of their encoding: masks whose values are all <= 1 (0/1 encoding,
   also float TIFFs in [0, 1]) at 0.5; values up to 255 (0/255, including JPEG-compressed masks whose values scatter
   near 0 and 255) at 127.5; larger values (16-bit 0/65535) at 32767.5.
+
+Orientation: a photo's EXIF Orientation tag is applied (``oriented=True``, the default), so pixels are used as every
+image viewer and annotation tool shows them; ``oriented=False`` gives the stored pixels. Pairing code accepts a mask
+drawn on either frame (see ``data.cache.decode_pair``).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -29,7 +33,19 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
-def _open(path: Path, draft_size: tuple[int, int] | None = None, mode: str | None = None) -> Image.Image:
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # orientations whose display swaps width and height
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not make the image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool = True) -> Image.Image:
     try:
         img = Image.open(path)
         if draft_size is not None and img.format == "JPEG":
@@ -44,24 +60,27 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, mode: str | Non
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large to decode safely ({exc})") from None
+    if oriented and _orientation(img) != 1:
+        img = ImageOps.exif_transpose(img)
     return img
 
 
-def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the header only, without decoding the pixels."""
+def image_size(path: str | os.PathLike, oriented: bool = True) -> tuple[int, int]:
+    """(width, height) from the header only, without decoding the pixels; as displayed unless ``oriented=False``."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            return img.size
+            w, h = img.size
+            return (h, w) if oriented and _orientation(img) in _TRANSPOSED else (w, h)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
 
 
-def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None) -> np.ndarray:
+def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None, oriented: bool = True) -> np.ndarray:
     """RGB uint8 array (H, W, 3). With ``min_size`` (w, h), a JPEG may be decoded at a reduced scale >= that size."""
-    img = _open(Path(path), draft_size=min_size)
+    img = _open(Path(path), draft_size=min_size, oriented=oriented)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale: scale to 8 bits, not clip
         values = np.asarray(img, dtype=np.float64)
         top = 65535.0 if values.max() > 255 else 255.0

@@ -92,7 +92,7 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path) -> PairingReport:
 def check_pair(pair: Pair) -> None:
     """Header-level check: both files are readable images of the same size."""
     img_size, mask_size = image_size(pair.image), image_size(pair.mask)
-    if img_size != mask_size:
+    if img_size != mask_size and image_size(pair.image, oriented=False) != mask_size:  # either frame of a photo
         raise DataError(
             f"{pair.mask}: mask size {mask_size[0]}x{mask_size[1]} differs from image {pair.image.name} "
             f"size {img_size[0]}x{img_size[1]}"
