@@ -56,16 +56,13 @@ bench_train() {  # NAME WANT MODEL CONFIGS
 # 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, default end to end, CUDA graphs
 bench_train R2U_Net 300 R2U_Net all
 
-# 2. correctness on the GPU: augmentation parity, bf16/fp16 training, no host sync inside the training step
-run tests 90 $PY -m pytest -q -x -p no:cacheprovider tests/test_gpu.py
-
-# 3. the dataset for the accuracy runs, and the data pipeline on the GPU
+# 2. the dataset for the accuracy runs, and the data pipeline on the GPU
 run synth 60 $PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1
 run prepare 60 $PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
     --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" --num_workers 8
 run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" --num_workers 4 --json
 
-# 4. accuracy: fp32 eager vs the default fast configuration, same seed and data, short runs
+# 3. accuracy: fp32 eager vs the default fast configuration, same seed and data, short runs
 accuracy() {  # NAME WANT SEED FLAGS...
     local name=$1 want=$2 seed=$3
     shift 3
@@ -78,6 +75,10 @@ accuracy() {  # NAME WANT SEED FLAGS...
 }
 accuracy fp32 120 1 --amp off --compile off --channels_last off
 accuracy default 120 1
+
+# 4. correctness on the GPU: augmentation parity, no host sync inside the training step, fp16 + GradScaler, then a
+#    compiled bf16 run (the slowest, last)
+run tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
 # 5. the other three networks: baseline, compiled model-only step, default end to end
 for m in U_Net AttU_Net R2AttU_Net; do
