@@ -26,7 +26,7 @@ def _cmd_synth(args) -> None:
     from .data.synth import generate_dataset
 
     out = generate_dataset(args.output, num_images=args.num_images, seed=args.seed, max_side=args.max_side,
-                           progress=True)
+                           progress=sys.stderr.isatty())
     print(f"wrote {args.num_images} image/mask pairs under {out}")
 
 
@@ -180,7 +180,7 @@ def _cmd_predict(args) -> None:
         written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
                               batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
                               save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                              img_ch=cfg.img_ch)
+                              img_ch=cfg.img_ch, progress=sys.stderr.isatty())
     print(f"wrote {len(written)} mask(s) to {args.output}")
 
 

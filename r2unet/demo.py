@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .data.prepare import prepare_split
@@ -19,7 +20,7 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
         raise ValueError(f"{output} already holds a demo run; choose another --output (nothing was deleted)")
     if not (raw / IMAGE_DIR).is_dir():
         log(f"1/3 writing {num_images} synthetic lesion images to {raw}")
-        generate_dataset(raw, num_images=num_images, seed=seed, max_side=1200, progress=True)
+        generate_dataset(raw, num_images=num_images, seed=seed, max_side=1200, progress=sys.stderr.isatty())
     if not (data / "r2unet_manifest.json").exists():
         log(f"2/3 splitting into train/valid/test under {data}")
         prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data, seed=seed, log=log)
