@@ -90,7 +90,7 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path) -> PairingReport:
 
 
 def check_pair(pair: Pair) -> None:
-    """Header-level check: both files are readable images of the same size."""
+    """Header-level check: both files are readable images of the same size (the photo as shown or as stored)."""
     img_size, mask_size = image_size(pair.image), image_size(pair.mask)
     if img_size != mask_size and image_size(pair.image, oriented=False) != mask_size:  # either frame of a photo
         raise DataError(
