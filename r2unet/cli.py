@@ -155,8 +155,12 @@ def _cmd_evaluate(args) -> None:
     metrics = evaluate_checkpoint(args.checkpoint, args.data_path, split=args.split, batch_size=args.batch_size,
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
                                   amp=args.amp, model_type=args.model_type, t=args.t,
-                                  base_channels=args.base_channels, log=(lambda *_: None) if args.json else print)
+                                  base_channels=args.base_channels, per_image_csv=args.per_image,
+                                  log=(lambda *_: None) if args.json else print)
     _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images (per-image means):")
+    if metrics.get("worst") and not args.json:
+        print(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
+              + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"]))
 
 
 def _load_model(args):
@@ -269,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
+    p.add_argument("--per_image", metavar="CSV", help="also write every image's scores to CSV and name the worst")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 

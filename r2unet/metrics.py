@@ -85,22 +85,27 @@ class MetricAccumulator:
     all-reduced across processes with ``all_reduce()``, after which ``compute`` gives the scores of the whole split.
     """
 
-    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu"):
+    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu", keep_per_image: bool = False):
         self.threshold = threshold
         self.device = torch.device(device)
+        self.keep_per_image = keep_per_image  # also keep every image's scores, in update order (per_image())
         self.reset()
 
     def reset(self) -> None:
         # Float64 sums: [per-image score sums (7), sum of thresholded JS, image count] and pooled counts (4).
         self.image_sums = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64, device=self.device)
         self.pooled_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
+        self._per_image: list[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
         counts = confusion_counts(probs.detach(), target.detach(), self.threshold).to(self.device)
         scores = scores_from_counts(counts)
         js = scores["JS"]
-        per_image = torch.stack([scores[k] for k in METRIC_NAMES], dim=1).sum(0)
+        rows = torch.stack([scores[k] for k in METRIC_NAMES], dim=1)  # (B, 7)
+        if self.keep_per_image:
+            self._per_image.append(rows)
+        per_image = rows.sum(0)
         # the image count is made on the device (torch.full), not copied from the host: a host-to-GPU copy of a
         # new tensor waits for the GPU queue to drain, once per step
         extra = torch.stack((torch.where(js >= ISIC_JS_THRESHOLD, js, torch.zeros_like(js)).sum(),
@@ -115,6 +120,13 @@ class MetricAccumulator:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.image_sums)
             dist.all_reduce(self.pooled_counts)
+
+    def per_image(self) -> dict[str, list[float]]:
+        """Every image's scores in update order (``keep_per_image=True``; this process's images only)."""
+        if not self.keep_per_image:
+            raise ValueError("per_image() needs MetricAccumulator(keep_per_image=True)")
+        rows = torch.cat(self._per_image).cpu() if self._per_image else torch.zeros(0, len(METRIC_NAMES))
+        return {k: rows[:, i].tolist() for i, k in enumerate(METRIC_NAMES)}
 
     @property
     def num_images(self) -> int:

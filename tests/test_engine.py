@@ -210,3 +210,27 @@ def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):
     plain = evaluate(model, loader, transform, precision).compute()
     with_bar = evaluate(model, loader, transform, precision, progress="test split").compute()
     assert plain == with_bar
+
+
+def test_evaluate_writes_per_image_scores_and_names_the_worst(prepared, tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1") == 0
+    capsys.readouterr()
+    table = tmp_path / "scores.csv"
+    args = ["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path", str(prepared / "data"),
+            "--device", "cpu", "--per_image", str(table)]
+    assert main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    rows = list(csv.DictReader(table.open()))
+    test_images = sorted(p.name for p in (prepared / "data" / "test").iterdir())
+    assert sorted(r["image"] for r in rows) == test_images and len(rows) == summary["num_images"]
+    for k in ("ACC", "SE", "SP", "PC", "F1", "JS", "DC"):
+        values = [float(r[k]) for r in rows]
+        assert all(0 <= v <= 1 for v in values)
+        assert np.mean(values) == pytest.approx(summary[k], abs=1e-6), k  # the table's mean is the reported score
+    worst = sorted(rows, key=lambda r: float(r["JS"]))[0]
+    assert summary["worst"][0]["image"] == worst["image"] and len(summary["worst"]) == min(5, len(rows))
+    assert main(args) == 0
+    assert f"lowest JS: {worst['image']}" in capsys.readouterr().out

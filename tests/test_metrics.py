@@ -133,3 +133,18 @@ def test_bad_arguments():
         segmentation_metrics(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 3))
     with pytest.raises(ValueError, match="reduction"):
         segmentation_metrics(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), reduction="mean")
+
+
+def test_per_image_scores_are_kept_in_order_and_average_to_the_split_score():
+    g = torch.Generator().manual_seed(5)
+    probs, target = torch.rand(7, 1, 16, 16, generator=g), (torch.rand(7, 1, 16, 16, generator=g) > 0.6).float()
+    acc = MetricAccumulator(keep_per_image=True)
+    acc.update(probs[:4], target[:4])
+    acc.update(probs[4:], target[4:])
+    rows = acc.per_image()
+    for i in range(7):
+        single = segmentation_metrics(probs[i:i + 1], target[i:i + 1])
+        assert all(rows[k][i] == pytest.approx(single[k]) for k in rows)
+    assert all(sum(rows[k]) / 7 == pytest.approx(v) for k, v in acc.compute().items() if k in rows)
+    with pytest.raises(ValueError, match="keep_per_image"):
+        MetricAccumulator().per_image()

@@ -281,11 +281,13 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tenso
 
 @torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
-             channels_last: bool = False, progress: str | None = None) -> MetricAccumulator:
+             channels_last: bool = False, progress: str | None = None,
+             keep_per_image: bool = False) -> MetricAccumulator:
     """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
-    ``progress``: a description to show a progress bar under (None: no bar)."""
+    ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
+    ``MetricAccumulator.per_image``."""
     model.eval()
-    acc = MetricAccumulator(threshold=threshold, device=precision.device)
+    acc = MetricAccumulator(threshold=threshold, device=precision.device, keep_per_image=keep_per_image)
     if progress is not None:
         from tqdm import tqdm
 
@@ -753,8 +755,12 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str = "off", log=print, **model_overrides) -> dict:
-    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``)."""
+                        amp: str = "off", per_image_csv: str | Path | None = None, log=print,
+                        **model_overrides) -> dict:
+    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
+
+    With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
+    five images with the lowest JS are returned under ``"worst"``: where to look first."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
@@ -768,10 +774,23 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
     acc = evaluate(model.to(dev), loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
                    threshold if threshold is not None else cfg.threshold,
-                   progress=f"{split} split" if sys.stderr.isatty() else None)
+                   progress=f"{split} split" if sys.stderr.isatty() else None, keep_per_image=per_image_csv is not None)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
+    if per_image_csv is not None:
+        import csv
+        import io
+
+        scores = acc.per_image()
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
+        writer.writerow(["image", *scores])
+        writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(cache.names))
+        atomic_write_text(per_image_csv, text.getvalue())
+        order = sorted(range(len(cache.names)), key=lambda i: scores["JS"][i])[:5]
+        out["per_image_csv"] = str(per_image_csv)
+        out["worst"] = [{"image": cache.names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
     return out
 
 
