@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.augment import eval_images
-from .data.io import DataError, is_image_file, read_image, read_mask
+from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask
 from .data.io import image_size as image_size_of
 from .data.prepare import mask_stem_for
 from .plots import overlay
@@ -135,6 +135,8 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             gt = None
             if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
                 gt = read_mask(gt_path)
+                if gt.shape != mask.shape:  # perhaps drawn on the stored pixels of an EXIF-turned photo
+                    gt = orient_as_shown(gt, path)
                 if gt.shape != mask.shape:
                     raise DataError(f"{gt_path}: size {gt.shape[1]}x{gt.shape[0]} differs from {path.name}")
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))

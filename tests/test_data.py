@@ -379,9 +379,29 @@ def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_p
     from r2unet.predict import run_predict
 
     (tmp_path / "in").mkdir()
-    _rotated_photo(tmp_path / "in" / "photo.jpg")
+    stored, _ = _rotated_photo(tmp_path / "in" / "photo.jpg")
+    (tmp_path / "gt").mkdir()  # ground truth drawn on the stored pixels: the overlay turns it like the photo
+    Image.fromarray(((stored[..., 0] > 150) * 255).astype(np.uint8)).save(tmp_path / "gt" / "photo_segmentation.png")
     run_predict(create_model("U_Net", base_channels=4), tmp_path / "in", tmp_path / "out", 32, torch.device("cpu"),
-                save_overlay=True, progress=False)
+                save_overlay=True, gt_dir=tmp_path / "gt", progress=False)
     with Image.open(tmp_path / "out" / "photo_segmentation.png") as m, Image.open(tmp_path / "out" /
                                                                                "photo_overlay.jpg") as o:
         assert m.size == o.size == (40, 60)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reads_as_pil_shows_it(tmp_path, orientation):
+    from PIL import ImageOps
+
+    from r2unet.data.io import image_size, orient_as_shown
+
+    stored = np.random.default_rng(orientation).integers(0, 255, (12, 20, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "photo.png"  # lossless, so the comparison is exact
+    Image.fromarray(stored).save(path, exif=exif)
+    with Image.open(path) as img:
+        shown = np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+    assert np.array_equal(read_image(path), shown)
+    assert image_size(path) == (shown.shape[1], shown.shape[0])
+    assert np.array_equal(orient_as_shown(stored[..., 0] > 127, path), shown[..., 0] > 127)

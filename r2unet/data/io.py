@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
@@ -45,6 +45,23 @@ def _orientation(img: Image.Image) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+# how to turn stored pixels into the shown photo, per EXIF orientation (the table PIL's exif_transpose uses)
+_TO_SHOWN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+             8: Image.Transpose.ROTATE_90}
+
+
+def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndarray:
+    """``array`` (H, W[, C]), laid on the *stored* pixels of the photo at ``image_path``, turned the way the photo's
+    EXIF orientation shows it (e.g. a mask drawn by a tool that ignored the tag). Unchanged for unturned photos."""
+    with Image.open(image_path) as img:
+        orientation = _orientation(img)
+    if orientation == 1:
+        return array
+    turned = np.asarray(Image.fromarray(array.astype(np.uint8)).transpose(_TO_SHOWN[orientation]))
+    return turned.astype(array.dtype)
+
+
 def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool = True) -> Image.Image:
     try:
         img = Image.open(path)
@@ -60,8 +77,8 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool 
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: image too large to decode safely ({exc})") from None
-    if oriented and _orientation(img) != 1:
-        img = ImageOps.exif_transpose(img)
+    if oriented and (orientation := _orientation(img)) != 1:
+        img = img.transpose(_TO_SHOWN[orientation])
     return img
 
 
