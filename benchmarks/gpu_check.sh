@@ -76,6 +76,10 @@ accuracy() {  # NAME WANT SEED FLAGS...
 accuracy fp32 120 1 --amp off --compile off --channels_last off
 accuracy default 120 1
 
+# where the fast step's device time goes (kernel groups, top kernels): what to tune next
+run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" --image_size "$SIZE" \
+    --base_channels "$BASE" --device "$DEVICE" --json
+
 # 4. correctness on the GPU: augmentation parity, no host sync inside the training step, fp16 + GradScaler, then a
 #    compiled bf16 run (the slowest, last)
 run tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py

@@ -88,6 +88,16 @@ def main(raw: Path, out_json: Path) -> None:
     elif (raw / "bench_data.err").exists():
         print("data pipeline: no result; " + " | ".join(_tail(raw / "bench_data.err", 2)))
     _accuracy(raw, summary)
+    prof = _last_json(raw / "profile.out")
+    summary["profile"] = prof
+    if prof:
+        print(f"profile ({'compiled' if prof['compiled'] else 'eager'}): {prof['device_ms_per_step']:.1f} ms device "
+              f"time per step ({prof['img_per_s_if_busy']:.0f} img/s if never idle); "
+              + ", ".join(f"{g} {pct:.0f}%" for g, pct in prof["groups_percent"].items()))
+        for row in prof["top"][:6]:
+            print(f"   {row['percent']:5.1f}%  x{row['calls_per_step']:<4.0f} {row['name'][:90]}")
+    elif (raw / "profile.err").exists():
+        print("profile: no result; " + " | ".join(_tail(raw / "profile.err", 2)))
     out_json.write_text(json.dumps(summary, indent=1))
 
 

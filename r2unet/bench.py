@@ -86,7 +86,7 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
     return time.perf_counter() - t0
 
 
-def _model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
+def model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
                 compile_model, compile_mode="default", cudnn_benchmark=True):
     """A model-only training step (forward, BCE-with-logits, backward, Adam) on fixed device tensors."""
     import torch.nn.functional as F
@@ -169,7 +169,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                 row = _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
                                               warmup, data_path, "on" if use_compile else "off", compile_mode, log)
             else:
-                step, model = _model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
+                step, model = model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
                 if flops is None:
                     flops = train_flops_per_image(model, batch_size, image_size)
                 seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0))
