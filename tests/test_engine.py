@@ -182,6 +182,45 @@ def test_compile_failure_falls_back_to_eager(prepared, tmp_path, monkeypatch, ca
     assert "compile on" in printed and (out / "results.json").exists()
 
 
+def _compile_with_failing_backward(fail_on_calls):
+    """A stand-in for torch.compile whose graphs' backward raises on the given backward calls (1-based)."""
+    calls = {"n": 0}
+
+    class Fails(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            calls["n"] += 1
+            if calls["n"] in fail_on_calls:
+                raise RuntimeError(f"backward kernel failed to build (simulated, call {calls['n']})")
+            return grad
+
+    def fake_compile(module, *args, **kwargs):
+        return lambda *a, **k: Fails.apply(module(*a, **k))
+
+    return fake_compile, calls
+
+
+def test_a_backward_that_fails_to_compile_falls_back_to_eager(prepared, tmp_path, monkeypatch, capsys):
+    fake, calls = _compile_with_failing_backward({1})
+    monkeypatch.setattr(torch, "compile", fake)
+    assert _train(prepared, tmp_path / "run", "--num_epochs", "1", "--compile", "on") == 0
+    printed = capsys.readouterr().out
+    assert "torch.compile failed (RuntimeError: backward kernel failed to build (simulated, call 1))" in printed
+    assert calls["n"] == 1 and (tmp_path / "run" / "results.json").exists()  # eager from then on
+
+
+def test_a_backward_error_after_compiled_steps_worked_is_not_hidden(prepared, tmp_path, monkeypatch, capsys):
+    fake, calls = _compile_with_failing_backward({3})
+    monkeypatch.setattr(torch, "compile", fake)
+    with pytest.raises(RuntimeError, match="simulated, call 3"):  # a real error: its traceback, not a fallback
+        _train(prepared, tmp_path / "run", "--num_epochs", "1", "--compile", "on")
+    assert calls["n"] == 3 and "continuing in eager mode" not in capsys.readouterr().out
+
+
 def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, monkeypatch, capsys):
     import re
 

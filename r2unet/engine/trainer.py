@@ -153,14 +153,15 @@ class Precision:
 class CompileWithFallback(nn.Module):
     """``torch.compile`` of a module that falls back to eager mode, once and for good, if compilation fails.
 
-    Compilation happens lazily at the first call, so failures (a missing compiler toolchain, an unsupported
-    operation on an old torch) surface there; they are logged and the step is redone eagerly. Errors after a
-    successful first call are real errors and propagate."""
+    Compilation happens lazily at the first call (the backward graph at the first ``backward()``, see
+    ``backward_failed``), so failures (a missing compiler toolchain, an unsupported operation on an old torch, a
+    kernel that does not build) surface there; they are logged and the step is redone eagerly. Errors after a
+    successful first forward and backward are real errors and propagate."""
 
     def __init__(self, module: nn.Module, log=print, mode: str = "default"):
         super().__init__()
         self.module = module
-        self._log, self._ok = log, None
+        self._log, self._ok, self._backward_ok = log, None, False
         try:  # torch.compile itself refuses some setups (e.g. a Python version dynamo does not support yet)
             compiled = torch.compile(module, mode=None if mode == "default" else mode)
         except Exception as exc:  # noqa: BLE001
@@ -173,6 +174,17 @@ class CompileWithFallback(nn.Module):
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         self._log(f"torch.compile failed ({type(exc).__name__}: {reason}); continuing in eager mode "
                   "(use --compile off to skip compilation)")
+
+    def backward_failed(self, exc: Exception) -> bool:
+        """A backward through the compiled graph raised: before the first backward has succeeded, that is a
+        compilation failure, so fall back to eager and return True (redo the step); afterwards, False (re-raise)."""
+        if self._ok is False or self._backward_ok:
+            return False
+        self._fall_back(exc)
+        return True
+
+    def backward_succeeded(self) -> None:
+        self._backward_ok = True
 
     def forward(self, *args, **kwargs):
         if self._ok is False:
@@ -215,17 +227,12 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         x, y = transform(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
-            logits = model(x)
-        loss = bce_dice_loss(logits, y, cfg.loss == "dice_bce")
-        optimizer.zero_grad(set_to_none=True)
+        logits, loss = _forward_backward(model, x, y, precision, scaler, optimizer, cfg.loss == "dice_bce")
         finite = torch.isfinite(loss)
         if scaler.is_enabled():  # fp16: the scaler skips steps with inf/NaN gradients by itself
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             finite = finite & skip_nonfinite_step(optimizer, found_inf)
         state["steps"] += 1
         state["in_step"] = False
@@ -254,6 +261,26 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     state["steady_images"] = state.get("steady_images", 0) + steady_images
     state["steady_seconds"] = state.get("steady_seconds", 0.0) + (end - steady_start if steady_start else 0.0)
     return state
+
+
+def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice: bool):
+    """Forward, loss and backward (scaled for fp16). torch.compile lowers the backward lazily, at the first
+    ``backward()``: if that fails, a ``CompileWithFallback`` model falls back to eager and the step is redone."""
+    for attempt in (1, 2):
+        with precision.autocast():
+            logits = model(x)
+        loss = bce_dice_loss(logits, y, dice)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            scaler.scale(loss).backward()  # a disabled scaler returns the loss as it is
+        except Exception as exc:
+            if attempt == 2 or not (isinstance(model, CompileWithFallback) and model.backward_failed(exc)):
+                raise
+            continue
+        if isinstance(model, CompileWithFallback):
+            model.backward_succeeded()
+        return logits, loss
+    raise AssertionError("unreachable")
 
 
 @torch.no_grad()
