@@ -273,3 +273,27 @@ def test_evaluate_writes_per_image_scores_and_names_the_worst(prepared, tmp_path
     assert summary["worst"][0]["image"] == worst["image"] and len(summary["worst"]) == min(5, len(rows))
     assert main(args) == 0
     assert f"lowest JS: {worst['image']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("batches,expected_steady", [(3, 2), (10, 5), (1, 1)])
+def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expected_steady):
+    """5 warm-up steps are left out of the img/s; an epoch of no more than 5 steps leaves out only its first (which
+    carries compilation and start-up) instead of falling back to timing the whole epoch."""
+    from r2unet.data.augment import AugmentConfig
+    from r2unet.data.dataset import DeviceTransform
+    from r2unet.engine.trainer import Precision, build_training, train_one_epoch
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, warmup_steps=5,
+                      device="cpu", amp="off", log_every=100)
+    device = torch.device("cpu")
+    precision = Precision(None, device)
+    model, optimizer, scaler = build_training(cfg, device, precision, cfg.lr, channels_last=False)
+    g = torch.Generator().manual_seed(0)
+    loader = [{"images": torch.randint(0, 255, (2, 48, 48, 3), dtype=torch.uint8, generator=g),
+               "masks": torch.randint(0, 2, (2, 48, 48), dtype=torch.uint8, generator=g),
+               "aspect": torch.ones(2)} for _ in range(batches)]
+    state = {"epoch": 0, "steps": 0, "images": 0, "loss_sum": 0.0}
+    train_one_epoch(model, loader, DeviceTransform(32, device, AugmentConfig()), optimizer, scaler, precision, cfg,
+                    state)
+    assert state["steps"] == batches and state["steady_images"] == 2 * expected_steady
+    assert state["steady_seconds"] > 0

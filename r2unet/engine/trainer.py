@@ -206,9 +206,17 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     """One pass over ``loader``. Loss and non-finite counts stay on the device; the host syncs only at log points.
 
     ``state`` carries what survives an interruption mid-epoch: ``loss_sum``, ``steps``, ``images``.
-    Returns the epoch's mean loss and steady-state throughput (steps after ``cfg.warmup_steps``)."""
+    Returns the epoch's mean loss and steady-state throughput (steps after ``cfg.warmup_steps``; in an epoch of no
+    more steps than that, all but the first, which carries compilation and start-up)."""
     model.train()
     device = precision.device
+    warmup = cfg.warmup_steps
+    steps_here = _len_or_none(loader)
+    if steps_here is not None:
+        if cfg.max_steps_per_epoch:
+            steps_here = min(steps_here, cfg.max_steps_per_epoch - state["steps"])
+        if steps_here <= warmup:  # too short for the full warm-up: leave out only the first step
+            warmup = min(1, max(0, steps_here - 1))
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     state["loss_device"] = loss_sum  # updated in place; read by checkpoints written mid-epoch
     # training-batch metrics (after augmentation), accumulated on the device like the reference's per-step scores
@@ -217,7 +225,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
-        if steady_start is None and steps_this_call >= cfg.warmup_steps:
+        if steady_start is None and steps_this_call >= warmup:
             synchronize(device)
             steady_start = time.perf_counter()
         # the augmentation RNG as it was before this batch: a checkpoint written before the step completes
@@ -261,6 +269,13 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     state["steady_images"] = state.get("steady_images", 0) + steady_images
     state["steady_seconds"] = state.get("steady_seconds", 0.0) + (end - steady_start if steady_start else 0.0)
     return state
+
+
+def _len_or_none(loader) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length
+        return None
 
 
 def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice: bool):
