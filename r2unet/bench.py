@@ -11,6 +11,7 @@ import torch
 from .data.augment import AugmentConfig
 from .data.dataset import DeviceTransform, make_loader, split_cache
 from .engine.trainer import synchronize
+from .messages import first_line
 
 
 def bench_data(
@@ -178,8 +179,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
         except Exception as exc:  # noqa: BLE001 - one configuration failing (e.g. a compiler error) is a result
             if key == "fp32":
                 raise
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-            row = {"config": name, "img_per_s": None, "error": f"{type(exc).__name__}: {reason}"}
+            row = {"config": name, "img_per_s": None, "error": f"{type(exc).__name__}: {first_line(exc, 300)}"}
         if dev.type == "cuda":
             torch.cuda.empty_cache()
         row["key"] = key
@@ -258,7 +258,7 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
         compiled = (", compile" + (f" {compile_mode}" if compile_mode != "default" else "")) if use_compile else ""
         name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}{compiled}, data+aug)"
         row = {"config": name, "img_per_s": images / max(seconds, 1e-9)}
-        if use_compile and train_model._ok is False:
+        if use_compile and train_model.fell_back:
             row["config"] += " [compile failed: eager]"
         return row
     finally:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..messages import first_line
+
 FORMAT = "r2unet"
 VERSION = 1
 
@@ -77,10 +79,10 @@ def load_file(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CheckpointError(
             f"refusing to load {path}: it contains Python objects other than tensors and plain containers, and "
-            f"loading it could run arbitrary code. Only load files from sources you trust. ({first})") from None
+            f"loading it could run arbitrary code. Only load files from sources you trust. "
+            f"({first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
     if not isinstance(obj, dict):

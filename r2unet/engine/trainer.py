@@ -25,6 +25,7 @@ from .. import plots
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
 from ..fileio import atomic_write_text
+from ..messages import first_line
 from ..metrics import MetricAccumulator
 from ..models import RECURRENT, create_model, list_models
 from . import distributed as D
@@ -171,8 +172,7 @@ class CompileWithFallback(nn.Module):
 
     def _fall_back(self, exc: Exception) -> None:
         self._ok = False
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        self._log(f"torch.compile failed ({type(exc).__name__}: {reason}); continuing in eager mode "
+        self._log(f"torch.compile failed ({type(exc).__name__}: {first_line(exc, 200)}); continuing in eager mode "
                   "(use --compile off to skip compilation)")
 
     def backward_failed(self, exc: Exception) -> bool:
@@ -185,6 +185,11 @@ class CompileWithFallback(nn.Module):
 
     def backward_succeeded(self) -> None:
         self._backward_ok = True
+
+    @property
+    def fell_back(self) -> bool:
+        """Compilation failed and the module runs eagerly."""
+        return self._ok is False
 
     def forward(self, *args, **kwargs):
         if self._ok is False:
@@ -223,6 +228,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     metrics = state.setdefault("train_metrics", MetricAccumulator(threshold=cfg.threshold, device=device))
     nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     found_inf = torch.zeros((), dtype=torch.float32, device=device)
+    unit_scale = torch.ones((), dtype=torch.float32, device=device)  # made once, not every step
     steady_images, steady_start, steps_this_call = 0, None, 0
     for batch in loader:
         if steady_start is None and steps_this_call >= warmup:
@@ -241,7 +247,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
             scaler.step(optimizer)
             scaler.update()
         else:
-            finite = finite & skip_nonfinite_step(optimizer, found_inf)
+            finite = finite & skip_nonfinite_step(optimizer, found_inf, unit_scale)
         state["steps"] += 1
         state["in_step"] = False
         loss_sum += torch.where(finite, loss.detach().double(), 0.0)
@@ -299,17 +305,20 @@ def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice
 
 
 @torch.no_grad()
-def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor) -> torch.Tensor:
+def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
+                        unit_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``optimizer.step()`` unless a gradient is NaN/Inf, decided on the device (no host synchronisation).
 
     One fused pass flags non-finite gradients in ``found_inf`` (the check ``GradScaler`` uses, with a scale of 1);
     the fused Adam kernel then skips the whole update, moments and step count included, when the flag is set: one
     bad batch cannot poison the weights (bf16/fp32; fp16 steps go through the GradScaler, which does the same).
+    ``unit_scale``: a 1.0 on the device (the check's "unscale" factor), to reuse across steps.
     Returns a device bool: the step was taken."""
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     found_inf.zero_()
     if grads:
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.ones_like(found_inf))
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            grads, found_inf, unit_scale if unit_scale is not None else torch.ones_like(found_inf))
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = found_inf
         try:
@@ -413,7 +422,7 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
         if not info.distributed or isinstance(exc, (TrainingError, CheckpointError)):
             raise
         # A collective failed: usually another process crashed, was killed, or stalled past --dist_timeout_s.
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 300) or type(exc).__name__
         raise TrainingError(
             f"process {info.rank} of {info.world_size} stopped: {first}. If another process crashed or was killed, "
             f"see its log; the last checkpoint in {Path(cfg.output_dir) / 'checkpoints'} is kept, continue with "
