@@ -156,8 +156,11 @@ def _cmd_evaluate(args) -> None:
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
                                   amp=args.amp, model_type=args.model_type, t=args.t,
                                   base_channels=args.base_channels, per_image_csv=args.per_image,
+                                  resolution=args.resolution, tta=args.tta,
                                   log=(lambda *_: None) if args.json else print)
-    _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images (per-image means):")
+    where = "at each image's original resolution" if args.resolution == "original" else "at the network's size"
+    _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images {where}"
+                   f"{', flip TTA' if args.tta else ''} (per-image means):")
     if metrics.get("worst") and not args.json:
         print(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
               + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"]))
@@ -273,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
+    p.add_argument("--resolution", choices=["training", "original"], default="training",
+                   help="training: score at the network's size, as training does (default); original: score each "
+                        "image at its own resolution against its mask file, as the ISIC 2018 challenge did")
+    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs (predict --tta)")
     p.add_argument("--per_image", metavar="CSV", help="also write every image's scores to CSV and name the worst")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)

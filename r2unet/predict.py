@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -97,6 +98,40 @@ def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**2
     return out
 
 
+def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """The ground-truth mask of ``image_path`` as bool (H, W) in the frame the image is shown in: a mask drawn on the
+    stored pixels of an EXIF-turned photo is turned too. A size that fits neither frame is a DataError."""
+    gt = read_mask(mask_path)
+    if gt.shape != shape:  # perhaps drawn on the stored pixels of an EXIF-turned photo
+        gt = orient_as_shown(gt, image_path)
+    if gt.shape != shape:
+        raise DataError(f"{mask_path}: size {gt.shape[1]}x{gt.shape[0]} differs from {image_path.name} "
+                        f"({shape[1]}x{shape[0]})")
+    return gt
+
+
+@torch.no_grad()
+def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, accumulator,
+                                 batch_size: int = 8, tta: bool = False, img_ch: int = 3, autocast=None,
+                                 progress: bool = False) -> None:
+    """Add each (image, mask) pair's scores to ``accumulator`` (a ``MetricAccumulator``) at the image's original
+    resolution, as the ISIC 2018 challenge scored: the prediction is made exactly as ``predict`` makes it (network
+    size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel.
+    ``pairs``: objects with ``.image`` and ``.mask`` paths; ``autocast``: a context manager factory for the
+    forward pass (mixed precision), or None."""
+    pairs = list(pairs)
+    masks = {p.image: p.mask for p in pairs}
+    with autocast() if autocast is not None else contextlib.nullcontext():
+        results = predict_images(model, [p.image for p in pairs], image_size, device, batch_size, tta, img_ch)
+        if progress:
+            from tqdm import tqdm
+
+            results = tqdm(results, total=len(pairs), desc="original resolution", unit="img", leave=False)
+        for path, _, probs in results:
+            gt = read_gt_for(masks[path], path, probs.shape)
+            accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
+
+
 def find_gt(gt_dir: Path, image: Path) -> Path | None:
     for stem in mask_stem_for(image.stem):
         for p in sorted(gt_dir.glob(f"{stem}.*")):
@@ -134,11 +169,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             base = image if image.shape[:2] == (h, w) else np.asarray(Image.fromarray(image).resize((w, h)))
             gt = None
             if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
-                gt = read_mask(gt_path)
-                if gt.shape != mask.shape:  # perhaps drawn on the stored pixels of an EXIF-turned photo
-                    gt = orient_as_shown(gt, path)
-                if gt.shape != mask.shape:
-                    raise DataError(f"{gt_path}: size {gt.shape[1]}x{gt.shape[0]} differs from {path.name}")
+                gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
             Image.fromarray(pic).save(output / f"{path.stem}_overlay.jpg", quality=92)
     return written

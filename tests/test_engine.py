@@ -275,6 +275,62 @@ def test_evaluate_writes_per_image_scores_and_names_the_worst(prepared, tmp_path
     assert f"lowest JS: {worst['image']}" in capsys.readouterr().out
 
 
+def _js_dc(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+    if fp + fn == 0:
+        return 1.0, 1.0
+    return tp / (tp + fp + fn), 2 * tp / (2 * tp + fp + fn)
+
+
+def test_evaluate_at_the_original_resolution_scores_the_masks_predict_writes(prepared, tmp_path, capsys):
+    """`evaluate --resolution original` scores each test image at its own size against its mask file: the same
+    numbers as comparing `predict`'s written masks with the ground-truth files by hand (with and without TTA)."""
+    from PIL import Image
+
+    from r2unet.data.io import read_mask
+    from r2unet.engine.trainer import load_for_inference
+    from r2unet.predict import predict_images
+
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1") == 0
+    ckpt, data = str(out / "checkpoints" / "best.pt"), prepared / "data"
+    images = sorted((data / "test").iterdir())
+    assert len({Image.open(p).size for p in images}) > 1  # the originals differ in size (and from the 32 px input)
+    # a one-epoch model's probabilities sit in a narrow band: threshold at their median so that the masks are
+    # neither empty nor full, and the small changes TTA makes flip some pixels
+    model, cfg = load_for_inference(ckpt)
+    probs = np.concatenate([p.ravel() for _, _, p in predict_images(model, images, 32, torch.device("cpu"))])
+    threshold = str(float(np.median(probs)))
+    js_of = {}
+    for tta in ([], ["--tta"]):
+        capsys.readouterr()
+        assert main(["evaluate", "--checkpoint", ckpt, "--data_path", str(data), "--device", "cpu", "--threshold",
+                     threshold, "--resolution", "original", "--json", *tta]) == 0
+        summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        masks = tmp_path / f"masks{len(tta)}"
+        assert main(["predict", "--checkpoint", ckpt, "--input", str(data / "test"), "--output", str(masks),
+                     "--device", "cpu", "--threshold", threshold, *tta]) == 0
+        by_hand = []
+        for image in images:
+            gt = read_mask(next((data / "test_GT").glob(f"{image.stem}_segmentation.*")))
+            pred = np.asarray(Image.open(masks / f"{image.stem}_segmentation.png")) > 127
+            assert pred.shape == gt.shape and 0 < pred.mean() < 1
+            by_hand.append(_js_dc(pred, gt))
+        assert summary["num_images"] == len(images) and (summary["resolution"], summary["tta"]) == ("original",
+                                                                                                   bool(tta))
+        assert summary["JS"] == pytest.approx(np.mean([js for js, _ in by_hand]), abs=1e-9)
+        assert summary["DC"] == pytest.approx(np.mean([dc for _, dc in by_hand]), abs=1e-9)
+        js_of[bool(tta)] = summary["JS"]
+    assert js_of[True] != js_of[False]  # TTA really changed the predictions that were scored
+    assert main(["evaluate", "--checkpoint", ckpt, "--data_path", str(data), "--device", "cpu", "--threshold",
+                 threshold, "--json"]) == 0
+    at_training_size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert at_training_size["resolution"] == "training" and at_training_size["JS"] != js_of[False]
+    assert main(["evaluate", "--checkpoint", ckpt, "--data_path", str(data), "--device", "cpu", "--threshold",
+                 threshold, "--json", "--tta"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["JS"] != at_training_size["JS"]
+
+
 @pytest.mark.parametrize("batches,expected_steady", [(3, 2), (10, 5), (1, 1)])
 def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expected_steady):
     """5 warm-up steps are left out of the img/s; an epoch of no more than 5 steps leaves out only its first (which

@@ -804,16 +804,39 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
     return model.eval(), cfg
 
 
+RESOLUTIONS = ("training", "original")
+
+
+class TestTimeFlips(nn.Module):
+    """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
+    (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..predict import predict_logits
+
+        return predict_logits(self.model, x, tta=True)
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str = "off", per_image_csv: str | Path | None = None, log=print,
-                        **model_overrides) -> dict:
+                        amp: str = "off", per_image_csv: str | Path | None = None, resolution: str = "training",
+                        tta: bool = False, log=print, **model_overrides) -> dict:
     """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
+    ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
+    reference); ``"original"`` scores every image at its own resolution against its mask file, as the ISIC 2018
+    challenge did, with the prediction made as ``predict`` makes it. ``tta``: average the flipped predictions
+    (``predict --tta``).
     With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
     five images with the lowest JS are returned under ``"worst"``: where to look first."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
+    if resolution not in RESOLUTIONS:
+        raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
     if image_size is not None:
         cfg.image_size = image_size
@@ -821,14 +844,33 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     cfg.validate()
     dev = resolve_device(cfg, D.DistInfo())
     precision = Precision(resolve_amp(cfg, dev), dev)
-    cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
-    loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-    acc = evaluate(model.to(dev), loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
-                   threshold if threshold is not None else cfg.threshold,
-                   progress=f"{split} split" if sys.stderr.isatty() else None, keep_per_image=per_image_csv is not None)
+    threshold = threshold if threshold is not None else cfg.threshold
+    model = model.to(dev)
+    if resolution == "original":
+        from ..data.prepare import checked_pairs, report_problems
+        from ..predict import score_at_original_resolution
+
+        image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
+        if not image_dir.is_dir():
+            raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
+        pairs, problems, _ = checked_pairs(image_dir, mask_dir)
+        report_problems(problems, skip_bad=False, log=log)
+        names = [p.image.name for p in pairs]
+        acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
+        score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
+                                     img_ch=cfg.img_ch, autocast=precision.autocast, progress=sys.stderr.isatty())
+    else:
+        cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
+        names = cache.names
+        loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
+        acc = evaluate(TestTimeFlips(model) if tta else model, loader,
+                       DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
+                       progress=f"{split} split" if sys.stderr.isatty() else None,
+                       keep_per_image=per_image_csv is not None)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
+    out["resolution"], out["tta"] = resolution, tta
     if per_image_csv is not None:
         import csv
         import io
@@ -837,11 +879,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         text = io.StringIO()
         writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
         writer.writerow(["image", *scores])
-        writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(cache.names))
+        writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(names))
         atomic_write_text(per_image_csv, text.getvalue())
-        order = sorted(range(len(cache.names)), key=lambda i: scores["JS"][i])[:5]
+        order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
         out["per_image_csv"] = str(per_image_csv)
-        out["worst"] = [{"image": cache.names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
+        out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
     return out
 
 
