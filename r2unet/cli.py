@@ -178,16 +178,20 @@ def _cmd_predict(args) -> None:
 
     from .engine.distributed import DistInfo
     from .engine.trainer import resolve_device
-    from .predict import run_predict
+    from .predict import PartialPrediction, run_predict
 
     model, cfg = _load_model(args)
     cfg.device = args.device
     device = resolve_device(cfg.validate(), DistInfo())
-    with torch.inference_mode():
-        written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
-                              batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
-                              save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                              img_ch=cfg.img_ch, progress=sys.stderr.isatty())
+    try:
+        with torch.inference_mode():
+            written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
+                                  batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                                  save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
+                                  img_ch=cfg.img_ch, progress=sys.stderr.isatty())
+    except PartialPrediction as exc:  # the readable images were written: say where, then name the others
+        print(f"wrote {len(exc.written)} mask(s) to {args.output}")
+        raise
     print(f"wrote {len(written)} mask(s) to {args.output}")
 
 

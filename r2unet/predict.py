@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,24 +53,34 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -
 
 
 def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device,
-                   batch_size: int = 8, tta: bool = False, img_ch: int = 3) -> Iterator[tuple[Path, np.ndarray,
-                                                                                               np.ndarray]]:
+                   batch_size: int = 8, tta: bool = False, img_ch: int = 3,
+                   on_error: Callable[[Path, DataError], None] | None = None) -> Iterator[tuple[Path, np.ndarray,
+                                                                                                np.ndarray]]:
     """Yield (path, image (H, W, 3) uint8, probabilities (H, W) float32 at the original resolution) per image.
 
     Images are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
     needs its full-resolution pixels in memory; the logits are resized back to the original size before the
-    sigmoid (and the caller's threshold)."""
+    sigmoid (and the caller's threshold). An image that cannot be decoded raises its DataError, or with
+    ``on_error`` is passed to it and left out."""
     model.eval().to(device)
     paths = list(paths)
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images, sizes, inputs = [], [], []
-        for p in chunk:
-            w, h = image_size_of(p)  # as displayed (EXIF orientation applied), like the pixels read below
+        chunk, images, sizes, inputs = [], [], [], []
+        for p in paths[start:start + batch_size]:
+            try:
+                w, h = image_size_of(p)  # as displayed (EXIF orientation applied), like the pixels read below
+                img = read_image(p, min_size=(2 * image_size, 2 * image_size))
+            except DataError as exc:
+                if on_error is None:
+                    raise
+                on_error(p, exc)
+                continue
+            chunk.append(p)
             sizes.append((h, w))
-            img = read_image(p, min_size=(2 * image_size, 2 * image_size))
             images.append(img)
             inputs.append(_to_input(img, image_size, img_ch))
+        if not chunk:
+            continue
         logits = predict_logits(model, torch.cat(inputs).to(device), tta)
         for p, img, (h, w), lg in zip(chunk, images, sizes, logits):
             yield p, img, _upsample_probs(lg, h, w)
@@ -144,14 +154,19 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                 device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
                 save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
                 img_ch: int = 3, progress: bool = True) -> list[Path]:
-    """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request."""
+    """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request.
+
+    Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
+    names every skipped file and carries the written paths."""
     paths = list_inputs(input_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     gt_dir = Path(gt_dir) if gt_dir else None
     if gt_dir is not None and not gt_dir.is_dir():
         raise DataError(f"--gt_dir: {gt_dir} does not exist")
-    results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch)
+    failed: list[str] = []
+    results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch,
+                             on_error=lambda path, exc: failed.append(str(exc)))
     if progress:
         from tqdm import tqdm
 
@@ -172,4 +187,16 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                 gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
             Image.fromarray(pic).save(output / f"{path.stem}_overlay.jpg", quality=92)
+    if failed:
+        raise PartialPrediction(written, failed)
     return written
+
+
+class PartialPrediction(DataError):
+    """Some inputs could not be read: the others were written (``written``); ``failed`` names each skipped file."""
+
+    def __init__(self, written: list[Path], failed: list[str]):
+        self.written, self.failed = written, failed
+        listing = "\n  ".join(failed)
+        super().__init__(f"{len(failed)} image(s) could not be read and were skipped ({len(written)} mask(s) "
+                         f"written):\n  {listing}")

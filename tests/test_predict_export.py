@@ -76,6 +76,26 @@ def test_predict_rejects_missing_input(checkpoint, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_unreadable_images_are_skipped_named_and_the_rest_written(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 60, 3), dtype=np.uint8)).save(src / f"ok{i}.jpg")
+    (src / "fake.png").write_text("not a png")
+    (src / "truncated.jpg").write_bytes((src / "ok1.jpg").read_bytes()[:600])
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(out),
+                 "--batch_size", "2", "--device", "cpu"]) == 2
+    printed = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == [f"ok{i}_segmentation.png" for i in range(3)]
+    assert Image.open(out / "ok2_segmentation.png").size == (60, 42)
+    assert "wrote 3 mask(s)" in printed.out
+    assert "2 image(s) could not be read" in printed.err and "fake.png" in printed.err
+    assert "truncated.jpg" in printed.err
+
+
 def test_reference_state_dict_predicts(tmp_path):
     model = create_model("U_Net", base_channels=4)
     torch.save(model.state_dict(), tmp_path / "ref.pkl")
