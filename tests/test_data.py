@@ -307,6 +307,31 @@ def test_loader_batches_any_size(tiny_data):
     assert sum(sizes) == 3 * len(cache)
 
 
+def test_loader_workers_started_by_spawn_map_the_cache_instead_of_copying_it(tmp_path):
+    """Workers started by spawn/forkserver (macOS, Windows, Python >= 3.14 on Linux) receive the dataset pickled: it
+    must carry the cache's folder and row table, not the pixels. Also with a skipped bad file, whose row is left out
+    by the row table instead of copying the good rows into memory."""
+    import pickle
+
+    from r2unet.data.dataset import CachedBatches
+
+    img_dir, mask_dir = _raw(tmp_path, 7)
+    (img_dir / "ISIC_0000003.jpg").write_text("not a jpeg")
+    cache = build_cache(img_dir, mask_dir, tmp_path / "cache", image_size=112, progress=False, skip_bad=True,
+                        log=lambda *_: None)
+    assert len(cache) == 6 and "ISIC_0000003.jpg" not in cache.names
+    pixels = cache.images.nbytes + cache.masks.nbytes
+    assert len(pickle.dumps(cache)) < pixels / 20
+    dataset = CachedBatches(cache)
+    expected = dataset[list(range(6))]
+    assert torch.equal(expected["images"][3], torch.from_numpy(np.array(cache.images[3])))  # row 4 on disk
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, sampler=[list(range(6))], num_workers=1,
+                                         multiprocessing_context="spawn")
+    (got,) = list(loader)
+    for key in ("images", "masks", "aspect", "index"):
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_interrupted_prepare_can_be_redone_with_overwrite(tmp_path, monkeypatch):
     from r2unet.data import prepare as prep
 

@@ -22,7 +22,6 @@ import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,15 +71,46 @@ def _decode_row(args):
         return row, None, None, None, str(exc)
 
 
-@dataclass
 class SplitCache:
-    """Memory-mapped arrays of one split. ``images[i]`` (S, S, 3), ``masks[i]`` (S, S), ``aspect[i]`` = h / w."""
+    """One split's cache: ``names[i]``, ``original_hw[i]`` (h, w) and ``aspect[i]`` = h / w of the i-th usable image;
+    ``batch(indices)`` reads images (B, S, S, 3) and masks (B, S, S) from the memory-mapped arrays.
 
-    folder: Path
-    names: list[str]
-    images: np.ndarray
-    masks: np.ndarray
-    original_hw: np.ndarray  # (N, 2) int
+    Pickling carries the folder and the row table, not the pixels, and the copy maps the files again: DataLoader
+    workers started by spawn or forkserver (macOS, Windows, Python >= 3.14 on Linux) share the page cache instead of
+    each receiving a private copy of the whole split through a pipe."""
+
+    def __init__(self, folder: Path, side: int, names: list[str], original_hw: np.ndarray, rows: np.ndarray):
+        self.folder, self.side, self.names = Path(folder), side, names
+        self.original_hw = original_hw  # (N, 2) int
+        self.rows = rows  # (N,) rows of the arrays on disk (rows of files that failed to decode are left out)
+        self._map()
+
+    def _map(self) -> None:
+        self._images = np.load(self.folder / "images.npy", mmap_mode="r")
+        self._masks = np.load(self.folder / "masks.npy", mmap_mode="r")
+        self._all_rows = len(self.rows) == len(self._images) and bool((self.rows == np.arange(len(self.rows))).all())
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_images", "_masks", "_all_rows")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._map()
+
+    def batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Images (B, S, S, 3) and masks (B, S, S), uint8, of the usable images at ``indices`` (one gather each)."""
+        rows = self.rows[np.asarray(indices, dtype=np.int64)]
+        return self._images[rows], self._masks[rows]
+
+    @property
+    def images(self) -> np.ndarray:
+        """All images (N, S, S, 3): the memory map itself, or a copy of the usable rows when some were left out."""
+        return self._images if self._all_rows else self._images[self.rows]
+
+    @property
+    def masks(self) -> np.ndarray:
+        """All masks (N, S, S), like ``images``."""
+        return self._masks if self._all_rows else self._masks[self.rows]
 
     @property
     def aspect(self) -> np.ndarray:
@@ -188,17 +218,13 @@ def open_cache(cache_dir: str | Path, side: int) -> SplitCache:
     meta = _read_meta(cache_dir / "meta.json", side)
     if meta is None:
         raise DataError(f"{cache_dir}: no cache at size {side}; build it with build_cache")
-    images = np.load(cache_dir / "images.npy", mmap_mode="r")
-    masks = np.load(cache_dir / "masks.npy", mmap_mode="r")
     done = np.load(cache_dir / "done.npy")
     keep = np.flatnonzero(done)
     if len(keep) == 0:
         raise DataError(f"{cache_dir}: no usable images in this split")
     entries = meta["entries"]
     hw = np.array([entries[i]["hw"] for i in keep], dtype=np.int64)
-    if len(keep) < len(entries):  # fall back to an in-memory copy of the good rows only
-        images, masks = images[keep], masks[keep]
-    return SplitCache(cache_dir, [entries[i]["image"] for i in keep], images, masks, hw)
+    return SplitCache(cache_dir, side, [entries[i]["image"] for i in keep], hw, keep)
 
 
 def _read_meta(path: Path, side: int) -> dict | None:

@@ -30,9 +30,10 @@ class CachedBatches(Dataset):
 
     def __getitem__(self, indices) -> dict[str, torch.Tensor]:
         idx = np.sort(np.asarray(indices, dtype=np.int64))  # sorted reads are sequential on disk
+        images, masks = self.cache.batch(idx)
         return {
-            "images": torch.from_numpy(np.ascontiguousarray(self.cache.images[idx])),
-            "masks": torch.from_numpy(np.ascontiguousarray(self.cache.masks[idx])),
+            "images": torch.from_numpy(np.ascontiguousarray(images)),
+            "masks": torch.from_numpy(np.ascontiguousarray(masks)),
             "aspect": self.aspect[idx],
             "index": torch.from_numpy(idx),
         }

@@ -752,8 +752,9 @@ def _tensorboard(writer, row: dict) -> None:
 @torch.no_grad()
 def draw_samples(model, cache, indices, transform, precision, cfg, out, title) -> Path:
     """Grid of image | ground truth | prediction for fixed validation images."""
-    batch = {"images": torch.from_numpy(np.ascontiguousarray(cache.images[indices])),
-             "masks": torch.from_numpy(np.ascontiguousarray(cache.masks[indices]))}
+    images, masks = cache.batch(indices)
+    batch = {"images": torch.from_numpy(np.ascontiguousarray(images)),
+             "masks": torch.from_numpy(np.ascontiguousarray(masks))}
     x, y = transform(batch)
     model.eval()
     with precision.autocast():
