@@ -2,6 +2,10 @@
 configuration (bf16, channels_last, fused Adam, compiled on GPUs), kernels grouped into convolutions, compiler-fused
 elementwise/normalisation kernels, other elementwise work, the optimizer and copies. Run by gpu_check.sh.
 
+It also prints the convolutions' throughput: the step's FLOPs (torch.utils.flop_counter counts only convolutions
+here) over the convolution kernels' device time, as a fraction of a large bf16 matmul's measured rate. That fraction
+is the ``e`` of benchmarks/README.md, which decides whether 550 img/s is reachable.
+
     python benchmarks/profile_step.py [--model_type R2U_Net --batch_size 16 --image_size 224 --device cuda]
 """
 
@@ -14,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from r2unet.bench import FAST, model_step
+from r2unet.bench import FAST, _peak_tflops, model_step, train_flops_per_image
 from r2unet.engine.trainer import configure_backends, synchronize
 
 # substrings of kernel names, first match wins (cuDNN/CUTLASS convolution kernels carry these in their names)
@@ -50,8 +54,9 @@ def main() -> None:
     dev = torch.device(args.device)
     compiled = (args.compile or ("on" if dev.type == "cuda" else "off")) == "on"
     configure_backends(dev)
-    step, _ = model_step(args.model_type, args.t, args.base_channels, args.image_size, args.batch_size, dev,
-                         **FAST, compile_model=compiled)
+    step, model = model_step(args.model_type, args.t, args.base_channels, args.image_size, args.batch_size, dev,
+                             **FAST, compile_model=compiled)
+    flops_per_step = train_flops_per_image(model, args.batch_size, args.image_size) * args.batch_size
     for _ in range(5):  # compilation, cuDNN autotuning, allocator warm-up
         step()
     synchronize(dev)
@@ -70,9 +75,14 @@ def main() -> None:
     for name, us, _ in rows:
         groups[group_of(name)] += us
     per_step_ms = total / 1e3 / args.steps
+    conv_ms = groups.get("convolution", 0.0) / 1e3 / args.steps
+    conv_tflops = flops_per_step / (conv_ms * 1e-3) / 1e12 if conv_ms else None
+    peak = _peak_tflops(dev) if cuda else None
     result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "compiled": compiled,
               "model_type": args.model_type, "batch_size": args.batch_size, "image_size": args.image_size,
               "device_ms_per_step": per_step_ms, "img_per_s_if_busy": args.batch_size / per_step_ms * 1e3,
+              "convolution_ms_per_step": conv_ms, "convolution_tflops": conv_tflops, "peak_bf16_tflops": peak,
+              "convolution_fraction_of_peak": conv_tflops / peak if conv_tflops and peak else None,
               "groups_percent": {g: 100 * us / total for g, us in sorted(groups.items(), key=lambda x: -x[1])},
               "top": [{"name": n[:120], "percent": 100 * us / total, "calls_per_step": c / args.steps}
                       for n, us, c in sorted(rows, key=lambda r: -r[1])[:15]]}
@@ -84,6 +94,10 @@ def main() -> None:
           f"-> {result['img_per_s_if_busy']:.0f} img/s if the device never idles")
     for g, pct in result["groups_percent"].items():
         print(f"  {g:<26}{pct:6.1f}%")
+    if conv_tflops:
+        of_peak = f", {100 * conv_tflops / peak:.0f}% of a bf16 matmul's {peak:.0f} TFLOP/s" if peak else ""
+        print(f"convolutions: {flops_per_step / 1e9:.1f} GFLOP in {conv_ms:.2f} ms per step = "
+              f"{conv_tflops:.2f} TFLOP/s{of_peak}")
     print("top kernels:")
     for row in result["top"]:
         print(f"  {row['percent']:5.1f}%  x{row['calls_per_step']:<5.0f} {row['name']}")

@@ -94,6 +94,10 @@ def main(raw: Path, out_json: Path) -> None:
         print(f"profile ({'compiled' if prof['compiled'] else 'eager'}): {prof['device_ms_per_step']:.1f} ms device "
               f"time per step ({prof['img_per_s_if_busy']:.0f} img/s if never idle); "
               + ", ".join(f"{g} {pct:.0f}%" for g, pct in prof["groups_percent"].items()))
+        if prof.get("convolution_fraction_of_peak"):
+            print(f"   convolutions: {prof['convolution_tflops']:.0f} TFLOP/s = e "
+                  f"{prof['convolution_fraction_of_peak']:.2f} of the bf16 matmul peak (benchmarks/README.md: 550 "
+                  "img/s needs e >= 0.72 on an H200, >= 0.92 on an H100)")
         for row in prof["top"][:6]:
             print(f"   {row['percent']:5.1f}%  x{row['calls_per_step']:<4.0f} {row['name'][:90]}")
     elif (raw / "profile.err").exists():
