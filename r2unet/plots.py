@@ -30,7 +30,10 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def plot_curves(rows: list[dict], out: str | Path) -> Path:
-    """``curves.png``: train loss, validation JS/DC and learning rate per epoch."""
+    """``curves.png``: train loss, validation JS/DC (and the training batches' JS, dashed) with the best epoch
+    marked, and the learning rate, per epoch."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     epochs = [r["epoch"] for r in rows]
@@ -40,13 +43,21 @@ def plot_curves(rows: list[dict], out: str | Path) -> Path:
         pts = [(r["epoch"], r["valid"][key]) for r in rows if r.get("valid")]
         if pts:
             axes[1].plot(*zip(*pts), style, ms=3, label=f"valid {key}")
+    train_js = [(r["epoch"], r["train"]["JS"]) for r in rows if r.get("train")]
+    if train_js:
+        axes[1].plot(*zip(*train_js), "--", color="tab:gray", lw=1, label="train JS (augmented)")
+    best = [r["epoch"] for r in rows if r.get("best")]
+    if best:  # the last epoch flagged best is the checkpoint kept as best.pt
+        axes[1].axvline(best[-1], color="tab:red", ls=":", lw=1.2, label=f"best.pt (epoch {best[-1]})")
     axes[1].set(title="validation scores", xlabel="epoch", ylim=(0, 1))
-    axes[1].legend(loc="lower right")
+    if axes[1].lines:
+        axes[1].legend(loc="best", fontsize=8, framealpha=0.7)
     axes[2].plot(epochs, [r.get("lr") for r in rows], marker="o", ms=3, color="tab:green")
     axes[2].set(title="learning rate", xlabel="epoch")
     axes[2].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in axes:
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=100)

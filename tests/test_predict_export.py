@@ -123,8 +123,9 @@ def test_export_onnx_round_trip(checkpoint, tmp_path, capsys):
 
 
 def test_curves_and_grid_are_valid_pngs(tmp_path):
-    rows = [{"epoch": e, "train_loss": 1 / e, "lr": 1e-3, "valid": {"JS": 0.1 * e, "DC": 0.12 * e}}
-            for e in range(1, 5)]
+    rows = [{"epoch": e, "train_loss": 1 / e, "lr": 1e-3, "valid": {"JS": 0.1 * e, "DC": 0.12 * e},
+             "train": {"JS": 0.11 * e}, **({"best": True} if e in (1, 3) else {})} for e in range(1, 5)]
+    rows.append({"epoch": 5, "train_loss": 0.2, "lr": 1e-3})  # an epoch without validation (--eval_every)
     plot_curves(rows, tmp_path / "curves.png")
     assert Image.open(tmp_path / "curves.png").format == "PNG"
     imgs = np.zeros((2, 32, 32, 3), np.uint8)
