@@ -76,9 +76,15 @@ def train_flops_per_image(model: torch.nn.Module, batch_size: int, image_size: i
     return counter.get_total_flops() / batch_size
 
 
-def _time_steps(step, device: torch.device, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
+def _time_steps(step, device: torch.device, steps: int, warmup: int, on_first_step=None) -> float:
+    """Seconds of ``steps`` steps after ``warmup`` untimed ones; ``on_first_step(seconds)`` hears the first step's
+    time (for an estimate of a long run)."""
+    t0 = time.perf_counter()
+    for i in range(warmup):
         step()
+        if i == 0 and on_first_step is not None:
+            synchronize(device)
+            on_first_step(time.perf_counter() - t0)
     synchronize(device)
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -160,7 +166,17 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
     use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
     rows = []
     flops = None
-    for key in parse_configs(configs, dev, use_compile):
+    keys = parse_configs(configs, dev, use_compile)
+    log(f"bench train: {model_type} at {image_size} px, batch {batch_size} on {dev}: {len(keys)} configuration(s) "
+        f"x ({warmup} warm-up + {steps} timed) steps")
+
+    def estimate(first_step_s: float) -> None:  # the fp32 baseline is the slowest row: a ceiling for the others
+        total_min = first_step_s * (warmup + steps) * len(keys) / 60
+        if total_min > 2:
+            log(f"  one fp32 step took {first_step_s:.1f} s: up to ~{total_min:.0f} min in all"
+                + (" (on a CPU, try --base_channels 16 --image_size 128 --batch_size 8)" if dev.type == "cpu" else ""))
+
+    for key in keys:
         name, opts = CONFIGS[key] or ("default train step", {})
         if key == "compile" and compile_mode != "default":
             opts = dict(opts, compile_mode=compile_mode)
@@ -171,9 +187,10 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                                               warmup, data_path, "on" if use_compile else "off", compile_mode, log)
             else:
                 step, model = model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
+                seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0),
+                                      on_first_step=estimate if key == "fp32" else None)
                 if flops is None:
                     flops = train_flops_per_image(model, batch_size, image_size)
-                seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0))
                 row = {"config": name, "img_per_s": batch_size * steps / seconds}
                 del step, model
         except Exception as exc:  # noqa: BLE001 - one configuration failing (e.g. a compiler error) is a result
