@@ -808,7 +808,7 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
 RESOLUTIONS = ("training", "original")
 
 
-class TestTimeFlips(nn.Module):
+class FlipAveraged(nn.Module):
     """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
     (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
 
@@ -864,7 +864,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        acc = evaluate(TestTimeFlips(model) if tta else model, loader,
+        acc = evaluate(FlipAveraged(model) if tta else model, loader,
                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
                        progress=f"{split} split" if sys.stderr.isatty() else None,
                        keep_per_image=per_image_csv is not None)
