@@ -46,7 +46,7 @@ def _cmd_prepare(args) -> None:
         for split in SPLITS:
             if manifest["splits"][split]:
                 split_cache(args.data_path, split, args.image_size, num_workers=args.num_workers,
-                            skip_bad=args.skip_bad)
+                            skip_bad=args.skip_bad, progress=sys.stderr.isatty())
 
 
 def _stderr_log(*args) -> None:

@@ -72,6 +72,18 @@ def test_prepare_with_the_seed_flags(tmp_path):
     assert len(list((tmp_path / "ds" / "test_GT_custom").iterdir())) == 2
 
 
+def test_prepare_without_a_terminal_logs_lines_not_progress_bar_frames(tmp_path, capsys):
+    """Under a batch job (stderr not a terminal) the cache build must not fill the log with a bar's \r frames."""
+    from r2unet.cli import main
+
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    assert main(["prepare", "--origin_data_path", str(img_dir), "--origin_GT_path", str(mask_dir),
+                 "--data_path", str(tmp_path / "ds"), "--image_size", "32", "--num_workers", "1"]) == 0
+    printed = capsys.readouterr()
+    assert "caching 7 of 7 images" in printed.out
+    assert "\r" not in printed.err + printed.out and "img/s]" not in printed.err
+
+
 def test_prepare_refuses_non_empty_target_and_keeps_user_files(tmp_path):
     img_dir, mask_dir = _raw(tmp_path, 10)
     out = tmp_path / "out"

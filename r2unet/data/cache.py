@@ -127,10 +127,11 @@ def build_cache(
     image_size: int = 224,
     num_workers: int | None = None,
     skip_bad: bool = False,
-    progress: bool = True,
+    progress: bool = False,
     log=print,
 ) -> SplitCache:
-    """Create or update the cache of one split folder pair and open it (see the module docstring)."""
+    """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
+    progress bar while decoding (for terminals; a log file would fill with its frames)."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
