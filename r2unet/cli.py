@@ -203,8 +203,8 @@ def _cmd_export(args) -> None:
         from .engine.checkpoint import save_weights_safetensors
 
         save_weights_safetensors(model, args.output, cfg.to_dict())
-        print(f"wrote {args.output} (weights only; load with --checkpoint {args.output} --model_type "
-              f"{cfg.model_type} --t {cfg.t} --base_channels {cfg.base_channels})")
+        print(f"wrote {args.output} (weights, and the run's settings as metadata: use it as --checkpoint "
+              f"{args.output}; it holds no code and no optimizer state)")
         return
     report = export_onnx(model, args.output, image_size=args.image_size or cfg.image_size, img_ch=cfg.img_ch,
                          check=not args.no_check)

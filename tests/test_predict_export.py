@@ -142,10 +142,20 @@ def test_safetensors_weights_round_trip(checkpoint, tmp_path, capsys):
     path, model = checkpoint
     out = tmp_path / "w.safetensors"
     assert main(["export", "--checkpoint", str(path), "--output", str(out)]) == 0
-    assert "weights only" in capsys.readouterr().out
+    assert "run's settings" in capsys.readouterr().out
+    from safetensors.torch import save_file
+
     from r2unet.engine.trainer import load_for_inference
 
-    loaded, _ = load_for_inference(out, model_type="R2AttU_Net", t=2, base_channels=4)
+    # the settings travel in the metadata: no --model_type/--t/--base_channels/--image_size needed
+    loaded, cfg = load_for_inference(out)
+    assert (cfg.model_type, cfg.t, cfg.base_channels, cfg.image_size) == ("R2AttU_Net", 2, 4, 32)
     x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    # a bare safetensors state_dict from elsewhere still loads with the architecture given
+    bare = tmp_path / "bare.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(bare))
+    loaded, _ = load_for_inference(bare, model_type="R2AttU_Net", t=2, base_channels=4)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))

@@ -69,13 +69,7 @@ def load_file(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":  # weights only, by construction: nothing in it can run
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file as load_safetensors
-
-        try:
-            return load_safetensors(str(path), device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+        return _load_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -88,6 +82,29 @@ def load_file(path: str | Path) -> dict:
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
     return obj
+
+
+def _load_safetensors(path: Path) -> dict:
+    """A bare state_dict; for a file ``r2unet export`` wrote, the weights with the run's settings (text metadata) as
+    ``{"format": "r2unet", "model": ..., "config": ...}``, so that it is used like a checkpoint."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file as load_safetensors
+
+    try:
+        state = load_safetensors(str(path), device="cpu")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    try:
+        config = json.loads(metadata.get("config", "{}")) if metadata.get("format") == FORMAT else {}
+    except json.JSONDecodeError:
+        config = {}
+    if isinstance(config, dict) and config:
+        return {"format": FORMAT, "model": state, "config": config}
+    return state
 
 
 def is_r2unet_checkpoint(obj: dict) -> bool:
