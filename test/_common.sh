@@ -36,7 +36,7 @@ run_and_report() {
     python - "$out/results.json" "$((end - start))" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"Final Performance images/sec : {r['fps']:.2f}")
+print(f"Final Performance images/sec : {r['fps']:.2f}" if r.get("fps") else "Final Performance images/sec : n/a")
 # as the seed: pixel accuracy on the (augmented) training batches of the last epoch
 print(f"Final Train Accuracy : {r['train']['ACC']:.4f}" if r.get("train") else "Final Train Accuracy : n/a")
 print(f"E2E Training Duration sec : {sys.argv[2]}")

@@ -275,6 +275,20 @@ def test_evaluate_writes_per_image_scores_and_names_the_worst(prepared, tmp_path
     assert f"lowest JS: {worst['image']}" in capsys.readouterr().out
 
 
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_results(prepared, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _train(prepared, out, "--num_epochs", "1") == 0
+    before = json.loads((out / "results.json").read_text())
+    rows_before = (out / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert _train(prepared, out, "--resume") == 0
+    printed = capsys.readouterr().out
+    assert "has finished all 1 epochs" in printed and "--num_epochs N with N > 1" in printed
+    after = json.loads((out / "results.json").read_text())
+    assert after["fps"] == before["fps"] > 0 and after["train"] == before["train"]  # not clobbered with 0 / None
+    assert after["test"] == before["test"] and (out / "metrics.jsonl").read_text() == rows_before
+
+
 def _js_dc(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
     tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
     if fp + fn == 0:

@@ -516,7 +516,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         if "augment" in rng and not info.distributed:
             augment.generator.set_state(rng["augment"])
         epoch_state_carry = ckpt.get("extra", {}).get("epoch_state", {}) if start_step else {}
-        log(f"resumed from {run.last}: epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
+        if start_epoch >= cfg.num_epochs:
+            log(f"{run.last} has finished all {cfg.num_epochs} epochs: scoring best.pt on the test split again "
+                f"(to train longer, pass --num_epochs N with N > {cfg.num_epochs})")
+        else:
+            log(f"resumed from {run.last}: epoch {start_epoch + 1}" + (f", step {start_step}" if start_step else ""))
     for group in optimizer.param_groups:  # the decay schedule follows the (possibly extended) num_epochs
         group["lr"] = lr * lr_factor(start_epoch, cfg)
 
@@ -649,7 +653,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             load_weights(model, model_state(best), str(run.best))
         test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last,
                         "test" if bar else None).compute() if len(caches["test"]) else None
-        fps = total_steady_images / max(total_steady_seconds, 1e-9)
+        if total_steady_seconds > 0:
+            fps = total_steady_images / total_steady_seconds
+        else:  # nothing trained in this session (a finished run resumed): keep what the training measured
+            previous = _previous_results(run)
+            fps, last_train = previous.get("fps"), previous.get("train")
         results = {"test": test, "train": last_train, "best_epoch": best_epoch,
                    "best_valid_JS_plus_DC": best_score, "fps": fps,
                    "model_type": cfg.model_type, "t": cfg.t, "image_size": cfg.image_size,
@@ -664,7 +672,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if test:
                 log(f"test (best epoch {best_epoch}): "
                     + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
-            log(f"FPS: {fps:.2f}")
+            if fps is not None:
+                log(f"FPS: {fps:.2f}")
         return results, model
     except KeyboardInterrupt:
         if bar:
@@ -680,6 +689,13 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             writer.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def _previous_results(run: _Run) -> dict:
+    try:
+        return json.loads(run.results.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def _main_thread() -> bool:
