@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split of a prepared dataset")
-    p.add_argument("--checkpoint", required=True, help="r2unet checkpoint or the reference's state_dict .pkl")
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
     p.add_argument("--data_path", required=True)
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     _add_model_override_flags(p)
@@ -289,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment images: masks at the original resolution, overlays")
-    p.add_argument("--checkpoint", required=True, help="r2unet checkpoint or the reference's state_dict .pkl")
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
     _add_model_override_flags(p)
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="ONNX export checked with onnxruntime, or weights as .safetensors")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
     p.add_argument("--output", required=True, help="model.onnx, or model.safetensors for the weights alone")
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="example size (the exported model is dynamic)")

@@ -69,6 +69,21 @@ def test_banded_upsampling_equals_one_interpolate():
     assert np.abs(small - banded).max() < 1e-5
 
 
+def test_a_run_folder_stands_for_its_best_checkpoint(checkpoint, tmp_path, capsys):
+    path, model = checkpoint
+    from r2unet.engine.trainer import load_for_inference
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "best.pt").write_bytes(path.read_bytes())
+    loaded, cfg = load_for_inference(run)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert main(["export", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "m.safetensors")]) == 2
+    assert "is a folder, not a checkpoint" in capsys.readouterr().err
+
+
 def test_predict_rejects_missing_input(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
     assert main(["predict", "--checkpoint", str(path), "--input", str(tmp_path / "nope"),

@@ -807,7 +807,15 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
                        base_channels: int | None = None, img_ch: int | None = None,
                        output_ch: int | None = None) -> tuple[nn.Module, TrainConfig]:
     """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
-    the checkpoint's config (and are required for a bare state_dict's architecture, else the defaults apply)."""
+    the checkpoint's config (and are required for a bare state_dict's architecture, else the defaults apply).
+    ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used."""
+    checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        run = _Run(checkpoint)
+        if not run.best.is_file():
+            raise CheckpointError(f"{checkpoint} is a folder, not a checkpoint, and holds no run's "
+                                  f"checkpoints/best.pt; pass the checkpoint file")
+        checkpoint = run.best
     obj = load_file(checkpoint)
     cfg = TrainConfig.from_dict(obj["config"]) if obj.get("format") == "r2unet" else TrainConfig()
     for name, value in (("model_type", model_type), ("t", t), ("base_channels", base_channels),
