@@ -181,7 +181,8 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             Image.fromarray(np.round(probs * 255).astype(np.uint8)).save(output / f"{path.stem}_prob.png")
         if save_overlay:
             h, w = mask.shape
-            base = image if image.shape[:2] == (h, w) else np.asarray(Image.fromarray(image).resize((w, h)))
+            # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
+            base = image if image.shape[:2] == (h, w) else read_image(path)
             gt = None
             if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
                 gt = read_gt_for(gt_path, path, mask.shape)

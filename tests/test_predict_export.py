@@ -49,6 +49,31 @@ def test_predict_writes_binary_masks_at_original_sizes(checkpoint, tmp_path):
         assert Image.open(tmp_path / "out" / f"img{i}_overlay.jpg").size == (w, h)
 
 
+def test_overlays_show_the_photos_own_pixels_not_the_reduced_decode(checkpoint, tmp_path):
+    """The network's input of a big JPEG comes from a reduced (draft) decode; the overlay must not be that reduced
+    image scaled back up (blurred), but the photo at full resolution."""
+    path, _ = checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    photo = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)  # fine detail that a blur would wipe out
+    Image.fromarray(photo).save(src / "big.jpg", quality=95)
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--overlay", "--device", "cpu"]) == 0
+    shown = np.asarray(Image.open(tmp_path / "out" / "big_overlay.jpg")).astype(int)
+    decoded = np.asarray(Image.open(src / "big.jpg")).astype(int)
+    mask = np.asarray(Image.open(tmp_path / "out" / "big_segmentation.png")) > 0
+    from r2unet.plots import contour
+
+    away = ~contour(mask)
+    for _ in range(4):  # stay clear of the drawn outline and its JPEG ringing
+        away[1:] &= away[:-1]
+        away[:-1] &= away[1:]
+        away[:, 1:] &= away[:, :-1]
+        away[:, :-1] &= away[:, 1:]
+    assert np.abs(shown - decoded)[away].mean() < 12  # only the overlay's own JPEG encoding differs
+
+
 def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
     _, model = checkpoint
     model.eval()
