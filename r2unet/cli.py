@@ -49,6 +49,21 @@ def _cmd_prepare(args) -> None:
                             skip_bad=args.skip_bad, progress=sys.stderr.isatty())
 
 
+def _probability(text: str) -> float:
+    """argparse type of --threshold: a probability strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def _stderr_log(*args) -> None:
     """Progress of a --json run: stdout stays one JSON object, stderr keeps what finished if the run is cut short."""
     print(*args, file=sys.stderr, flush=True)
@@ -277,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="default: the checkpoint's")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--threshold", type=float, default=None)
+    p.add_argument("--batch_size", type=_positive_int, default=16)
+    p.add_argument("--threshold", type=_probability, default=None, help="default: the checkpoint's (0.5)")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
     p.add_argument("--resolution", choices=["training", "original"], default="training",
@@ -296,8 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--batch_size", type=_positive_int, default=8)
+    p.add_argument("--threshold", type=_probability, default=0.5)
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")

@@ -118,6 +118,20 @@ def test_bad_flags_fail_before_work(flag, value, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command,flag,value,message", [
+    ("predict", "--threshold", "1.5", "must be between 0 and 1"),
+    ("evaluate", "--threshold", "0", "must be between 0 and 1"),
+    ("predict", "--batch_size", "0", "must be >= 1"),
+    ("evaluate", "--batch_size", "-2", "must be >= 1"),
+])
+def test_inference_flags_are_checked_before_any_work(command, flag, value, message, tmp_path, capsys):
+    where = ["--input", str(tmp_path), "--output", str(tmp_path / "o")] if command == "predict" else \
+        ["--data_path", str(tmp_path)]
+    with pytest.raises(SystemExit):  # argparse: usage and the message, exit code 2
+        main([command, "--checkpoint", str(tmp_path / "none.pt"), *where, flag, value])
+    assert message in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_unknown_model_and_missing_folders(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse lists the choices
         main(["train", "--model_type", "R3U_Net"])
