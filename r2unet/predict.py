@@ -18,17 +18,30 @@ from .data.io import image_size as image_size_of
 from .data.prepare import mask_stem_for
 from .plots import overlay
 
+OUTPUT_SUFFIXES = ("_segmentation.png", "_prob.png", "_overlay.jpg")  # what run_predict writes per image
+
 
 def list_inputs(path: str | Path) -> list[Path]:
+    """The images to segment: ``path`` itself, or the images in the folder ``path`` (not its subfolders), leaving out
+    files named like predict's own outputs (so a folder used as both input and output is not segmented twice).
+    Two images whose outputs would have the same name (``a.jpg`` and ``a.png``) are refused before any work."""
     path = Path(path)
     if path.is_file():
         if not is_image_file(path):
             raise DataError(f"{path}: not an image (expected .jpg .jpeg .png .bmp .tif .tiff)")
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith("."))
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+                       and not p.name.endswith(OUTPUT_SUFFIXES))
         if not files:
             raise DataError(f"{path}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        by_stem: dict[str, list[str]] = {}
+        for p in files:
+            by_stem.setdefault(p.stem, []).append(p.name)
+        clashes = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
+        if clashes:
+            raise DataError(f"{path}: images whose masks would overwrite each other (same name, other extension): "
+                            + "; ".join(clashes) + ". Rename or move one of each.")
         return files
     raise DataError(f"--input: {path} does not exist")
 

@@ -136,6 +136,27 @@ def test_unreadable_images_are_skipped_named_and_the_rest_written(checkpoint, tm
     assert "truncated.jpg" in printed.err
 
 
+def test_inputs_that_would_overwrite_each_other_are_refused_and_outputs_are_not_inputs(checkpoint, tmp_path,
+                                                                                         capsys):
+    path, _ = checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        Image.fromarray(np.full((30, 40, 3), 120, np.uint8)).save(src / name)
+    # the folder is its own output: a second run must not segment the masks and overlays the first one wrote
+    for _ in range(2):
+        assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(src), "--overlay",
+                     "--save_probs", "--device", "cpu"]) == 0
+        assert "wrote 2 mask(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in src.iterdir()) == sorted(
+        ["a.jpg", "b.jpg"] + [f"{s}{suffix}" for s in "ab" for suffix in ("_segmentation.png", "_prob.png",
+                                                                            "_overlay.jpg")])
+    Image.fromarray(np.full((30, 40, 3), 60, np.uint8)).save(src / "a.png")  # a's masks would be overwritten
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / "o"),
+                 "--device", "cpu"]) == 2
+    assert "a.jpg and a.png" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_reference_state_dict_predicts(tmp_path):
     model = create_model("U_Net", base_channels=4)
     torch.save(model.state_dict(), tmp_path / "ref.pkl")
