@@ -178,7 +178,8 @@ def _cmd_evaluate(args) -> None:
                    f"{', flip TTA' if args.tta else ''} (per-image means):")
     if metrics.get("worst") and not args.json:
         print(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
-              + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"]))
+              + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"])
+              + f"; pictured in {metrics['worst_picture']}")
 
 
 def _load_model(args):

@@ -92,15 +92,17 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, w
     return out
 
 
-def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str | Path, title: str = "") -> Path:
+def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str | Path, title: str = "",
+                row_titles: list[str] | None = None) -> Path:
     """Rows of image | ground truth | prediction (with contours on the image). images (N, H, W, 3) uint8,
-    gts/preds (N, H, W) bool."""
+    gts/preds (N, H, W) bool; ``row_titles``: a label per row (e.g. the file name) above its image."""
     plt = _pyplot()
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for i in range(n):
         js = _jaccard(preds[i], gts[i])
-        panels = ((overlay(images[i], preds[i], gts[i]), "image (green: pred, blue: truth)"),
+        first = row_titles[i] if row_titles else "image (green: pred, blue: truth)"
+        panels = ((overlay(images[i], preds[i], gts[i]), first),
                   (gts[i], "ground truth"), (preds[i], f"prediction  JS={js:.2f}"))
         for ax, (pic, label) in zip(axes[i], panels):
             ax.imshow(pic, cmap="gray", vmin=0, vmax=1) if pic.ndim == 2 else ax.imshow(pic)

@@ -285,6 +285,11 @@ def test_evaluate_writes_per_image_scores_and_names_the_worst(prepared, tmp_path
         assert np.mean(values) == pytest.approx(summary[k], abs=1e-6), k  # the table's mean is the reported score
     worst = sorted(rows, key=lambda r: float(r["JS"]))[0]
     assert summary["worst"][0]["image"] == worst["image"] and len(summary["worst"]) == min(5, len(rows))
+    from PIL import Image
+
+    picture = Image.open(summary["worst_picture"])  # one row per named image: taller than wide
+    assert picture.format == "PNG" and picture.size[1] > 1.5 * picture.size[0]
+    assert summary["worst_picture"] == str(tmp_path / "scores_worst.png")
     assert main(args) == 0
     assert f"lowest JS: {worst['image']}" in capsys.readouterr().out
 

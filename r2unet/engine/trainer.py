@@ -766,8 +766,8 @@ def _tensorboard(writer, row: dict) -> None:
 
 
 @torch.no_grad()
-def draw_samples(model, cache, indices, transform, precision, cfg, out, title) -> Path:
-    """Grid of image | ground truth | prediction for fixed validation images."""
+def draw_samples(model, cache, indices, transform, precision, cfg, out, title, row_titles=None) -> Path:
+    """Grid of image | ground truth | prediction for the cache's images at ``indices``."""
     images, masks = cache.batch(indices)
     batch = {"images": torch.from_numpy(np.ascontiguousarray(images)),
              "masks": torch.from_numpy(np.ascontiguousarray(masks))}
@@ -778,7 +778,7 @@ def draw_samples(model, cache, indices, transform, precision, cfg, out, title) -
     rgb = x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1)
     images = ((rgb * STD + MEAN).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
     return plots.sample_grid(images, (y[:, 0] > 0.5).cpu().numpy(), (probs[:, 0] > cfg.threshold).cpu().numpy(),
-                             out, title)
+                             out, title, row_titles)
 
 
 def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
@@ -869,8 +869,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     cfg.validate()
     dev = resolve_device(cfg, D.DistInfo())
     precision = Precision(resolve_amp(cfg, dev), dev)
-    threshold = threshold if threshold is not None else cfg.threshold
+    threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
     model = model.to(dev)
+    scored = FlipAveraged(model) if tta else model
     if resolution == "original":
         from ..data.prepare import checked_pairs, report_problems
         from ..predict import score_at_original_resolution
@@ -888,7 +889,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        acc = evaluate(FlipAveraged(model) if tta else model, loader,
+        acc = evaluate(scored, loader,
                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
                        progress=f"{split} split" if sys.stderr.isatty() else None,
                        keep_per_image=per_image_csv is not None)
@@ -909,6 +910,18 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
         out["per_image_csv"] = str(per_image_csv)
         out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
+        # ...and a picture of them: seeing the failures beats reading their names
+        if resolution == "original":  # the picture is drawn at the network's size, from the cache
+            cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
+        row_of = {name: i for i, name in enumerate(cache.names)}
+        picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
+        draw_samples(scored, cache, [row_of[names[i]] for i in order],
+                     DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, cfg, picture,
+                     f"lowest JS on the {split} split" + (" (scored at each image's size, drawn at the network's)"
+                                                          if resolution == "original" else "")
+                     + "\ngreen: prediction, blue: ground truth",
+                     [f"{names[i]}  JS {scores['JS'][i]:.3f}" for i in order])
+        out["worst_picture"] = str(picture)
     return out
 
 
