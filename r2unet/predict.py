@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -65,38 +68,59 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -
     return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
 
 
+def _decode(path: Path, image_size: int, img_ch: int) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
+    """((h, w) as displayed, the decoded image, the network input (1, C, S, S)) of one file."""
+    w, h = image_size_of(path)  # as displayed (EXIF orientation applied), like the pixels read below
+    img = read_image(path, min_size=(2 * image_size, 2 * image_size))
+    return (h, w), img, _to_input(img, image_size, img_ch)
+
+
+def default_workers() -> int:
+    """Threads for decoding, resizing and writing (PIL and torch release the GIL for that work)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device,
                    batch_size: int = 8, tta: bool = False, img_ch: int = 3,
-                   on_error: Callable[[Path, DataError], None] | None = None) -> Iterator[tuple[Path, np.ndarray,
-                                                                                                np.ndarray]]:
-    """Yield (path, image (H, W, 3) uint8, probabilities (H, W) float32 at the original resolution) per image.
+                   on_error: Callable[[Path, DataError], None] | None = None,
+                   workers: int | None = None) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+    """Yield (path, image (H, W, 3) uint8, probabilities (H, W) float32 at the original resolution) per image, in
+    the order of ``paths``.
 
     Images are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
     needs its full-resolution pixels in memory; the logits are resized back to the original size before the
-    sigmoid (and the caller's threshold). An image that cannot be decoded raises its DataError, or with
+    sigmoid (and the caller's threshold). ``workers`` threads decode the next batch and resize the last one's
+    probabilities while the network runs. An image that cannot be decoded raises its DataError, or with
     ``on_error`` is passed to it and left out."""
     model.eval().to(device)
     paths = list(paths)
-    for start in range(0, len(paths), batch_size):
-        chunk, images, sizes, inputs = [], [], [], []
-        for p in paths[start:start + batch_size]:
-            try:
-                w, h = image_size_of(p)  # as displayed (EXIF orientation applied), like the pixels read below
-                img = read_image(p, min_size=(2 * image_size, 2 * image_size))
-            except DataError as exc:
-                if on_error is None:
-                    raise
-                on_error(p, exc)
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        def decode_ahead(k: int) -> list:
+            return [(p, pool.submit(_decode, p, image_size, img_ch)) for p in batches[k]] if k < len(batches) else []
+
+        pending = decode_ahead(0)
+        for k in range(len(batches)):
+            current, pending = pending, decode_ahead(k + 1)
+            chunk, images, sizes, inputs = [], [], [], []
+            for p, decoded in current:
+                try:
+                    (h, w), img, x = decoded.result()
+                except DataError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(p, exc)
+                    continue
+                chunk.append(p)
+                sizes.append((h, w))
+                images.append(img)
+                inputs.append(x)
+            if not chunk:
                 continue
-            chunk.append(p)
-            sizes.append((h, w))
-            images.append(img)
-            inputs.append(_to_input(img, image_size, img_ch))
-        if not chunk:
-            continue
-        logits = predict_logits(model, torch.cat(inputs).to(device), tta)
-        for p, img, (h, w), lg in zip(chunk, images, sizes, logits):
-            yield p, img, _upsample_probs(lg, h, w)
+            logits = predict_logits(model, torch.cat(inputs).to(device), tta).cpu()
+            resized = [pool.submit(_upsample_probs, lg, h, w) for lg, (h, w) in zip(logits, sizes)]
+            for p, img, probs in zip(chunk, images, resized):
+                yield p, img, probs.result()
 
 
 def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**24) -> np.ndarray:
@@ -183,12 +207,10 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
         from tqdm import tqdm
 
         results = tqdm(results, total=len(paths), desc="predict", unit="img")
-    written = []
-    for path, image, probs in results:
+    def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         mask = probs > threshold
         dst = output / f"{path.stem}_segmentation.png"
         Image.fromarray(mask.astype(np.uint8) * 255).save(dst)
-        written.append(dst)
         if save_probs:
             Image.fromarray(np.round(probs * 255).astype(np.uint8)).save(output / f"{path.stem}_prob.png")
         if save_overlay:
@@ -200,6 +222,18 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                 gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
             Image.fromarray(pic).save(output / f"{path.stem}_overlay.jpg", quality=92)
+        return dst
+
+    workers = default_workers()
+    written: list[Path] = []
+    with ThreadPoolExecutor(workers) as pool:  # encoding and writing overlap the next images' prediction
+        in_flight: deque = deque()
+        for path, image, probs in results:
+            in_flight.append(pool.submit(write, path, image, probs))
+            while len(in_flight) > workers:  # bounded: each holds a full-resolution probability map
+                written.append(in_flight.popleft().result())
+        while in_flight:
+            written.append(in_flight.popleft().result())
     if failed:
         raise PartialPrediction(written, failed)
     return written

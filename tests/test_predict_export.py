@@ -74,6 +74,22 @@ def test_overlays_show_the_photos_own_pixels_not_the_reduced_decode(checkpoint, 
     assert np.abs(shown - decoded)[away].mean() < 12  # only the overlay's own JPEG encoding differs
 
 
+def test_threaded_prediction_keeps_order_and_values(checkpoint, tmp_path):
+    from r2unet.predict import predict_images
+
+    _, model = checkpoint
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(7):  # three batches of 3, 3, 1 with different sizes, so a mix-up shows in the shapes
+        paths.append(tmp_path / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 255, (20 + 7 * i, 50 - 3 * i, 3), dtype=np.uint8)).save(paths[-1])
+    one = list(predict_images(model, paths, 32, torch.device("cpu"), batch_size=3, workers=1))
+    many = list(predict_images(model, paths, 32, torch.device("cpu"), batch_size=3, workers=4))
+    assert [p for p, _, _ in many] == paths
+    for (_, _, a), (_, _, b), path in zip(one, many, paths):
+        assert a.shape == Image.open(path).size[::-1] and np.array_equal(a, b)
+
+
 def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
     _, model = checkpoint
     model.eval()
