@@ -47,10 +47,12 @@ run() {
 torch.backends.cudnn.version(), torch.cuda.get_device_name() if torch.cuda.is_available() else 'no cuda')"
   nproc; date -u; } > "$RAW/gpu.txt" 2>&1
 
-bench_train() {  # NAME WANT MODEL CONFIGS
-    run "bench_train_$1" "$2" $PY -m r2unet bench train --model_type "$3" --t 2 --batch_size "$BATCH" \
+bench_train() {  # NAME WANT MODEL CONFIGS [MORE FLAGS...]
+    local name=$1 want=$2 model=$3 configs=$4
+    shift 4
+    run "bench_train_$name" "$want" $PY -m r2unet bench train --model_type "$model" --t 2 --batch_size "$BATCH" \
         --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --steps "$STEPS" --warmup 10 \
-        --configs "$4" --json
+        --configs "$configs" --json "$@"
 }
 
 # 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, default end to end, CUDA graphs
@@ -92,6 +94,10 @@ done
 # 6. seed-to-seed noise of the accuracy comparison, if time is left
 accuracy default_seed2 100 2
 accuracy fp32_seed2 100 2 --amp off --compile off --channels_last off
+
+# 7. if time is still left: inductor's autotuned kernels (Triton convolution templates among them) for the
+#    model-only step; raises e if cuDNN's convolutions are the bottleneck (benchmarks/README.md), slow to compile
+bench_train R2U_Net_max_autotune 240 R2U_Net compile --compile_mode max-autotune-no-cudagraphs
 
 summarize
 rm -rf "$WORK"
