@@ -857,7 +857,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     challenge did, with the prediction made as ``predict`` makes it. ``tta``: average the flipped predictions
     (``predict --tta``).
     With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
-    five images with the lowest JS are returned under ``"worst"``: where to look first."""
+    five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
+    (``"worst_picture"``): where to look first."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
