@@ -193,16 +193,18 @@ def _cmd_predict(args) -> None:
     import torch
 
     from .engine.distributed import DistInfo
-    from .engine.trainer import resolve_device
+    from .engine.trainer import ready_for_inference, resolve_device
     from .predict import PartialPrediction, run_predict
 
     model, cfg = _load_model(args)
-    cfg.device = args.device
+    cfg.device, cfg.amp = args.device, args.amp
     device = resolve_device(cfg.validate(), DistInfo())
+    model, precision, channels_last = ready_for_inference(model, cfg, device)
     try:
         with torch.inference_mode():
             written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
                                   batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                                  autocast=precision.autocast, channels_last=channels_last,
                                   save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
                                   img_ch=cfg.img_ch, progress=sys.stderr.isatty())
     except PartialPrediction as exc:  # the readable images were written: say where, then name the others
@@ -296,7 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_positive_int, default=16)
     p.add_argument("--threshold", type=_probability, default=None, help="default: the checkpoint's (0.5)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["off", "auto", "bf16", "fp16"], default="off")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
+                        "channels_last where training uses it); off: float32")
     p.add_argument("--resolution", choices=["training", "original"], default="training",
                    help="training: score at the network's size, as training does (default); original: score each "
                         "image at its own resolution against its mask file, as the ISIC 2018 challenge did")
@@ -315,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_positive_int, default=8)
     p.add_argument("--threshold", type=_probability, default=0.5)
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
+                        "channels_last where training uses it); off: float32")
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")
     p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")

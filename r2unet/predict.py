@@ -82,8 +82,9 @@ def default_workers() -> int:
 
 def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device,
                    batch_size: int = 8, tta: bool = False, img_ch: int = 3,
-                   on_error: Callable[[Path, DataError], None] | None = None,
-                   workers: int | None = None) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+                   on_error: Callable[[Path, DataError], None] | None = None, workers: int | None = None,
+                   autocast: Callable | None = None,
+                   channels_last: bool = False) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
     """Yield (path, image (H, W, 3) uint8, probabilities (H, W) float32 at the original resolution) per image, in
     the order of ``paths``.
 
@@ -91,7 +92,8 @@ def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: in
     needs its full-resolution pixels in memory; the logits are resized back to the original size before the
     sigmoid (and the caller's threshold). ``workers`` threads decode the next batch and resize the last one's
     probabilities while the network runs. An image that cannot be decoded raises its DataError, or with
-    ``on_error`` is passed to it and left out."""
+    ``on_error`` is passed to it and left out. ``autocast``: a context-manager factory for the forward pass (mixed
+    precision), ``channels_last``: the memory format of a channels-last model's input."""
     model.eval().to(device)
     paths = list(paths)
     batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
@@ -117,7 +119,11 @@ def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: in
                 inputs.append(x)
             if not chunk:
                 continue
-            logits = predict_logits(model, torch.cat(inputs).to(device), tta).cpu()
+            x = torch.cat(inputs).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = predict_logits(model, x, tta).cpu()
             resized = [pool.submit(_upsample_probs, lg, h, w) for lg, (h, w) in zip(logits, sizes)]
             for p, img, probs in zip(chunk, images, resized):
                 yield p, img, probs.result()
@@ -159,23 +165,23 @@ def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np
 @torch.no_grad()
 def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, accumulator,
                                  batch_size: int = 8, tta: bool = False, img_ch: int = 3, autocast=None,
-                                 progress: bool = False) -> None:
+                                 channels_last: bool = False, progress: bool = False) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` (a ``MetricAccumulator``) at the image's original
     resolution, as the ISIC 2018 challenge scored: the prediction is made exactly as ``predict`` makes it (network
     size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel.
-    ``pairs``: objects with ``.image`` and ``.mask`` paths; ``autocast``: a context manager factory for the
-    forward pass (mixed precision), or None."""
+    ``pairs``: objects with ``.image`` and ``.mask`` paths; ``autocast``, ``channels_last``: see
+    ``predict_images``."""
     pairs = list(pairs)
     masks = {p.image: p.mask for p in pairs}
-    with autocast() if autocast is not None else contextlib.nullcontext():
-        results = predict_images(model, [p.image for p in pairs], image_size, device, batch_size, tta, img_ch)
-        if progress:
-            from tqdm import tqdm
+    results = predict_images(model, [p.image for p in pairs], image_size, device, batch_size, tta, img_ch,
+                             autocast=autocast, channels_last=channels_last)
+    if progress:
+        from tqdm import tqdm
 
-            results = tqdm(results, total=len(pairs), desc="original resolution", unit="img", leave=False)
-        for path, _, probs in results:
-            gt = read_gt_for(masks[path], path, probs.shape)
-            accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
+        results = tqdm(results, total=len(pairs), desc="original resolution", unit="img", leave=False)
+    for path, _, probs in results:
+        gt = read_gt_for(masks[path], path, probs.shape)
+        accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
 
 
 def find_gt(gt_dir: Path, image: Path) -> Path | None:
@@ -189,8 +195,10 @@ def find_gt(gt_dir: Path, image: Path) -> Path | None:
 def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
                 device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
                 save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
-                img_ch: int = 3, progress: bool = True) -> list[Path]:
+                img_ch: int = 3, progress: bool = True, autocast: Callable | None = None,
+                channels_last: bool = False) -> list[Path]:
     """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request.
+    ``autocast``, ``channels_last``: see ``predict_images``.
 
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
@@ -202,7 +210,8 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
         raise DataError(f"--gt_dir: {gt_dir} does not exist")
     failed: list[str] = []
     results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch,
-                             on_error=lambda path, exc: failed.append(str(exc)))
+                             on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
+                             channels_last=channels_last)
     if progress:
         from tqdm import tqdm
 

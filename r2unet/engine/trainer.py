@@ -832,6 +832,18 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
 RESOLUTIONS = ("training", "original")
 
 
+def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Precision, bool]:
+    """The model on ``device`` in eval mode with the precision (``cfg.amp``) and memory format that training uses
+    there: (model, precision, channels_last). On a CPU with AMX, bf16 + channels_last ran a full-size R2U-Net forward
+    at 4.7 img/s against 0.74 in fp32 (224 px, batch 4)."""
+    precision = Precision(resolve_amp(cfg, device), device)
+    channels_last = resolve_channels_last(cfg, device, precision)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, precision, channels_last
+
+
 class FlipAveraged(nn.Module):
     """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
     (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
@@ -848,7 +860,7 @@ class FlipAveraged(nn.Module):
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str = "off", per_image_csv: str | Path | None = None, resolution: str = "training",
+                        amp: str = "auto", per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, log=print, **model_overrides) -> dict:
     """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
@@ -869,9 +881,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     cfg.device, cfg.amp = device, amp
     cfg.validate()
     dev = resolve_device(cfg, D.DistInfo())
-    precision = Precision(resolve_amp(cfg, dev), dev)
+    model, precision, channels_last = ready_for_inference(model, cfg, dev)
     threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
-    model = model.to(dev)
     scored = FlipAveraged(model) if tta else model
     if resolution == "original":
         from ..data.prepare import checked_pairs, report_problems
@@ -885,14 +896,15 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         names = [p.image.name for p in pairs]
         acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
         score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
-                                     img_ch=cfg.img_ch, autocast=precision.autocast, progress=sys.stderr.isatty())
+                                     img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
+                                     progress=sys.stderr.isatty())
     else:
         cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
         acc = evaluate(scored, loader,
                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
-                       progress=f"{split} split" if sys.stderr.isatty() else None,
+                       channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
                        keep_per_image=per_image_csv is not None)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
