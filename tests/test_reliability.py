@@ -191,6 +191,30 @@ def test_kill_9_mid_epoch_then_resume_completes(tiny_data, tmp_path):
     assert [json.loads(x)["epoch"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
 
 
+def test_resume_after_the_last_step_of_an_epoch_but_before_its_end(tiny_data, tmp_path, capsys):
+    """A kill can land after the epoch's last step was saved (--save_every_steps) and before the epoch-end save: the
+    resumed epoch then has no step left. It must close the epoch (no training scores, no made-up img/s) and go on."""
+    out = tmp_path / "run"
+    assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(out), *TINY, "--num_epochs", "2"]) == 0
+    last = out / "checkpoints" / "last.pt"
+    state = load_file(last)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = 7  # 14 training images, batch 2
+    # as saved by --save_every_steps after epoch 2's last step: epoch index 1 in progress, all its steps done
+    state.update(epoch=1, step=steps, extra={"epoch_state": {"images": 14, "loss_sum": rows[1]["train_loss"] * steps}})
+    torch.save(state, last)
+    (out / "metrics.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    (out / "results.json").unlink()  # the killed run never got that far
+    capsys.readouterr()
+    assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(out), "--resume"]) == 0
+    resumed = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    assert resumed[1]["train"] is None and resumed[1]["train_img_per_s"] == 0.0
+    assert resumed[1]["train_loss"] == pytest.approx(rows[1]["train_loss"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["test"] is not None and results["fps"] is None  # nothing was trained in this session
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
     out = tmp_path / "run"

@@ -595,29 +595,32 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                 progress = lambda s, loss: (bar.update(cfg.log_every), bar.set_postfix(loss=f"{loss:.4f}"))  # noqa: E731
             else:  # no terminal (a batch job's log): a line now and then, so a long epoch is not silent
                 progress = _LogLines(log, epoch, cfg.num_epochs, len(train_sampler) + skip, skip, global_batch)
+            carried_images = epoch_state["images"]  # trained before a resume: not part of this session's time
             train_one_epoch(train_model, loaders["train"], augment, optimizer, scaler, precision, cfg, epoch_state,
                             on_step=on_step, progress=progress, channels_last=channels_last)
             epoch_lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             # Whole-job throughput: images summed over processes / the slowest process's steady time.
-            stats = torch.tensor([epoch_state["steady_images"], epoch_state["images"], epoch_state["loss_sum"],
-                                  epoch_state["steps"]], dtype=torch.float64, device=device)
+            stats = torch.tensor([epoch_state["steady_images"], epoch_state["images"] - carried_images,
+                                  epoch_state["loss_sum"], epoch_state["steps"]], dtype=torch.float64, device=device)
             D.all_reduce_sum(stats)
             slow = D.all_reduce_max(torch.tensor([epoch_state["steady_seconds"], time.perf_counter() - t0],
                                                  dtype=torch.float64, device=device))
-            steady_images, images, loss_total, steps = stats.tolist()
+            steady_images, images_here, loss_total, steps = stats.tolist()
             steady_s, epoch_s = slow.tolist()
             if steady_s <= 0:  # too few steps for a steady state: count the whole epoch
-                steady_images, steady_s = images, epoch_s
+                steady_images, steady_s = images_here, (epoch_s if images_here else 0.0)
             total_steady_images += steady_images
             total_steady_seconds += steady_s
-            epoch_fps = steady_images / max(steady_s, 1e-9)
+            epoch_fps = steady_images / steady_s if steady_s > 0 else 0.0
             train_loss = loss_total / max(1.0, steps)
             train_metrics = epoch_state.pop("train_metrics")
             train_metrics.all_reduce()
+            # none when a resume landed after the epoch's last step (killed before the epoch-end save)
+            train_scores = train_metrics.compute() if train_metrics.num_images else None
             row = {"epoch": epoch + 1, "train_loss": train_loss, "lr": epoch_lr, "train_img_per_s": epoch_fps,
-                   "epoch_seconds": epoch_s, "train": train_metrics.compute()}
-            last_train = row["train"]
+                   "epoch_seconds": epoch_s, "train": train_scores}
+            last_train = row["train"] or last_train
             is_last = epoch + 1 == cfg.num_epochs
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 # eager: the compiled graph is for training mode at the training batch size; eval mode and a last
