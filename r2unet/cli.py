@@ -225,7 +225,9 @@ def _cmd_export(args) -> None:
               f"{args.output}; it holds no code and no optimizer state)")
         return
     report = export_onnx(model, args.output, image_size=args.image_size or cfg.image_size, img_ch=cfg.img_ch,
-                         check=not args.no_check)
+                         check=not args.no_check,
+                         metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
+                                   "threshold": cfg.threshold})
     print(f"wrote {report['path']} (opset {report['opset']})")
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .data.augment import MEAN, STD
 from .models import SIZE_MULTIPLE
 
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
@@ -16,10 +17,20 @@ class ExportError(RuntimeError):
     pass
 
 
+def preprocessing_note(image_size: int, img_ch: int = 3) -> str:
+    """How an image becomes the network's input, in words (for deployers of the exported model)."""
+    channels = "RGB" if img_ch == 3 else "grayscale (the mean of R, G and B)"
+    return (f"{channels}, float in [0, 1] (uint8 / 255), resized to {image_size}x{image_size} (bilinear, "
+            f"antialiased, aspect ratio not kept), normalised as (x - {MEAN}) / {STD}, layout NCHW; "
+            "mask = sigmoid(logits) > threshold, resized back to the image's size")
+
+
 def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 224, img_ch: int = 3,
-                check: bool = True, tolerance: float = 1e-4, log=print) -> dict:
+                check: bool = True, tolerance: float = 1e-4, metadata: dict | None = None, log=print) -> dict:
     """Write ``output`` (input ``image`` (N, C, H, W), output ``logits`` (N, 1, H, W); N, H, W dynamic, H and W
-    multiples of 16) and, with ``check``, compare onnxruntime with PyTorch on a random input of another size."""
+    multiples of 16) and, with ``check``, compare onnxruntime with PyTorch on a random input of another size.
+    The file's metadata (``metadata_props``) records the preprocessing and ``metadata`` (e.g. the run's model type
+    and threshold), so the model can be deployed without this package."""
     try:
         import onnx  # noqa: F401
         import onnxruntime as ort
@@ -32,6 +43,9 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
     tmp = output.with_name(f".{output.name}.tmp")
     try:
         _export(model, example, tmp)
+        _add_metadata(tmp, {"r2unet.preprocessing": preprocessing_note(image_size, img_ch),
+                            "r2unet.image_size": image_size,
+                            **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}})
         tmp.replace(output)
     finally:
         tmp.unlink(missing_ok=True)
@@ -53,6 +67,16 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
             raise ExportError(f"{output}: ONNX output differs from PyTorch by {diff:.3e} > {tolerance:g}; "
                               "the exported model is not faithful (file kept for inspection)")
     return report
+
+
+def _add_metadata(path: Path, entries: dict) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    for key, value in entries.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, str(value)
+    onnx.save(proto, str(path))
 
 
 def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:

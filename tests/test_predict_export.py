@@ -197,6 +197,9 @@ def test_export_onnx_round_trip(checkpoint, tmp_path, capsys):
     with torch.no_grad():
         ref = model.eval()(torch.from_numpy(x)).numpy()
     assert np.abs(session.run(None, {"image": x})[0] - ref).max() <= 1e-4
+    meta = session.get_modelmeta().custom_metadata_map  # enough to deploy it without this package
+    assert meta["r2unet.model_type"] == "R2AttU_Net" and meta["r2unet.image_size"] == "32"
+    assert meta["r2unet.threshold"] == "0.5" and "(x - 0.5) / 0.5" in meta["r2unet.preprocessing"]
 
 
 def test_curves_and_grid_are_valid_pngs(tmp_path):
