@@ -20,6 +20,7 @@ from .data.io import DataError, is_image_file, orient_as_shown, read_image, read
 from .data.io import image_size as image_size_of
 from .data.prepare import mask_stem_for
 from .plots import overlay
+from .progress import track
 
 OUTPUT_SUFFIXES = ("_segmentation.png", "_prob.png", "_overlay.jpg")  # what run_predict writes per image
 
@@ -165,7 +166,7 @@ def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np
 @torch.no_grad()
 def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, accumulator,
                                  batch_size: int = 8, tta: bool = False, img_ch: int = 3, autocast=None,
-                                 channels_last: bool = False, progress: bool = False) -> None:
+                                 channels_last: bool = False, progress: bool | None = None, log=print) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` (a ``MetricAccumulator``) at the image's original
     resolution, as the ISIC 2018 challenge scored: the prediction is made exactly as ``predict`` makes it (network
     size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel.
@@ -175,11 +176,8 @@ def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int,
     masks = {p.image: p.mask for p in pairs}
     results = predict_images(model, [p.image for p in pairs], image_size, device, batch_size, tta, img_ch,
                              autocast=autocast, channels_last=channels_last)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(pairs), desc="original resolution", unit="img", leave=False)
-    for path, _, probs in results:
+    for path, _, probs in track(results, len(pairs), "scoring at the original resolution", log=log,
+                                terminal=progress):
         gt = read_gt_for(masks[path], path, probs.shape)
         accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
 
@@ -195,10 +193,11 @@ def find_gt(gt_dir: Path, image: Path) -> Path | None:
 def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
                 device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
                 save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
-                img_ch: int = 3, progress: bool = True, autocast: Callable | None = None,
-                channels_last: bool = False) -> list[Path]:
+                img_ch: int = 3, progress: bool | None = None, autocast: Callable | None = None,
+                channels_last: bool = False, log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request.
-    ``autocast``, ``channels_last``: see ``predict_images``.
+    ``autocast``, ``channels_last``: see ``predict_images``; ``progress``: a bar (default: on a terminal), else a
+    ``log`` line once a minute.
 
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
@@ -212,10 +211,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch,
                              on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
                              channels_last=channels_last)
-    if progress:
-        from tqdm import tqdm
-
-        results = tqdm(results, total=len(paths), desc="predict", unit="img")
+    results = track(results, len(paths), "predict", log=log, terminal=progress)
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         mask = probs > threshold
         dst = output / f"{path.stem}_segmentation.png"

@@ -90,6 +90,23 @@ def test_threaded_prediction_keeps_order_and_values(checkpoint, tmp_path):
         assert a.shape == Image.open(path).size[::-1] and np.array_equal(a, b)
 
 
+def test_long_runs_without_a_terminal_log_progress_lines(checkpoint, tmp_path, capsys, monkeypatch):
+    from r2unet import progress
+
+    path, _ = checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(src / f"im{i}.png")
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # a line per image; the default is once a minute
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / "o"),
+                 "--batch_size", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr()
+    assert [line.split(" (")[0] for line in printed.out.splitlines() if line.startswith("predict:")] == \
+        ["predict: 1/4 img", "predict: 2/4 img", "predict: 3/4 img"]
+    assert "\r" not in printed.err
+
+
 def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
     _, model = checkpoint
     model.eval()

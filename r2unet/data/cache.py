@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from ..fileio import atomic_write_text
+from ..progress import track
 from .io import DataError, read_image, read_mask
 from .prepare import checked_pairs, report_problems
 
@@ -131,7 +132,7 @@ def build_cache(
     log=print,
 ) -> SplitCache:
     """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
-    progress bar while decoding (for terminals; a log file would fill with its frames)."""
+    progress bar while decoding (for terminals); without it, a ``log`` line once a minute on long builds."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
@@ -189,10 +190,7 @@ def build_cache(
         jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side) for i in todo]
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
-            if progress:
-                from tqdm import tqdm
-
-                results = tqdm(results, total=len(jobs), desc=f"cache {Path(image_dir).name}", unit="img")
+            results = track(results, len(jobs), f"cache {Path(image_dir).name}", log=log, terminal=progress)
             for k, (i, img, mask, hw, err) in enumerate(results):
                 if err:
                     failed.append((i, err))

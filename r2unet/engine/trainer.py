@@ -900,7 +900,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
         score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
                                      img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
-                                     progress=sys.stderr.isatty())
+                                     progress=sys.stderr.isatty(), log=log)
     else:
         cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
         names = cache.names
