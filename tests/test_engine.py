@@ -238,9 +238,9 @@ def test_a_backward_error_after_compiled_steps_worked_is_not_hidden(prepared, tm
 def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, monkeypatch, capsys):
     import re
 
-    from r2unet.engine import trainer
+    from r2unet import progress
 
-    monkeypatch.setattr(trainer, "PROGRESS_LOG_INTERVAL_S", 0.0)  # every log point; the default is once a minute
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # every log point; the default is once a minute
     assert _train(prepared, tmp_path / "run", "--num_epochs", "1") == 0
     found = re.findall(r"epoch 1/1  step (\d+)/(\d+)  loss ([\d.]+)  ([\d.]+) img/s", capsys.readouterr().out)
     assert len(found) >= 2, found

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import plots
+from .. import progress as progress_lines
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
 from ..fileio import atomic_write_text
@@ -720,11 +721,9 @@ def _around_bars(log, bar):
     return write
 
 
-PROGRESS_LOG_INTERVAL_S = 60.0
-
-
 class _LogLines:
-    """Progress inside an epoch without a terminal: at log points, one line at most every PROGRESS_LOG_INTERVAL_S."""
+    """Progress inside an epoch without a terminal: at log points, one line at most every
+    ``progress.LOG_INTERVAL_S`` (the interval of every other long loop's lines, see ``r2unet/progress.py``)."""
 
     def __init__(self, log, epoch: int, num_epochs: int, total_steps: int, first_step: int, images_per_step: int):
         self.log, self.epoch, self.num_epochs, self.total = log, epoch, num_epochs, total_steps
@@ -733,7 +732,7 @@ class _LogLines:
 
     def __call__(self, state: dict, loss: float) -> None:
         now = time.perf_counter()
-        if now - self.last < PROGRESS_LOG_INTERVAL_S:
+        if now - self.last < progress_lines.LOG_INTERVAL_S:
             return
         self.last = now
         rate = (state["steps"] - self.first) * self.images_per_step / max(now - self.start, 1e-9)
