@@ -291,8 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a split of a prepared dataset")
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+    _add_checkpoint_flag(p)
     p.add_argument("--data_path", required=True)
     p.add_argument("--split", choices=["train", "valid", "test"], default="test")
     _add_model_override_flags(p)
@@ -300,9 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_positive_int, default=16)
     p.add_argument("--threshold", type=_probability, default=None, help="default: the checkpoint's (0.5)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
-                        "channels_last where training uses it); off: float32")
+    _add_inference_amp_flag(p)
     p.add_argument("--resolution", choices=["training", "original"], default="training",
                    help="training: score at the network's size, as training does (default); original: score each "
                         "image at its own resolution against its mask file, as the ISIC 2018 challenge did")
@@ -312,8 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment images: masks at the original resolution, overlays")
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+    _add_checkpoint_flag(p)
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
     _add_model_override_flags(p)
@@ -321,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=_positive_int, default=8)
     p.add_argument("--threshold", type=_probability, default=0.5)
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
-                        "channels_last where training uses it); off: float32")
+    _add_inference_amp_flag(p)
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")
     p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")
@@ -331,8 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="ONNX export checked with onnxruntime, or weights as .safetensors")
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+    _add_checkpoint_flag(p)
     p.add_argument("--output", required=True, help="model.onnx, or model.safetensors for the weights alone")
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="example size (the exported model is dynamic)")
@@ -371,6 +364,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _add_checkpoint_flag(p) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+
+
+def _add_inference_amp_flag(p) -> None:
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
+                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
+                        "channels_last where training uses it); off: float32")
 
 
 def _add_model_override_flags(p) -> None:
