@@ -212,6 +212,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                              on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
                              channels_last=channels_last)
     results = track(results, len(paths), "predict", log=log, terminal=progress)
+
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         mask = probs > threshold
         dst = output / f"{path.stem}_segmentation.png"
