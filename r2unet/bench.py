@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def bench_data(
     """Images/s of augmented training batches delivered on ``device`` from the cache (built first, timed apart)."""
     dev = torch.device(device)
     t0 = time.perf_counter()
-    cache = split_cache(data_path, "train", image_size, log=log, progress=sys.stderr.isatty())
+    cache = split_cache(data_path, "train", image_size, log=log)
     cache_build_s = time.perf_counter() - t0
     loader = make_loader(cache, batch_size, train=True, num_workers=num_workers, pin_memory=dev.type == "cuda",
                          drop_last=False)

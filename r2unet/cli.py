@@ -46,7 +46,7 @@ def _cmd_prepare(args) -> None:
         for split in SPLITS:
             if manifest["splits"][split]:
                 split_cache(args.data_path, split, args.image_size, num_workers=args.num_workers,
-                            skip_bad=args.skip_bad, progress=sys.stderr.isatty())
+                            skip_bad=args.skip_bad)
 
 
 def _probability(text: str) -> float:
@@ -206,7 +206,7 @@ def _cmd_predict(args) -> None:
                                   batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
                                   autocast=precision.autocast, channels_last=channels_last,
                                   save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                                  img_ch=cfg.img_ch, progress=sys.stderr.isatty())
+                                  img_ch=cfg.img_ch)
     except PartialPrediction as exc:  # the readable images were written: say where, then name the others
         print(f"wrote {len(exc.written)} mask(s) to {args.output}")
         raise

@@ -128,11 +128,11 @@ def build_cache(
     image_size: int = 224,
     num_workers: int | None = None,
     skip_bad: bool = False,
-    progress: bool = False,
+    progress: bool | None = None,
     log=print,
 ) -> SplitCache:
     """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
-    progress bar while decoding (for terminals); without it, a ``log`` line once a minute on long builds."""
+    progress bar while decoding (default: on a terminal); without it, a ``log`` line once a minute on long builds."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)

@@ -899,9 +899,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
         score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
                                      img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
-                                     progress=sys.stderr.isatty(), log=log)
+                                     log=log)
     else:
-        cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
+        cache = split_cache(data_path, split, cfg.image_size, log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
         acc = evaluate(scored, loader,
@@ -927,7 +927,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
         # ...and a picture of them: seeing the failures beats reading their names
         if resolution == "original":  # the picture is drawn at the network's size, from the cache
-            cache = split_cache(data_path, split, cfg.image_size, progress=sys.stderr.isatty(), log=log)
+            cache = split_cache(data_path, split, cfg.image_size, log=log)
         row_of = {name: i for i, name in enumerate(cache.names)}
         picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
         draw_samples(scored, cache, [row_of[names[i]] for i in order],
