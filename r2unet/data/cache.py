@@ -80,8 +80,8 @@ class SplitCache:
     workers started by spawn or forkserver (macOS, Windows, Python >= 3.14 on Linux) share the page cache instead of
     each receiving a private copy of the whole split through a pipe."""
 
-    def __init__(self, folder: Path, side: int, names: list[str], original_hw: np.ndarray, rows: np.ndarray):
-        self.folder, self.side, self.names = Path(folder), side, names
+    def __init__(self, folder: Path, names: list[str], original_hw: np.ndarray, rows: np.ndarray):
+        self.folder, self.names = Path(folder), names
         self.original_hw = original_hw  # (N, 2) int
         self.rows = rows  # (N,) rows of the arrays on disk (rows of files that failed to decode are left out)
         self._map()
@@ -223,7 +223,7 @@ def open_cache(cache_dir: str | Path, side: int) -> SplitCache:
         raise DataError(f"{cache_dir}: no usable images in this split")
     entries = meta["entries"]
     hw = np.array([entries[i]["hw"] for i in keep], dtype=np.int64)
-    return SplitCache(cache_dir, side, [entries[i]["image"] for i in keep], hw, keep)
+    return SplitCache(cache_dir, [entries[i]["image"] for i in keep], hw, keep)
 
 
 def _read_meta(path: Path, side: int) -> dict | None:
