@@ -197,13 +197,14 @@ def _cmd_predict(args) -> None:
     from .predict import PartialPrediction, run_predict
 
     model, cfg = _load_model(args)
-    cfg.device, cfg.amp = args.device, args.amp
+    cfg.device, cfg.amp = args.device, args.amp or cfg.amp
     device = resolve_device(cfg.validate(), DistInfo())
     model, precision, channels_last = ready_for_inference(model, cfg, device)
     try:
         with torch.inference_mode():
             written = run_predict(model, args.input, args.output, args.image_size or cfg.image_size, device,
-                                  batch_size=args.batch_size, tta=args.tta, threshold=args.threshold,
+                                  batch_size=args.batch_size, tta=args.tta,
+                                  threshold=args.threshold if args.threshold is not None else cfg.threshold,
                                   autocast=precision.autocast, channels_last=channels_last,
                                   save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
                                   img_ch=cfg.img_ch)
@@ -315,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_override_flags(p)
     p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
     p.add_argument("--batch_size", type=_positive_int, default=8)
-    p.add_argument("--threshold", type=_probability, default=0.5)
+    p.add_argument("--threshold", type=_probability, default=None, help="default: the checkpoint's (0.5)")
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
     _add_inference_amp_flag(p)
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
@@ -372,8 +373,9 @@ def _add_checkpoint_flag(p) -> None:
 
 
 def _add_inference_amp_flag(p) -> None:
-    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default="auto",
-                   help="precision of the forward pass; auto, as in training: bf16 on GPUs and AMX CPUs (and "
+    p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None,
+                   help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
+                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and AMX CPUs (and "
                         "channels_last where training uses it); off: float32")
 
 

@@ -69,7 +69,7 @@ def _spawn(world, cfg, out):
 
 def test_two_processes_identical_weights_and_exact_sharded_evaluation(odd_data, tmp_path, capsys):
     out = tmp_path / "ddp"
-    _spawn(2, _cfg(odd_data, out, num_epochs=2), out)
+    _spawn(2, _cfg(odd_data, out, num_epochs=3, lr=0.01), out)  # lr: predictions that are not all background
     w0, w1 = (torch.load(out / f"r{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     results = json.loads((out / "results_rank0.json").read_text())
@@ -80,6 +80,16 @@ def test_two_processes_identical_weights_and_exact_sharded_evaluation(odd_data, 
     single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert single["num_images"] == 5
     for k, v in results["test"].items():
+        assert single[k] == pytest.approx(v, abs=1e-12), k
+    # the validation scores that chose best.pt are best.pt's scores: every rank validated with rank 0's batch-norm
+    # statistics (without sync_bn each rank's running statistics drift apart over the steps of an epoch)
+    row = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["epoch"] == results["best_epoch"])
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path", str(odd_data),
+                 "--split", "valid", "--json", "--device", "cpu"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0 < single["JS"] < 1 and 0 < single["ACC"] < 1  # a comparison that can tell models apart
+    for k, v in row["valid"].items():
         assert single[k] == pytest.approx(v, abs=1e-12), k
 
 

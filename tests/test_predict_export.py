@@ -256,3 +256,31 @@ def test_safetensors_weights_round_trip(checkpoint, tmp_path, capsys):
     loaded, _ = load_for_inference(bare, model_type="R2AttU_Net", t=2, base_channels=4)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_predict_defaults_to_the_checkpoints_threshold_and_precision(checkpoint, tmp_path):
+    """A run trained with --amp off and --threshold 0.3 predicts in float32 at 0.3 unless told otherwise (so its
+    masks agree with its reported scores)."""
+    _, model = checkpoint
+    path = tmp_path / "best.pt"
+    cfg = TrainConfig(model_type="R2AttU_Net", t=2, base_channels=4, image_size=32, amp="off", threshold=0.3)
+    save_checkpoint(path, model=model, config=cfg.to_dict(), epoch=1)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+
+    def run(name, *flags):
+        assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / name),
+                     "--save_probs", "--device", "cpu", *flags]) == 0
+        return {kind: np.stack([np.asarray(Image.open(tmp_path / name / f"p{i}_{kind}.png")) for i in range(3)])
+                for kind in ("segmentation", "prob")}
+
+    default, explicit = run("default"), run("explicit", "--amp", "off", "--threshold", "0.3")
+    assert np.array_equal(default["segmentation"], explicit["segmentation"])
+    assert np.array_equal(default["prob"], explicit["prob"])
+    # the comparisons can fail: the other threshold and precision give other outputs
+    assert not np.array_equal(run("half", "--amp", "off", "--threshold", "0.5")["segmentation"],
+                              default["segmentation"])
+    assert not np.array_equal(run("bf16", "--amp", "bf16", "--threshold", "0.3")["prob"], default["prob"])

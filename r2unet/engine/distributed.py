@@ -72,6 +72,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Every process takes process ``src``'s buffers (batch-norm running statistics). Without SyncBatchNorm each
+    process updates them from its own batches, so they drift apart within an epoch; evaluating a sharded split with
+    rank 0's buffers everywhere makes the score the one of the checkpoint rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Training batches of one process: a ``DistributedSampler`` (shuffled with ``seed + epoch``, sharded across
     processes; a world of one is the whole dataset) cut into batches, with ``set_epoch(epoch, skip)`` to resume in the

@@ -625,7 +625,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             is_last = epoch + 1 == cfg.num_epochs
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 # eager: the compiled graph is for training mode at the training batch size; eval mode and a last
-                # partial batch would each cost a recompilation
+                # partial batch would each cost a recompilation. Every shard scored with the model best.pt keeps.
+                D.broadcast_buffers(model)
                 valid = evaluate(model, loaders["valid"], plain, precision, cfg.threshold, channels_last,
                                  "validation" if bar else None).compute() if len(caches["valid"]) else None
                 row["valid"] = valid
@@ -862,7 +863,7 @@ class FlipAveraged(nn.Module):
 
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str = "auto", per_image_csv: str | Path | None = None, resolution: str = "training",
+                        amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, log=print, **model_overrides) -> dict:
     """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
@@ -872,7 +873,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     (``predict --tta``).
     With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
     five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
-    (``"worst_picture"``): where to look first."""
+    (``"worst_picture"``): where to look first. ``amp``: None runs the forward in the precision the checkpoint was
+    trained in (its ``amp`` setting), so the scores match the run's ``results.json``."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
@@ -880,7 +882,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
     if image_size is not None:
         cfg.image_size = image_size
-    cfg.device, cfg.amp = device, amp
+    cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
     cfg.validate()
     dev = resolve_device(cfg, D.DistInfo())
     model, precision, channels_last = ready_for_inference(model, cfg, dev)
