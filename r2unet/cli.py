@@ -339,9 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("demo", help="synthetic data -> prepare -> train a small R2U-Net on the CPU -> test scores")
-    p.add_argument("--output", default="runs/demo")
-    p.add_argument("--num_images", type=int, default=160)
-    p.add_argument("--num_epochs", type=int, default=None)
+    p.add_argument("--output", default="runs/demo", help="folder for the synthetic data and the run")
+    p.add_argument("--num_images", type=_positive_int, default=160, help="synthetic image/mask pairs")
+    p.add_argument("--num_epochs", type=_positive_int, default=None, help="default: 20")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
 
@@ -358,13 +358,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile mode of the '+ torch.compile' row and the default step")
+                   help="torch.compile mode of the '+ torch.compile' row and the default step (default: "
+                        "'default')")
     p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
                    "channels_last, fused, compile, cudagraphs, default (the baseline always runs)")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_bench)
+    for command in sub.choices.values():
+        _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """'(default: X)' after every flag whose help does not already say its default (train's flags default to
+    None here and state the config's defaults themselves)."""
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
+            continue
+        if action.help is argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
 
 
 def _add_checkpoint_flag(p) -> None:

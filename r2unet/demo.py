@@ -11,11 +11,16 @@ from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from .engine.config import TrainConfig
 from .engine.trainer import fit
 
+MIN_IMAGES = 20
+
 
 def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs: int | None = None, seed: int = 0,
              log=print) -> dict:
     output = Path(output)
     raw, data, run = output / "raw", output / "data", output / "run"
+    if num_images < MIN_IMAGES:  # 70 % of them must fill a batch of 8, with validation and test images left
+        raise ValueError(f"--num_images: the demo needs at least {MIN_IMAGES} images, got {num_images}")
+    epochs = num_epochs or 20
     if (run / "checkpoints" / "last.pt").exists():
         raise ValueError(f"{output} already holds a demo run; choose another --output (nothing was deleted)")
     if not (raw / IMAGE_DIR).is_dir():
@@ -25,10 +30,10 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
         log(f"2/3 splitting into train/valid/test under {data}")
         prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data, seed=seed, log=log)
     cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=8, image_size=96, batch_size=8,
-                      num_epochs=num_epochs or 20, num_epochs_decay=8, lr=1e-3, num_workers=0,
+                      num_epochs=epochs, num_epochs_decay=epochs * 2 // 5, lr=1e-3, num_workers=0,
                       data_path=str(data), output_dir=str(run), seed=seed, sample_every=5, device="cpu")
     log(f"3/3 training a small R2U-Net (base_channels {cfg.base_channels}, {cfg.image_size}x{cfg.image_size}) "
-        f"for {cfg.num_epochs} epochs on the CPU")
+        f"for {cfg.num_epochs} epoch{'s' if cfg.num_epochs > 1 else ''} on the CPU")
     results = fit(cfg, log=log)
     test = results["test"]
     log(f"\ndemo done. test JS {test['JS']:.3f}  DC {test['DC']:.3f}  ACC {test['ACC']:.3f}")

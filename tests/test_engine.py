@@ -386,3 +386,20 @@ def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expect
                     state)
     assert state["steps"] == batches and state["steady_images"] == 2 * expected_steady
     assert state["steady_seconds"] > 0
+
+
+def test_demo_runs_the_whole_pipeline_and_refuses_to_overwrite(tmp_path, capsys):
+    """The README's first command, shortened: synthetic data -> prepare -> train -> test scores (two epochs, less
+    than the demo's decay length, which used to be a fixed 8 epochs and failed validation)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--num_images", "20", "--num_epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "for 2 epochs on the CPU" in printed and "demo done. test JS" in printed
+    results = json.loads((out / "demo_results.json").read_text())
+    assert results["epochs"] == 2 and 0 <= results["test"]["JS"] <= 1
+    for f in ("run/curves.png", "run/samples.png", "run/checkpoints/best.pt", "run/results.json"):
+        assert (out / f).is_file(), f
+    assert main(["demo", "--output", str(out), "--num_epochs", "2"]) == 2
+    assert "already holds a demo run" in capsys.readouterr().err
+    assert main(["demo", "--output", str(tmp_path / "few"), "--num_images", "5"]) == 2
+    assert "at least 20 images" in capsys.readouterr().err
