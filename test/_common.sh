@@ -1,8 +1,21 @@
 # Shared by the launcher scripts: --key=value parsing and the seed's final report lines.
+# Paths on the command line are taken relative to the directory the script is called from; the package is found
+# even when it is not installed (the repository goes first on PYTHONPATH).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+# the interpreter: python, else python3 (a system without the unversioned name)
+py="$(command -v python || command -v python3 || true)"
+if [ -z "$py" ]; then
+    echo "$0: no python or python3 on PATH (activate the environment r2unet is installed in)" >&2
+    exit 2
+fi
 
+# parse_args DEFAULT_RUN_NAME "$@": sets data_path, output_dir (default runs/DEFAULT_RUN_NAME in the repository),
+# nproc and extra_args; adds --resume when output_dir already holds a run (a relaunch after a crash continues it).
 parse_args() {
+    local default_name="$1"
+    shift
     data_path="" output_dir="" nproc="" extra_args=()
     for arg in "$@"; do
         case "$arg" in
@@ -13,27 +26,33 @@ parse_args() {
         esac
     done
     if [ -z "$data_path" ]; then
-        echo "usage: bash $0 --data_path=/path/to/prepared_dataset [r2unet train flags]" >&2
+        echo "usage: bash $0 --data_path=/path/to/prepared_dataset [--output_dir=DIR] [r2unet train flags]" >&2
         exit 2
     fi
-    if [ -n "$output_dir" ] && [ -e "$output_dir/checkpoints/last.pt" ]; then
+    output_dir="${output_dir:-$repo/runs/$default_name}"
+    if [ -e "$output_dir/checkpoints/last.pt" ]; then
+        echo "$output_dir holds a run: continuing it (--resume)"
         extra_args+=("--resume")
     fi
 }
 
-# Run the training command, tee its log, then print the seed's three summary lines from results.json.
+# Run the training command (its --output_dir is $output_dir), tee its log to $output_dir/train.log, then print the
+# seed's three summary lines from results.json.
 run_and_report() {
-    local start end log out
-    out="${output_dir:-}"
-    for ((i = 1; i <= $#; i++)); do
-        if [ "${!i}" = "--output_dir" ]; then j=$((i + 1)); out="${!j}"; fi
-    done
-    mkdir -p "$out"
-    log="$out/train.log"
+    local start end log status
+    mkdir -p "$output_dir"
+    log="$output_dir/train.log"
     start=$(date +%s)
-    "$@" 2>&1 | tee "$log"
+    set +e
+    "$@" 2>&1 | tee -a "$log"
+    status=${PIPESTATUS[0]}
+    set -e
     end=$(date +%s)
-    python - "$out/results.json" "$((end - start))" <<'PY'
+    if [ "$status" -ne 0 ]; then
+        echo "training stopped (exit status $status); log: $log" >&2
+        exit "$status"
+    fi
+    "$py" - "$output_dir/results.json" "$((end - start))" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"Final Performance images/sec : {r['fps']:.2f}" if r.get("fps") else "Final Performance images/sec : n/a")

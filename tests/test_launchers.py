@@ -1,0 +1,76 @@
+"""The seed's launcher scripts (test/train_*_{1p,8p}.sh), run as a user runs them: from another directory, with
+relative paths, shrunk to a tiny network by extra flags (later flags override the script's)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from r2unet.data.prepare import prepare_split
+from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
+        "--max_steps_per_epoch", "2", "--warmup_steps", "0", "--num_epochs", "1", "--num_workers", "0",
+        "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A user's working directory holding a prepared dataset under the relative path 'data'."""
+    root = tmp_path_factory.mktemp("launch")
+    generate_dataset(root / "raw", num_images=12, seed=2, max_side=96)
+    prepare_split(root / "raw" / IMAGE_DIR, root / "raw" / MASK_DIR, data_path=root / "data", seed=0,
+                  log=lambda *_: None)
+    return root
+
+
+def _launch(script, cwd, *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run(["bash", str(REPO / "test" / script), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_1p_launcher_takes_paths_from_the_callers_directory_reports_and_continues(workdir):
+    done = _launch("train_performance_1p.sh", workdir, "--data_path=data", "--output_dir=runs/perf", *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = workdir / "runs" / "perf"  # relative to where the script was called from, not to the repository
+    results = json.loads((out / "results.json").read_text())
+    assert results["fps"] > 0 and results["epochs"] == 1
+    lines = done.stdout.splitlines()
+    assert f"Final Performance images/sec : {results['fps']:.2f}" in lines
+    assert f"Final Train Accuracy : {results['train']['ACC']:.4f}" in lines
+    assert any(line.startswith("E2E Training Duration sec : ") for line in lines)
+    # called again (after a crash, or to train longer), it continues the run and keeps the first log
+    again = _launch("train_performance_1p.sh", workdir, "--data_path=data", "--output_dir=runs/perf", *TINY,
+                    "--num_epochs", "2")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "continuing it (--resume)" in again.stdout and "resumed from" in again.stdout
+    assert [json.loads(r)["epoch"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (out / "train.log").read_text().count("Final Performance") == 0  # the report is printed, not logged
+    assert (out / "train.log").read_text().count("FPS: ") == 2
+
+
+def test_launcher_errors_are_short_and_keep_the_status(workdir):
+    done = _launch("train_full_1p.sh", workdir)
+    assert done.returncode == 2 and "usage: bash" in done.stderr
+    done = _launch("train_full_1p.sh", workdir, "--data_path=missing", "--output_dir=runs/bad", *TINY)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--data_path: missing/train is missing; run 'r2unet prepare" in done.stdout  # the trainer's message
+    assert "training stopped (exit status 2)" in done.stderr and "Traceback" not in done.stdout + done.stderr
+
+
+def test_8p_launcher_runs_torchrun_with_the_given_process_count(workdir):
+    done = _launch("train_performance_8p.sh", workdir, "--data_path=data", "--nproc=2", "--output_dir=runs/p8",
+                   *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((workdir / "runs" / "p8" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["global_batch_size"] == 4
+    assert "lr 0.0004" in done.stdout  # --scale_lr: 2 processes x 2e-4
+    assert done.stdout.count("Final Performance images/sec") == 1
