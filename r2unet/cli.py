@@ -207,7 +207,7 @@ def _cmd_predict(args) -> None:
                                   threshold=args.threshold if args.threshold is not None else cfg.threshold,
                                   autocast=precision.autocast, channels_last=channels_last,
                                   save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                                  img_ch=cfg.img_ch)
+                                  img_ch=cfg.img_ch, skip_existing=args.skip_existing)
     except PartialPrediction as exc:  # the readable images were written: say where, then name the others
         print(f"wrote {len(exc.written)} mask(s) to {args.output}")
         raise
@@ -322,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")
     p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")
+    p.add_argument("--skip_existing", action="store_true",
+                   help="leave out images whose outputs are already in --output (continue an interrupted run)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_predict)
 

@@ -19,6 +19,7 @@ from .data.augment import eval_images
 from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask
 from .data.io import image_size as image_size_of
 from .data.prepare import mask_stem_for
+from .fileio import atomic_save_image
 from .plots import overlay
 from .progress import track
 
@@ -194,16 +195,26 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                 device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
                 save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
                 img_ch: int = 3, progress: bool | None = None, autocast: Callable | None = None,
-                channels_last: bool = False, log=print) -> list[Path]:
+                channels_last: bool = False, skip_existing: bool = False, log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request.
     ``autocast``, ``channels_last``: see ``predict_images``; ``progress``: a bar (default: on a terminal), else a
-    ``log`` line once a minute.
+    ``log`` line once a minute. Every file is written whole or not at all; ``skip_existing`` leaves out the images
+    whose requested outputs are all there already (to continue an interrupted run). Returns the masks written.
 
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
     paths = list_inputs(input_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
+    suffixes = ["_segmentation.png"] + ["_prob.png"] * save_probs + ["_overlay.jpg"] * save_overlay
+    if skip_existing:
+        todo = [p for p in paths if not all((output / f"{p.stem}{s}").is_file() for s in suffixes)]
+        if len(todo) < len(paths):
+            log(f"skipping {len(paths) - len(todo)} image(s) whose outputs are already in {output} "
+                f"(--skip_existing); {len(todo)} to go")
+        paths = todo
+        if not paths:
+            return []
     gt_dir = Path(gt_dir) if gt_dir else None
     if gt_dir is not None and not gt_dir.is_dir():
         raise DataError(f"--gt_dir: {gt_dir} does not exist")
@@ -216,9 +227,8 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         mask = probs > threshold
         dst = output / f"{path.stem}_segmentation.png"
-        Image.fromarray(mask.astype(np.uint8) * 255).save(dst)
         if save_probs:
-            Image.fromarray(np.round(probs * 255).astype(np.uint8)).save(output / f"{path.stem}_prob.png")
+            atomic_save_image(Image.fromarray(np.round(probs * 255).astype(np.uint8)), output / f"{path.stem}_prob.png")
         if save_overlay:
             h, w = mask.shape
             # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
@@ -227,19 +237,25 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
                 gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
-            Image.fromarray(pic).save(output / f"{path.stem}_overlay.jpg", quality=92)
+            atomic_save_image(Image.fromarray(pic), output / f"{path.stem}_overlay.jpg", quality=92)
+        atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), dst)  # last: the mask marks the image done
         return dst
 
     workers = default_workers()
     written: list[Path] = []
     with ThreadPoolExecutor(workers) as pool:  # encoding and writing overlap the next images' prediction
         in_flight: deque = deque()
-        for path, image, probs in results:
-            in_flight.append(pool.submit(write, path, image, probs))
-            while len(in_flight) > workers:  # bounded: each holds a full-resolution probability map
+        try:
+            for path, image, probs in results:
+                in_flight.append(pool.submit(write, path, image, probs))
+                while len(in_flight) > workers:  # bounded: each holds a full-resolution probability map
+                    written.append(in_flight.popleft().result())
+            while in_flight:
                 written.append(in_flight.popleft().result())
-        while in_flight:
-            written.append(in_flight.popleft().result())
+        except KeyboardInterrupt:  # the writes already queued finish (whole files) as the pool shuts down
+            log(f"interrupted: the files written to {output} so far are complete; run the same command with "
+                "--skip_existing to continue")
+            raise
     if failed:
         raise PartialPrediction(written, failed)
     return written

@@ -284,3 +284,43 @@ def test_predict_defaults_to_the_checkpoints_threshold_and_precision(checkpoint,
     assert not np.array_equal(run("half", "--amp", "off", "--threshold", "0.5")["segmentation"],
                               default["segmentation"])
     assert not np.array_equal(run("bf16", "--amp", "bf16", "--threshold", "0.3")["prob"], default["prob"])
+
+
+def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_path, monkeypatch, capsys):
+    import r2unet.predict as P
+
+    path, _ = checkpoint
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(src / f"q{i}.png")
+    args = ["predict", "--checkpoint", str(path), "--input", str(src), "--device", "cpu", "--batch_size", "2",
+            "--overlay"]
+    assert main([*args, "--output", str(tmp_path / "clean")]) == 0
+
+    real, calls = P._upsample_probs, {"n": 0}
+
+    def interrupted_on_the_fourth(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(P, "_upsample_probs", interrupted_on_the_fourth)
+    assert main([*args, "--output", str(out)]) == 130
+    assert "run the same command with --skip_existing" in capsys.readouterr().out
+    monkeypatch.setattr(P, "_upsample_probs", real)
+    done = sorted(p.name for p in out.glob("*_segmentation.png"))
+    assert 0 < len(done) < 5 and not list(out.glob(".*"))  # whole files only, no temporary ones left
+    before = {name: (out / name).stat().st_mtime_ns for name in done}
+
+    assert main([*args, "--output", str(out), "--skip_existing"]) == 0
+    printed = capsys.readouterr().out
+    assert f"skipping {len(done)} image(s)" in printed and f"wrote {5 - len(done)} mask(s)" in printed
+    assert all((out / name).stat().st_mtime_ns == t for name, t in before.items())  # not written again
+    for i in range(5):
+        for suffix in ("_segmentation.png", "_overlay.jpg"):
+            a, b = (np.asarray(Image.open(d / f"q{i}{suffix}")) for d in (tmp_path / "clean", out))
+            assert np.array_equal(a, b), (i, suffix)
