@@ -171,7 +171,7 @@ def _cmd_evaluate(args) -> None:
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
                                   amp=args.amp, model_type=args.model_type, t=args.t,
                                   base_channels=args.base_channels, per_image_csv=args.per_image,
-                                  resolution=args.resolution, tta=args.tta,
+                                  resolution=args.resolution, tta=args.tta, cache_dir=args.cache_dir,
                                   log=(lambda *_: None) if args.json else print)
     where = "at each image's original resolution" if args.resolution == "original" else "at the network's size"
     _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images {where}"
@@ -306,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "image at its own resolution against its mask file, as the ISIC 2018 challenge did")
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs (predict --tta)")
     p.add_argument("--per_image", metavar="CSV", help="also write every image's scores to CSV and name the worst")
+    p.add_argument("--cache_dir", help="where the decode-once cache lives (default DATA_PATH/.r2unet_cache)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 

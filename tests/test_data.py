@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,8 +230,10 @@ def test_cache_is_incremental_and_detects_changes(tmp_path):
     assert len(c1) == 6 and c1.images.shape == (6, 48, 48, 3) and set(np.unique(c1.masks)) <= {0, 1}
     assert logs[-1].startswith("caching 6 of 6")
     logs.clear()
+    state = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()}
     build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
-    assert logs == []  # nothing to do
+    assert logs == []  # nothing to do, and nothing written (an up-to-date cache may be on a read-only mount)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()} == state
     # change one image's content: only that row is decoded again
     Image.new("RGB", (40, 30), (255, 0, 0)).save(img_dir / "ISIC_0000002.jpg")
     c3 = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
@@ -442,3 +445,14 @@ def test_every_exif_orientation_reads_as_pil_shows_it(tmp_path, orientation):
     assert np.array_equal(read_image(path), shown)
     assert image_size(path) == (shown.shape[1], shown.shape[0])
     assert np.array_equal(orient_as_shown(stored[..., 0] > 127, path), shown[..., 0] > 127)
+
+
+def test_a_cache_that_cannot_be_written_names_the_folder_and_the_flag(tmp_path, monkeypatch):
+    img_dir, mask_dir = _raw(tmp_path, 3)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)  # what a read-only mount or another user's folder gives
+    with pytest.raises(DataError, match=r"cannot write the cache in .*c: Permission denied; .*--cache_dir"):
+        build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=lambda *_: None)

@@ -41,12 +41,15 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     ckpt = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and ckpt["optimizer"] and ckpt["config"]["t"] == 1
 
-    # evaluate reproduces the reported test metrics from the best checkpoint
+    # evaluate reproduces the reported test metrics from the best checkpoint (its cache elsewhere, as for a
+    # read-only dataset)
     assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path",
-                 str(prepared / "data"), "--split", "test", "--json", "--device", "cpu"]) == 0
+                 str(prepared / "data"), "--split", "test", "--json", "--device", "cpu",
+                 "--cache_dir", str(tmp_path / "elsewhere")]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for k, v in results["test"].items():
         assert evaluated[k] == pytest.approx(v, abs=1e-9), k
+    assert (tmp_path / "elsewhere" / "test-48" / "images.npy").is_file()
 
     # resume continues from epoch 2 to 3 with the checkpoint's settings
     assert _train(prepared, out, "--resume", "--num_epochs", "3") == 0

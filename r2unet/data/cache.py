@@ -132,7 +132,8 @@ def build_cache(
     log=print,
 ) -> SplitCache:
     """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
-    progress bar while decoding (default: on a terminal); without it, a ``log`` line once a minute on long builds."""
+    progress bar while decoding (default: on a terminal); without it, a ``log`` line once a minute on long builds.
+    An up-to-date cache is opened without writing anything (it may sit on a read-only file system)."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
@@ -140,9 +141,33 @@ def build_cache(
 
     meta_path = cache_dir / "meta.json"
     old = _read_meta(meta_path, side)
-    old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
     entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
                 "hw": None} for p in pairs]
+    if old is not None and _up_to_date(cache_dir, old["entries"], entries):
+        report_problems(problems, skip_bad, log)
+        return open_cache(cache_dir, side)
+    try:
+        return _build(pairs, problems, entries, old, cache_dir, side, image_dir, num_workers, skip_bad, progress,
+                      log)
+    except OSError as exc:  # a read-only or full file system, no permission
+        raise DataError(f"cannot write the cache in {cache_dir}: {exc.strerror or exc}; choose a writable folder "
+                        "with --cache_dir (train, evaluate)") from exc
+
+
+def _up_to_date(cache_dir: Path, old_entries: list[dict], entries: list[dict]) -> bool:
+    """Every file pair is cached as it is now (same names, order and fingerprints), and every row is done."""
+    if [(e["image"], e["fp"]) for e in old_entries] != [(e["image"], e["fp"]) for e in entries]:
+        return False
+    try:
+        return bool(np.load(cache_dir / "done.npy", mmap_mode="r").all())
+    except (OSError, ValueError):
+        return False
+
+
+def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
+           log) -> SplitCache:
+    meta_path = cache_dir / "meta.json"
+    old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
     same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     cache_dir.mkdir(parents=True, exist_ok=True)
     n = len(entries)

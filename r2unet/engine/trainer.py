@@ -864,7 +864,8 @@ class FlipAveraged(nn.Module):
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
-                        tta: bool = False, log=print, **model_overrides) -> dict:
+                        tta: bool = False, cache_dir: str | Path | None = None, log=print,
+                        **model_overrides) -> dict:
     """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
     ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
@@ -874,7 +875,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
     five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
     (``"worst_picture"``): where to look first. ``amp``: None runs the forward in the precision the checkpoint was
-    trained in (its ``amp`` setting), so the scores match the run's ``results.json``."""
+    trained in (its ``amp`` setting), so the scores match the run's ``results.json``. ``cache_dir``: where the
+    decode-once cache lives (default ``data_path/.r2unet_cache``)."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
@@ -903,7 +905,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
                                      img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
                                      log=log)
     else:
-        cache = split_cache(data_path, split, cfg.image_size, log=log)
+        cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
         acc = evaluate(scored, loader,
@@ -929,7 +931,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
         # ...and a picture of them: seeing the failures beats reading their names
         if resolution == "original":  # the picture is drawn at the network's size, from the cache
-            cache = split_cache(data_path, split, cfg.image_size, log=log)
+            cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
         row_of = {name: i for i, name in enumerate(cache.names)}
         picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
         draw_samples(scored, cache, [row_of[names[i]] for i in order],
