@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .fileio import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -60,9 +62,14 @@ def plot_curves(rows: list[dict], out: str | Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=100))  # a viewer never sees half
     plt.close(fig)
     return out
+
+
+def _format(path: Path) -> str:
+    """matplotlib's format for a file name (the temporary file it is written to first has another suffix)."""
+    return path.suffix.lstrip(".").lower() or "png"
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -112,7 +119,7 @@ def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    fig.savefig(out, dpi=80)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=80))  # a viewer never sees half
     plt.close(fig)
     return out
 

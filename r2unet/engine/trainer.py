@@ -25,7 +25,7 @@ from .. import plots
 from .. import progress as progress_lines
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from ..messages import first_line
 from ..metrics import MetricAccumulator
 from ..models import RECURRENT, create_model, list_models
@@ -673,7 +673,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if sample_idx:
                 final = run.samples / f"epoch_{cfg.num_epochs:03d}.png"
                 if final.exists():
-                    shutil.copyfile(final, run.dir / "samples.png")
+                    atomic_write(run.dir / "samples.png", lambda tmp: shutil.copyfile(final, tmp))
             if test:
                 log(f"test (best epoch {best_epoch}): "
                     + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
