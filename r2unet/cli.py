@@ -437,8 +437,11 @@ def _add_train_flags(p) -> None:
     g.add_argument("--config", help="YAML/TOML/JSON file of settings; command-line flags override it")
     g.add_argument("--loss", choices=["bce", "dice_bce"])
     g.add_argument("--global_batch_size", type=int, help="alternative to --batch_size: divided among processes")
-    g.add_argument("--scale_lr", action="store_true", help="multiply --lr by the number of processes "
-                   "(linear scaling rule; the 8p recipe: 8 x 2e-4 = 0.0016)")
+    g.add_argument("--scale_lr", action="store_true", help="linear scaling rule: multiply --lr by the global "
+                   "batch / --lr_batch_size, i.e. by the number of processes by default (the 8p recipe: 8 x 2e-4 = "
+                   "0.0016)")
+    g.add_argument("--lr_batch_size", type=int, help="with --scale_lr: the batch size --lr was tuned for (default: "
+                   "--batch_size); e.g. --batch_size 64 --lr_batch_size 16 --scale_lr trains one GPU at 4 x --lr")
     g.add_argument("--sync_bn", action="store_true", help="SyncBatchNorm across processes")
     g.add_argument("--dist_timeout_s", type=float, help="seconds before a collective waiting on a dead process "
                    "fails (default 600)")

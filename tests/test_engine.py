@@ -111,6 +111,7 @@ def test_reference_schedule():
     ("--batch_size", "0", "--batch_size: must be >= 1"),
     ("--lr", "-1", "--lr: must be > 0"),
     ("--num_epochs_decay", "500", "--num_epochs_decay"),
+    ("--lr_batch_size", "0", "--lr_batch_size: must be >= 1"),
     ("--augmentation_prob", "1.5", "--augmentation_prob"),
     ("--loss_scale_value", "abc", "--loss_scale_value"),
     ("--img_ch", "2", "--img_ch"),
@@ -406,3 +407,14 @@ def test_demo_runs_the_whole_pipeline_and_refuses_to_overwrite(tmp_path, capsys)
     assert "already holds a demo run" in capsys.readouterr().err
     assert main(["demo", "--output", str(tmp_path / "few"), "--num_images", "5"]) == 2
     assert "at least 20 images" in capsys.readouterr().err
+
+
+def test_scale_lr_follows_the_batch_the_lr_was_tuned_for(prepared, tmp_path, capsys):
+    """One process, batch 4, an lr tuned for batch 2: --scale_lr doubles it; without --lr_batch_size it keeps it
+    (lr x processes), and without --scale_lr nothing changes."""
+    for extra, lr in ((["--lr_batch_size", "2", "--scale_lr"], "0.002"), (["--scale_lr"], "0.001"),
+                      (["--lr_batch_size", "2"], "0.001")):
+        out = tmp_path / f"run{len(extra)}{lr}"
+        assert _train(prepared, out, "--num_epochs", "1", "--max_steps_per_epoch", "1", "--lr", "0.001",
+                      *extra) == 0
+        assert f"global batch 4, lr {lr};" in capsys.readouterr().out, extra

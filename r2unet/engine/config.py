@@ -31,7 +31,8 @@ class TrainConfig:
     num_epochs_decay: int = 70
     batch_size: int = 16  # per process
     global_batch_size: int | None = None  # alternative to batch_size: divided by the number of processes
-    scale_lr: bool = False  # linear scaling rule: lr x (global batch / batch_size) e.g. 8p: 8 x 2e-4 = 0.0016
+    scale_lr: bool = False  # linear scaling rule: lr x (global batch / lr_batch_size) e.g. 8p: 8 x 2e-4 = 0.0016
+    lr_batch_size: int | None = None  # the batch --lr was tuned for (default: batch_size, i.e. lr x processes)
     lr: float = 2e-4
     beta1: float = 0.5
     beta2: float = 0.999
@@ -86,6 +87,8 @@ class TrainConfig:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.img_ch not in (1, 3):
             bad("img_ch", f"must be 1 (grayscale) or 3 (RGB), got {self.img_ch}")
+        if self.lr_batch_size is not None and self.lr_batch_size < 1:
+            bad("lr_batch_size", f"must be >= 1, got {self.lr_batch_size}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             bad("global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         if not 0 <= self.num_epochs_decay <= self.num_epochs:

@@ -446,7 +446,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
                               f"{info.world_size} processes")
         cfg.batch_size = cfg.global_batch_size // info.world_size
     global_batch = cfg.batch_size * info.world_size
-    lr = cfg.lr * (global_batch / cfg.batch_size) if cfg.scale_lr else cfg.lr
+    lr = cfg.lr * (global_batch / (cfg.lr_batch_size or cfg.batch_size)) if cfg.scale_lr else cfg.lr
 
     if not cfg.resume and run.last.exists():
         raise ConfigError(f"--output_dir: {run.dir} already holds a run (checkpoints/last.pt); pass --resume to "
