@@ -165,7 +165,7 @@ def _print_metrics(metrics: dict, as_json: bool, header: str) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from .engine.trainer import evaluate_checkpoint
+    from .engine.inference import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data_path, split=args.split, batch_size=args.batch_size,
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
@@ -183,7 +183,7 @@ def _cmd_evaluate(args) -> None:
 
 
 def _load_model(args):
-    from .engine.trainer import load_for_inference
+    from .engine.inference import load_for_inference
 
     return load_for_inference(args.checkpoint, model_type=args.model_type, t=args.t,
                               base_channels=args.base_channels)
@@ -193,7 +193,8 @@ def _cmd_predict(args) -> None:
     import torch
 
     from .engine.distributed import DistInfo
-    from .engine.trainer import ready_for_inference, resolve_device
+    from .engine.inference import ready_for_inference
+    from .engine.trainer import resolve_device
     from .predict import PartialPrediction, run_predict
 
     model, cfg = _load_model(args)
@@ -233,7 +234,7 @@ def _cmd_export(args) -> None:
 
 
 def _cmd_plot(args) -> None:
-    from .engine.trainer import redraw_samples
+    from .engine.inference import redraw_samples
     from .plots import redraw
 
     for path in redraw(args.run_dir):

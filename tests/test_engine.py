@@ -325,7 +325,7 @@ def test_evaluate_at_the_original_resolution_scores_the_masks_predict_writes(pre
     from PIL import Image
 
     from r2unet.data.io import read_mask
-    from r2unet.engine.trainer import load_for_inference
+    from r2unet.engine.inference import load_for_inference
     from r2unet.predict import predict_images
 
     out = tmp_path / "run"

@@ -129,7 +129,7 @@ def test_banded_upsampling_equals_one_interpolate():
 
 def test_a_run_folder_stands_for_its_best_checkpoint(checkpoint, tmp_path, capsys):
     path, model = checkpoint
-    from r2unet.engine.trainer import load_for_inference
+    from r2unet.engine.inference import load_for_inference
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -242,7 +242,7 @@ def test_safetensors_weights_round_trip(checkpoint, tmp_path, capsys):
     assert "run's settings" in capsys.readouterr().out
     from safetensors.torch import save_file
 
-    from r2unet.engine.trainer import load_for_inference
+    from r2unet.engine.inference import load_for_inference
 
     # the settings travel in the metadata: no --model_type/--t/--base_channels/--image_size needed
     loaded, cfg = load_for_inference(out)

@@ -1,4 +1,5 @@
-"""Training and evaluation: ``fit`` (the main job), ``train_one_epoch`` and ``evaluate``.
+"""Training and evaluation: ``fit`` (the main job), ``train_one_epoch`` and ``evaluate`` (using a trained model:
+``inference.py``).
 
 The trainer is the only place that decides devices, precision, compilation and distribution.
 """
@@ -28,7 +29,7 @@ from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split
 from ..fileio import atomic_write, atomic_write_text
 from ..messages import first_line
 from ..metrics import MetricAccumulator
-from ..models import RECURRENT, create_model, list_models
+from ..models import RECURRENT, create_model
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -362,7 +363,7 @@ def synchronize(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------- the job
-class _Run:
+class RunFiles:
     """Files of one run folder (written by rank 0 only)."""
 
     def __init__(self, output_dir: str | Path):
@@ -433,7 +434,7 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
 
 
 def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
-    run = _Run(cfg.output_dir)
+    run = RunFiles(cfg.output_dir)
     device = resolve_device(cfg, info)
     precision = Precision(resolve_amp(cfg, device), device)
     use_compile = resolve_flag(cfg.compile, device)
@@ -696,7 +697,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             signal.signal(signal.SIGTERM, old_term)
 
 
-def _previous_results(run: _Run) -> dict:
+def _previous_results(run: RunFiles) -> dict:
     try:
         return json.loads(run.results.read_text())
     except (OSError, json.JSONDecodeError):
@@ -784,165 +785,4 @@ def draw_samples(model, cache, indices, transform, precision, cfg, out, title, r
                              out, title, row_titles)
 
 
-def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
-    """Redraw ``samples.png`` of a run from its best checkpoint and the validation images it was trained on."""
-    run = _Run(run_dir)
-    if not run.best.exists():
-        return None
-    model, cfg = load_for_inference(run.best)
-    data_path = Path(cfg.data_path)
-    if not (data_path / "valid").is_dir():
-        log(f"samples not redrawn: the run's data ({data_path / 'valid'}) is not here")
-        return None
-    dev = torch.device(device)
-    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cfg.cache_dir, progress=False,
-                        log=lambda *_: None)
-    if not len(cache):
-        return None
-    best = load_file(run.best)
-    return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
-                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev), cfg,
-                        run.dir / "samples.png", f"best checkpoint (epoch {best.get('best_epoch', '?')})")
-
-
-# ------------------------------------------------------------------------------------------------------- evaluation
-def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
-                       base_channels: int | None = None, img_ch: int | None = None,
-                       output_ch: int | None = None) -> tuple[nn.Module, TrainConfig]:
-    """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
-    the checkpoint's config (and are required for a bare state_dict's architecture, else the defaults apply).
-    ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used."""
-    checkpoint = Path(checkpoint)
-    if checkpoint.is_dir():
-        run = _Run(checkpoint)
-        if not run.best.is_file():
-            raise CheckpointError(f"{checkpoint} is a folder, not a checkpoint, and holds no run's "
-                                  f"checkpoints/best.pt; pass the checkpoint file")
-        checkpoint = run.best
-    obj = load_file(checkpoint)
-    cfg = TrainConfig.from_dict(obj["config"]) if obj.get("format") == "r2unet" else TrainConfig()
-    for name, value in (("model_type", model_type), ("t", t), ("base_channels", base_channels),
-                        ("img_ch", img_ch), ("output_ch", output_ch)):
-        if value is not None:
-            setattr(cfg, name, value)
-    if cfg.model_type not in list_models():
-        raise ConfigError(f"--model_type: unknown model {cfg.model_type!r}; choose one of {', '.join(list_models())}")
-    model = build_model(cfg)
-    load_weights(model, model_state(obj), str(checkpoint))
-    return model.eval(), cfg
-
-
-RESOLUTIONS = ("training", "original")
-
-
-def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Precision, bool]:
-    """The model on ``device`` in eval mode with the precision (``cfg.amp``) and memory format that training uses
-    there: (model, precision, channels_last). On a CPU with AMX, bf16 + channels_last ran a full-size R2U-Net forward
-    at 4.7 img/s against 0.74 in fp32 (224 px, batch 4)."""
-    precision = Precision(resolve_amp(cfg, device), device)
-    channels_last = resolve_channels_last(cfg, device, precision)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, precision, channels_last
-
-
-class FlipAveraged(nn.Module):
-    """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
-    (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..predict import predict_logits
-
-        return predict_logits(self.model, x, tta=True)
-
-
-def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
-                        device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
-                        tta: bool = False, cache_dir: str | Path | None = None, log=print,
-                        **model_overrides) -> dict:
-    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
-
-    ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
-    reference); ``"original"`` scores every image at its own resolution against its mask file, as the ISIC 2018
-    challenge did, with the prediction made as ``predict`` makes it. ``tta``: average the flipped predictions
-    (``predict --tta``).
-    With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
-    five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
-    (``"worst_picture"``): where to look first. ``amp``: None runs the forward in the precision the checkpoint was
-    trained in (its ``amp`` setting), so the scores match the run's ``results.json``. ``cache_dir``: where the
-    decode-once cache lives (default ``data_path/.r2unet_cache``)."""
-    if split not in ("train", "valid", "test"):
-        raise ConfigError(f"--split must be train, valid or test, got {split!r}")
-    if resolution not in RESOLUTIONS:
-        raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
-    model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
-    if image_size is not None:
-        cfg.image_size = image_size
-    cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
-    cfg.validate()
-    dev = resolve_device(cfg, D.DistInfo())
-    model, precision, channels_last = ready_for_inference(model, cfg, dev)
-    threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
-    scored = FlipAveraged(model) if tta else model
-    if resolution == "original":
-        from ..data.prepare import checked_pairs, report_problems
-        from ..predict import score_at_original_resolution
-
-        image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
-        if not image_dir.is_dir():
-            raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
-        pairs, problems, _ = checked_pairs(image_dir, mask_dir)
-        report_problems(problems, skip_bad=False, log=log)
-        names = [p.image.name for p in pairs]
-        acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
-        score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
-                                     img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
-                                     log=log)
-    else:
-        cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
-        names = cache.names
-        loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        acc = evaluate(scored, loader,
-                       DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
-                       channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                       keep_per_image=per_image_csv is not None)
-    out = acc.compute("image")
-    out["pooled"] = acc.compute("pooled")
-    out["num_images"] = acc.num_images
-    out["resolution"], out["tta"] = resolution, tta
-    if per_image_csv is not None:
-        import csv
-        import io
-
-        scores = acc.per_image()
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
-        writer.writerow(["image", *scores])
-        writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(names))
-        atomic_write_text(per_image_csv, text.getvalue())
-        order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
-        out["per_image_csv"] = str(per_image_csv)
-        out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
-        # ...and a picture of them: seeing the failures beats reading their names
-        if resolution == "original":  # the picture is drawn at the network's size, from the cache
-            cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
-        row_of = {name: i for i, name in enumerate(cache.names)}
-        picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
-        draw_samples(scored, cache, [row_of[names[i]] for i in order],
-                     DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, cfg, picture,
-                     f"lowest JS on the {split} split" + (" (scored at each image's size, drawn at the network's)"
-                                                          if resolution == "original" else "")
-                     + "\ngreen: prediction, blue: ground truth",
-                     [f"{names[i]}  JS {scores['JS'][i]:.3f}" for i in order])
-        out["worst_picture"] = str(picture)
-    return out
-
-
-__all__ = ["CheckpointError", "TrainingError", "evaluate", "evaluate_checkpoint", "fit", "load_for_inference",
-           "lr_factor", "train_one_epoch"]
+__all__ = ["CheckpointError", "TrainingError", "evaluate", "fit", "lr_factor", "train_one_epoch"]
