@@ -243,6 +243,27 @@ def _cmd_plot(args) -> None:
         print(f"wrote {path}")
 
 
+def _cmd_compare(args) -> None:
+    from .plots import compare_runs
+
+    path, runs = compare_runs(args.run_dirs, args.output)
+    if args.json:
+        print(json.dumps({"picture": str(path), "runs": runs}))
+        return
+
+    def score(s, key):
+        return f"{s['test'][key]:.4f}" if s["test"] else "-"
+
+    width = max(len(s["label"]) for s in runs)
+    print(f"{'run':<{width}}  epochs  best  valid JS  test JS  test DC  test ACC   img/s")
+    for s in runs:
+        valid = f"{s['best_valid']['JS']:.4f}" if s["best_valid"] else "-"
+        fps = f"{s['fps']:.1f}" if s["fps"] else "-"
+        print(f"{s['label']:<{width}}  {s['epochs']:>6}  {s['best_epoch'] or '-':>4}  {valid:>8}  "
+              f"{score(s, 'JS'):>7}  {score(s, 'DC'):>7}  {score(s, 'ACC'):>8}  {fps:>6}")
+    print(f"wrote {path}")
+
+
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -341,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--curves_only", action="store_true", help="do not redraw the sample grid")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("compare", help="several runs side by side: curves and test scores in one picture and a table")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--output", default="compare.png", help="the picture")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("demo", help="synthetic data -> prepare -> train a small R2U-Net on the CPU -> test scores")
     p.add_argument("--output", default="runs/demo", help="folder for the synthetic data and the run")

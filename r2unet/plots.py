@@ -1,4 +1,5 @@
-"""Pictures of a run: training curves from ``metrics.jsonl`` and sample grids (image | ground truth | prediction)."""
+"""Pictures of a run: training curves from ``metrics.jsonl``, sample grids (image | ground truth | prediction), and
+several runs compared (``r2unet compare``)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,92 @@ def redraw(run_dir: str | Path) -> list[Path]:
     if not rows:
         raise ValueError(f"{metrics} has no complete epoch yet")
     return [plot_curves(rows, run_dir / "curves.png")]
+
+
+def run_summary(run_dir: str | Path) -> dict:
+    """What ``compare`` shows of one run folder: its curves (``metrics.jsonl``) and, once training has finished, its
+    test scores and throughput (``results.json``); the network from ``results.json`` or ``config.json``."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics} not found: is {run_dir} a training output folder?")
+    rows = read_metrics(metrics)
+    info: dict = {}
+    for name in ("config.json", "results.json"):  # results.json last: it describes the finished run
+        try:
+            info.update(json.loads((run_dir / name).read_text()))
+        except (OSError, json.JSONDecodeError):
+            pass
+    model = info.get("model_type", "?")
+    if model in ("R2U_Net", "R2AttU_Net") and "t" in info:
+        model += f" t={info['t']}"
+    best = [r for r in rows if r.get("best")]
+    return {"run": str(run_dir), "model": model, "epochs": rows[-1]["epoch"] if rows else 0,
+            "best_epoch": best[-1]["epoch"] if best else None,
+            "best_valid": best[-1].get("valid") if best else None,
+            "test": info.get("test") if "best_valid_JS_plus_DC" in info else None,  # only a finished run's
+            "fps": info.get("fps") if "best_valid_JS_plus_DC" in info else None, "rows": rows}
+
+
+def _labels(runs: list[str]) -> list[str]:
+    """Short names for run folders: the last part of each path, more parts where two would read the same."""
+    parts = [Path(r).resolve().parts for r in runs]
+    labels = []
+    for i, p in enumerate(parts):
+        depth = 1
+        while depth < len(p) and any(q[-depth:] == p[-depth:] for j, q in enumerate(parts) if j != i):
+            depth += 1
+        labels.append("/".join(p[-depth:]))
+    return labels
+
+
+def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, list[dict]]:
+    """``compare.png`` for several runs (say U-Net against R2U-Net): training loss and validation JS per epoch, each
+    run's best epoch marked, and the test JS / DC of the finished runs side by side. Returns the picture and one
+    summary per run (``run_summary``), labelled."""
+    from matplotlib.ticker import MaxNLocator
+
+    summaries = [run_summary(r) for r in run_dirs]
+    for s, label in zip(summaries, _labels([s["run"] for s in summaries])):
+        s["label"] = f"{label} ({s['model']})"
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.9]})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, s in enumerate(summaries):
+        colour = colours[k % len(colours)]
+        rows = s["rows"]
+        axes[0].plot([r["epoch"] for r in rows], [r.get("train_loss") for r in rows], color=colour, lw=1.4,
+                     label=s["label"])
+        pts = [(r["epoch"], r["valid"]["JS"]) for r in rows if r.get("valid")]
+        if pts:
+            axes[1].plot(*zip(*pts), color=colour, lw=1.4, label=s["label"])
+        if s["best_valid"]:
+            axes[1].plot(s["best_epoch"], s["best_valid"]["JS"], "*", ms=11, color=colour)
+    axes[0].set(title="training loss", xlabel="epoch")
+    axes[1].set(title="validation JS (star: best.pt)", xlabel="epoch", ylim=(0, 1))
+    for ax in axes[:2]:
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].legend(loc="best", fontsize=8, framealpha=0.7)
+    finished = [(k, s) for k, s in enumerate(summaries) if s["test"]]
+    ax = axes[2]
+    if finished:
+        x = np.arange(len(finished))
+        for offset, key, hatch in ((-0.2, "JS", ""), (0.2, "DC", "//")):
+            values = [s["test"][key] for _, s in finished]
+            bars = ax.bar(x + offset, values, width=0.38, hatch=hatch, edgecolor="white",
+                          color=[colours[k % len(colours)] for k, _ in finished], label=f"test {key}")
+            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+        ax.set_xticks(x, [s["label"].split(" (")[0] for _, s in finished], rotation=20, ha="right", fontsize=8)
+        ax.set(title="test split (best.pt): JS plain, DC hatched", ylim=(0, 1.08))
+        ax.grid(alpha=0.3, axis="y")
+    else:
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no finished run yet:\ntest scores appear when training ends", ha="center", va="center")
+    fig.tight_layout()
+    out = Path(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=100))
+    plt.close(fig)
+    for s in summaries:
+        del s["rows"]
+    return out, summaries

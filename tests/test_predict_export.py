@@ -324,3 +324,41 @@ def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_
         for suffix in ("_segmentation.png", "_overlay.jpg"):
             a, b = (np.asarray(Image.open(d / f"q{i}{suffix}")) for d in (tmp_path / "clean", out))
             assert np.array_equal(a, b), (i, suffix)
+
+
+def _fake_run(folder, model, t, js_per_epoch, test_js=None):
+    """A run folder as training leaves it (metrics.jsonl, config.json; results.json once finished)."""
+    import json
+
+    folder.mkdir(parents=True)
+    best = max(range(len(js_per_epoch)), key=lambda i: js_per_epoch[i])
+    rows = [{"epoch": i + 1, "train_loss": 1.0 - js, "lr": 2e-4, "valid": {"JS": js, "DC": min(1.0, js + 0.1)},
+             **({"best": True} if i == best else {})} for i, js in enumerate(js_per_epoch)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "config.json").write_text(json.dumps({"model_type": model, "t": t}))
+    if test_js is not None:
+        (folder / "results.json").write_text(json.dumps({
+            "test": {"JS": test_js, "DC": test_js + 0.1, "ACC": 0.9}, "best_epoch": best + 1,
+            "best_valid_JS_plus_DC": 1.0, "fps": 123.4, "model_type": model, "t": t}))
+
+
+def test_compare_draws_and_tabulates_several_runs(tmp_path, capsys):
+    import json
+
+    _fake_run(tmp_path / "a" / "run", "U_Net", 3, [0.3, 0.5, 0.45], test_js=0.52)
+    _fake_run(tmp_path / "b" / "run", "R2U_Net", 2, [0.4, 0.6, 0.7], test_js=0.66)
+    _fake_run(tmp_path / "c", "AttU_Net", 3, [0.2, 0.3])  # still training: no test scores yet
+    runs = [str(tmp_path / "a" / "run"), str(tmp_path / "b" / "run"), str(tmp_path / "c")]
+    out = tmp_path / "cmp.png"
+    assert main(["compare", *runs, "--output", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert Image.open(out).format == "PNG"
+    assert table[1].split() == ["a/run", "(U_Net)", "3", "2", "0.5000", "0.5200", "0.6200", "0.9000", "123.4"]
+    assert table[2].split() == ["b/run", "(R2U_Net", "t=2)", "3", "3", "0.7000", "0.6600", "0.7600", "0.9000",
+                                "123.4"]
+    assert table[3].split() == ["c", "(AttU_Net)", "2", "2", "0.3000", "-", "-", "-", "-"]
+    assert main(["compare", *runs, "--output", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [r["test"]["JS"] if r["test"] else None for r in report["runs"]] == [0.52, 0.66, None]
+    assert main(["compare", str(tmp_path / "a"), "--output", str(out)]) == 2  # a folder that is not a run
+    assert "metrics.jsonl not found" in capsys.readouterr().err
