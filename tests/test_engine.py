@@ -31,6 +31,8 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     assert _train(prepared, out, "--num_epochs", "2") == 0
     printed = capsys.readouterr()
     assert "FPS: " in printed.out
+    epoch_lines = [line for line in printed.out.splitlines() if line.startswith("epoch ")]
+    assert "  ETA " in epoch_lines[0] and "ETA" not in epoch_lines[1]  # the run's remaining time, until the last
     results = json.loads((out / "results.json").read_text())
     assert set(results["test"]) == {"ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"}
     assert results["model_type"] == "R2U_Net" and results["fps"] > 0 and results["best_epoch"] in (1, 2)
@@ -418,3 +420,10 @@ def test_scale_lr_follows_the_batch_the_lr_was_tuned_for(prepared, tmp_path, cap
         assert _train(prepared, out, "--num_epochs", "1", "--max_steps_per_epoch", "1", "--lr", "0.001",
                       *extra) == 0
         assert f"global batch 4, lr {lr};" in capsys.readouterr().out, extra
+
+
+def test_durations_read_as_people_write_them():
+    from r2unet.engine.trainer import duration
+
+    assert [duration(s) for s in (0, 44.6, 60, 725, 3599, 3600, 11220, -3)] == \
+        ["0s", "45s", "1m00s", "12m05s", "59m59s", "1h00m", "3h07m", "0s"]

@@ -579,6 +579,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
 
     old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if _main_thread() else None
     total_steady_images = total_steady_seconds = 0.0
+    session_start = time.perf_counter()  # for the run's ETA: wall time per epoch in this session, all included
     last_train = None  # training-batch metrics of the last epoch run in this session
     results: dict = {}
     try:
@@ -641,7 +642,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if info.is_main:
                 with open(run.metrics, "a") as f:
                     f.write(json.dumps(row) + "\n")
-                _log_epoch(log, row, cfg.num_epochs)
+                per_epoch = (time.perf_counter() - session_start) / (epoch + 1 - start_epoch)
+                _log_epoch(log, row, cfg.num_epochs, eta_s=per_epoch * (cfg.num_epochs - epoch - 1))
                 if writer:
                     _tensorboard(writer, row)
                 plots.plot_curves(plots.read_metrics(run.metrics), run.dir / "curves.png")
@@ -751,13 +753,25 @@ def _progress(info: D.DistInfo, total: int, images_per_batch: int):
     return tqdm(total=total, unit="img", unit_scale=images_per_batch, dynamic_ncols=True, leave=False)
 
 
-def _log_epoch(log, row: dict, num_epochs: int) -> None:
+def _log_epoch(log, row: dict, num_epochs: int, eta_s: float = 0.0) -> None:
     msg = (f"epoch {row['epoch']}/{num_epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
            f"{row['train_img_per_s']:.1f} img/s")
     if row.get("valid"):
         v = row["valid"]
         msg += f"  valid JS {v['JS']:.4f} DC {v['DC']:.4f} ACC {v['ACC']:.4f}" + ("  (best)" if row.get("best") else "")
+    if row["epoch"] < num_epochs:
+        msg += f"  ETA {duration(eta_s)}"
     log(msg)
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m05s, 3h07m."""
+    s = round(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _tensorboard(writer, row: dict) -> None:
