@@ -64,6 +64,12 @@ def test_prepare_is_deterministic_and_complete(tmp_path):
         assert len(list((tmp_path / "a" / f"{s}_GT").iterdir())) == len(a["splits"][s])
     manifest = json.loads((tmp_path / "a" / "r2unet_manifest.json").read_text())
     assert manifest["seed"] == 7 and len(manifest["source"]["fingerprint"]) == 64
+    assert not any("ratios sum" in line for line in logs)
+    # ratios that do not sum to 1 are proportions, as in the reference; the log says so
+    d = prepare_split(img_dir, mask_dir, data_path=tmp_path / "d", seed=7, train_ratio=0.8, valid_ratio=0.1,
+                      test_ratio=0.2, log=logs.append)
+    assert [len(d["splits"][s]) for s in SPLITS] == [14, 1, 5]  # int(0.8/1.1*20), int(0.1/1.1*20), the rest
+    assert "note: the ratios sum to 1.1; splitting in the proportions 0.727/0.091/0.182" in logs
 
 
 def test_prepare_with_the_seed_flags(tmp_path):

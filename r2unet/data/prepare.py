@@ -210,8 +210,11 @@ def prepare_split(
         common = Path(os.path.commonpath([str(p.resolve()) for pair in targets.values() for p in pair]))
         manifest_path = common / MANIFEST_NAME
     manifest_path = Path(manifest_path)
-    counts = split_counts(1, train_ratio, valid_ratio, test_ratio)  # validates the ratios before any work
-    del counts
+    split_counts(1, train_ratio, valid_ratio, test_ratio)  # validates the ratios before any work
+    total = train_ratio + valid_ratio + test_ratio
+    if abs(total - 1) > 1e-9:  # the reference divides by the sum too; say so rather than surprise
+        log(f"note: the ratios sum to {total:g}; splitting in the proportions "
+            f"{train_ratio / total:.3f}/{valid_ratio / total:.3f}/{test_ratio / total:.3f}")
 
     pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path)
     if ignored:
