@@ -93,6 +93,29 @@ def test_two_processes_identical_weights_and_exact_sharded_evaluation(odd_data, 
         assert single[k] == pytest.approx(v, abs=1e-12), k
 
 
+def _worker_own_folder(rank, world, port, cfg_dict, out_dir):
+    """As _worker, but rank 1 sees another, empty run folder: a second node whose disk is not rank 0's."""
+    if rank == 1:
+        cfg_dict = dict(cfg_dict, output_dir=os.path.join(out_dir, "node1"))
+    _worker(rank, world, port, cfg_dict, out_dir)
+
+
+def test_final_test_scores_need_no_shared_file_system(odd_data, tmp_path, capsys):
+    """Every process scores the test split with the weights rank 0 kept as best.pt, even where only rank 0 can
+    read that file: the weights travel by broadcast, not through the disk."""
+    out = tmp_path / "ddp"
+    os.makedirs(out)
+    cfg = _cfg(odd_data, out, num_epochs=3, lr=0.03, seed=16)  # seed and lr: a run whose best epoch is not the last
+    mp.spawn(_worker_own_folder, args=(2, _free_port(), cfg, str(out)), nprocs=2, join=True)
+    results = json.loads((out / "results_rank0.json").read_text())
+    assert results["best_epoch"] != 3  # best.pt is not the last epoch's model, so a mix-up would show
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoints" / "best.pt"), "--data_path", str(odd_data),
+                 "--split", "test", "--json", "--device", "cpu"]) == 0
+    single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for k, v in results["test"].items():
+        assert single[k] == pytest.approx(v, abs=1e-12), k
+
+
 def test_sync_bn_two_by_b_equals_one_by_two_b(odd_data, tmp_path):
     common = dict(max_steps_per_epoch=1, augmentation_prob=0.0, eval_every=1)
     _spawn(2, _cfg(odd_data, tmp_path / "two", batch_size=2, sync_bn=True, **common), tmp_path / "two")

@@ -81,6 +81,14 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(buffer, src)
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Every process takes process ``src``'s weights and buffers (e.g. the best checkpoint, which only ``src`` may be
+    able to read when the nodes do not share a file system)."""
+    if dist.is_available() and dist.is_initialized():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src)
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """Training batches of one process: a ``DistributedSampler`` (shuffled with ``seed + epoch``, sharded across
     processes; a world of one is the whole dataset) cut into batches, with ``set_epoch(epoch, skip)`` to resume in the

@@ -655,10 +655,11 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             D.barrier()
         if bar:
             bar.close()
-        # Final scores: the best model on the *test* split.
-        best = load_file(run.best) if run.best.exists() else None
-        if best is not None:
-            load_weights(model, model_state(best), str(run.best))
+        # Final scores: the best model on the *test* split. Rank 0 wrote best.pt; the others get its weights by
+        # broadcast, so nodes without a shared file system score the same model.
+        if info.is_main and run.best.exists():
+            load_weights(model, model_state(load_file(run.best)), str(run.best))
+        D.broadcast_module(model)
         test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last,
                         "test" if bar else None).compute() if len(caches["test"]) else None
         if total_steady_seconds > 0:
