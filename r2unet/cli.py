@@ -159,9 +159,17 @@ def _print_metrics(metrics: dict, as_json: bool, header: str) -> None:
         print(json.dumps(metrics))
         return
     print(header)
+    spread = metrics.get("spread", {})
+    if spread:
+        print(f"  {'':<15}{'mean':>6}  {'sd':>6}  {'95% CI of the mean':>18}  pooled")
     for k in ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"):
-        extra = f"   (pooled {metrics['pooled'][k]:.4f})" if "pooled" in metrics and k in metrics["pooled"] else ""
-        print(f"  {k:<15}{metrics[k]:.4f}{extra}")
+        line = f"  {k:<15}{metrics[k]:.4f}"
+        if k in spread:
+            lo, hi = spread[k]["ci"]
+            line += f"  {spread[k]['sd']:.4f}  {lo:>8.4f} - {hi:.4f}"
+        if "pooled" in metrics and k in metrics["pooled"]:
+            line += f"  {metrics['pooled'][k]:.4f}"
+        print(line)
 
 
 def _cmd_evaluate(args) -> None:
@@ -175,7 +183,7 @@ def _cmd_evaluate(args) -> None:
                                   log=(lambda *_: None) if args.json else print)
     where = "at each image's original resolution" if args.resolution == "original" else "at the network's size"
     _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images {where}"
-                   f"{', flip TTA' if args.tta else ''} (per-image means):")
+                   f"{', flip TTA' if args.tta else ''}; per-image scores, and pooled over all pixels:")
     if metrics.get("worst") and not args.json:
         print(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
               + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"])

@@ -24,6 +24,7 @@ Conventions:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 METRIC_NAMES = ("ACC", "SE", "SP", "PC", "F1", "JS", "DC")
@@ -146,3 +147,26 @@ class MetricAccumulator:
             out = {k: pooled[k].item() for k in METRIC_NAMES}
         out["JS_thresholded"] = (sums[len(METRIC_NAMES)] / n).item()
         return out
+
+
+def mean_spread(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, float | list[float]]:
+    """How much a per-image mean can be trusted: the standard deviation of the values (``sd``, n - 1) and a
+    percentile bootstrap confidence interval of their mean (``ci``, ``level`` two-sided; ``resamples`` resamplings
+    with a fixed seed, so the same scores always give the same interval). One value has sd 0 and a point interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        raise ValueError("no values")
+    sd = float(x.std(ddof=1)) if x.size > 1 else 0.0
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(1)
+    alpha = (1 - level) / 2
+    lo, hi = np.quantile(means, [alpha, 1 - alpha])
+    return {"sd": sd, "ci": [float(lo), float(hi)], "level": level}
+
+
+def per_image_spread(per_image: dict[str, list[float]], level: float = 0.95) -> dict[str, dict]:
+    """``mean_spread`` of every metric's per-image scores (``MetricAccumulator.per_image()``), ``JS_thresholded``
+    included."""
+    out = {k: mean_spread(v, level) for k, v in per_image.items()}
+    js = np.asarray(per_image["JS"])
+    out["JS_thresholded"] = mean_spread(np.where(js >= ISIC_JS_THRESHOLD, js, 0.0), level)
+    return out

@@ -51,6 +51,8 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for k, v in results["test"].items():
         assert evaluated[k] == pytest.approx(v, abs=1e-9), k
+        lo, hi = evaluated["spread"][k]["ci"]  # error bars: a bootstrap interval around each per-image mean
+        assert lo <= v + 1e-12 and v - 1e-12 <= hi, k
     assert (tmp_path / "elsewhere" / "test-48" / "images.npy").is_file()
 
     # resume continues from epoch 2 to 3 with the checkpoint's settings

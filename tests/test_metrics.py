@@ -148,3 +148,30 @@ def test_per_image_scores_are_kept_in_order_and_average_to_the_split_score():
     assert all(sum(rows[k]) / 7 == pytest.approx(v) for k, v in acc.compute().items() if k in rows)
     with pytest.raises(ValueError, match="keep_per_image"):
         MetricAccumulator().per_image()
+
+
+def test_mean_spread_sd_and_bootstrap_interval():
+    from r2unet.metrics import mean_spread
+
+    rng = np.random.default_rng(3)
+    x = rng.uniform(0.4, 1.0, size=400)
+    s = mean_spread(x)
+    assert s["sd"] == pytest.approx(np.std(x, ddof=1))
+    lo, hi = s["ci"]
+    assert lo < x.mean() < hi
+    half = 1.96 * x.std(ddof=1) / np.sqrt(x.size)  # the normal approximation, good at n = 400
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.1)
+    assert mean_spread(x) == s  # seeded: the same scores give the same interval
+    assert mean_spread([0.7, 0.7, 0.7])["ci"] == [pytest.approx(0.7), pytest.approx(0.7)]
+    assert mean_spread([0.5]) == {"sd": 0.0, "ci": [0.5, 0.5], "level": 0.95}
+    narrow = mean_spread(rng.uniform(0.4, 1.0, size=1600))
+    assert narrow["ci"][1] - narrow["ci"][0] < (hi - lo) * 0.7  # 4x the images, about half the width
+
+
+def test_per_image_spread_covers_the_isic_thresholded_score():
+    from r2unet.metrics import per_image_spread
+
+    spread = per_image_spread({"JS": [0.9, 0.6, 0.8, 0.5], "DC": [0.95, 0.75, 0.89, 0.67]})
+    assert set(spread) == {"JS", "DC", "JS_thresholded"}
+    # JS_thresholded per image: 0.9, 0, 0.8, 0 -> its sd, not JS's
+    assert spread["JS_thresholded"]["sd"] == pytest.approx(float(np.std([0.9, 0, 0.8, 0], ddof=1)))

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..fileio import atomic_write_text
-from ..metrics import MetricAccumulator
+from ..metrics import MetricAccumulator, per_image_spread
 from ..models import list_models
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state
@@ -148,7 +148,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         pairs, problems, _ = checked_pairs(image_dir, mask_dir)
         report_problems(problems, skip_bad=False, log=log)
         names = [p.image.name for p in pairs]
-        acc = MetricAccumulator(threshold=threshold, keep_per_image=per_image_csv is not None)
+        acc = MetricAccumulator(threshold=threshold, keep_per_image=True)
         score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
                                      img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
                                      log=log)
@@ -159,10 +159,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         acc = evaluate(scored, loader,
                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
                        channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                       keep_per_image=per_image_csv is not None)
+                       keep_per_image=True)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
+    # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
+    out["spread"] = per_image_spread(acc.per_image())
     out["resolution"], out["tta"] = resolution, tta
     if per_image_csv is not None:
         import csv
