@@ -262,13 +262,16 @@ def _cmd_compare(args) -> None:
     def score(s, key):
         return f"{s['test'][key]:.4f}" if s["test"] else "-"
 
+    def interval(s, key):
+        return "{:.3f}-{:.3f}".format(*s["test_spread"][key]["ci"]) if s.get("test_spread") else "-"
+
     width = max(len(s["label"]) for s in runs)
-    print(f"{'run':<{width}}  epochs  best  valid JS  test JS  test DC  test ACC   img/s")
+    print(f"{'run':<{width}}  epochs  best  valid JS  test JS  (95% CI)     test DC  test ACC   img/s")
     for s in runs:
         valid = f"{s['best_valid']['JS']:.4f}" if s["best_valid"] else "-"
         fps = f"{s['fps']:.1f}" if s["fps"] else "-"
         print(f"{s['label']:<{width}}  {s['epochs']:>6}  {s['best_epoch'] or '-':>4}  {valid:>8}  "
-              f"{score(s, 'JS'):>7}  {score(s, 'DC'):>7}  {score(s, 'ACC'):>8}  {fps:>6}")
+              f"{score(s, 'JS'):>7}  {interval(s, 'JS'):<11}  {score(s, 'DC'):>7}  {score(s, 'ACC'):>8}  {fps:>6}")
     print(f"wrote {path}")
 
 

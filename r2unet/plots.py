@@ -164,6 +164,7 @@ def run_summary(run_dir: str | Path) -> dict:
             "best_epoch": best[-1]["epoch"] if best else None,
             "best_valid": best[-1].get("valid") if best else None,
             "test": info.get("test") if "best_valid_JS_plus_DC" in info else None,  # only a finished run's
+            "test_spread": info.get("test_spread") if "best_valid_JS_plus_DC" in info else None,
             "fps": info.get("fps") if "best_valid_JS_plus_DC" in info else None, "rows": rows}
 
 
@@ -213,11 +214,18 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, lis
         x = np.arange(len(finished))
         for offset, key, hatch in ((-0.2, "JS", ""), (0.2, "DC", "//")):
             values = [s["test"][key] for _, s in finished]
+            # error bars: the 95 % bootstrap interval of the mean, where the run recorded it
+            errors = np.array([[v - s["test_spread"][key]["ci"][0], s["test_spread"][key]["ci"][1] - v]
+                               if s.get("test_spread") else [0.0, 0.0] for v, (_, s) in zip(values, finished)]).T
             bars = ax.bar(x + offset, values, width=0.38, hatch=hatch, edgecolor="white",
-                          color=[colours[k % len(colours)] for k, _ in finished], label=f"test {key}")
-            ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+                          color=[colours[k % len(colours)] for k, _ in finished], label=f"test {key}",
+                          yerr=errors, capsize=3, error_kw={"lw": 1})
+            texts = ax.bar_label(bars, labels=[f"{v:.3f}" for v in values], label_type="center", fontsize=7,
+                                 rotation=90, color="white", fontweight="bold")  # inside: error bars sit on top
+            for text, bar in zip(texts, bars):  # readable over the hatching
+                text.set_bbox({"boxstyle": "round,pad=0.2", "facecolor": bar.get_facecolor(), "edgecolor": "none"})
         ax.set_xticks(x, [s["label"].split(" (")[0] for _, s in finished], rotation=20, ha="right", fontsize=8)
-        ax.set(title="test split (best.pt): JS plain, DC hatched", ylim=(0, 1.08))
+        ax.set(title="test split (best.pt): JS plain, DC hatched; 95% CI", ylim=(0, 1.08))
         ax.grid(alpha=0.3, axis="y")
     else:
         ax.axis("off")

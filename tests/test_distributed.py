@@ -81,6 +81,11 @@ def test_two_processes_identical_weights_and_exact_sharded_evaluation(odd_data, 
     assert single["num_images"] == 5
     for k, v in results["test"].items():
         assert single[k] == pytest.approx(v, abs=1e-12), k
+    # the per-image scores gathered from both shards, in the split's order: the same error bars as one process
+    assert results["test_spread"]["JS"]["sd"] > 0
+    for k, spread in single["spread"].items():
+        got = results["test_spread"][k]
+        assert [got["sd"], *got["ci"]] == pytest.approx([spread["sd"], *spread["ci"]], abs=1e-12), k
     # the validation scores that chose best.pt are best.pt's scores: every rank validated with rank 0's batch-norm
     # statistics (without sync_bn each rank's running statistics drift apart over the steps of an epoch)
     row = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()

@@ -53,6 +53,9 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
         assert evaluated[k] == pytest.approx(v, abs=1e-9), k
         lo, hi = evaluated["spread"][k]["ci"]  # error bars: a bootstrap interval around each per-image mean
         assert lo <= v + 1e-12 and v - 1e-12 <= hi, k
+    for k, spread in evaluated["spread"].items():  # training reports them too
+        got = results["test_spread"][k]
+        assert [got["sd"], *got["ci"]] == pytest.approx([spread["sd"], *spread["ci"]], abs=1e-9), k
     assert (tmp_path / "elsewhere" / "test-48" / "images.npy").is_file()
 
     # resume continues from epoch 2 to 3 with the checkpoint's settings

@@ -339,6 +339,8 @@ def _fake_run(folder, model, t, js_per_epoch, test_js=None):
     if test_js is not None:
         (folder / "results.json").write_text(json.dumps({
             "test": {"JS": test_js, "DC": test_js + 0.1, "ACC": 0.9}, "best_epoch": best + 1,
+            "test_spread": {k: {"sd": 0.1, "ci": [v - 0.05, v + 0.04], "level": 0.95}
+                            for k, v in (("JS", test_js), ("DC", test_js + 0.1))},
             "best_valid_JS_plus_DC": 1.0, "fps": 123.4, "model_type": model, "t": t}))
 
 
@@ -353,10 +355,11 @@ def test_compare_draws_and_tabulates_several_runs(tmp_path, capsys):
     assert main(["compare", *runs, "--output", str(out)]) == 0
     table = capsys.readouterr().out.splitlines()
     assert Image.open(out).format == "PNG"
-    assert table[1].split() == ["a/run", "(U_Net)", "3", "2", "0.5000", "0.5200", "0.6200", "0.9000", "123.4"]
-    assert table[2].split() == ["b/run", "(R2U_Net", "t=2)", "3", "3", "0.7000", "0.6600", "0.7600", "0.9000",
-                                "123.4"]
-    assert table[3].split() == ["c", "(AttU_Net)", "2", "2", "0.3000", "-", "-", "-", "-"]
+    assert table[1].split() == ["a/run", "(U_Net)", "3", "2", "0.5000", "0.5200", "0.470-0.560", "0.6200",
+                                "0.9000", "123.4"]
+    assert table[2].split() == ["b/run", "(R2U_Net", "t=2)", "3", "3", "0.7000", "0.6600", "0.610-0.700",
+                                "0.7600", "0.9000", "123.4"]
+    assert table[3].split() == ["c", "(AttU_Net)", "2", "2", "0.3000", "-", "-", "-", "-", "-"]
     assert main(["compare", *runs, "--output", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert [r["test"]["JS"] if r["test"] else None for r in report["runs"]] == [0.52, 0.66, None]

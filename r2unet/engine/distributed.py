@@ -72,6 +72,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather_lists(items: list) -> list:
+    """The concatenation of every process's ``items`` (small, picklable), in rank order; ``items`` when alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, items)
+        return [x for part in parts for x in part]
+    return items
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Every process takes process ``src``'s buffers (batch-norm running statistics). Without SyncBatchNorm each
     process updates them from its own batches, so they drift apart within an epoch; evaluating a sharded split with

@@ -28,7 +28,7 @@ from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
 from ..fileio import atomic_write, atomic_write_text
 from ..messages import first_line
-from ..metrics import MetricAccumulator
+from ..metrics import METRIC_NAMES, MetricAccumulator, per_image_spread
 from ..models import RECURRENT, create_model
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
@@ -485,11 +485,12 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     if len(train_sampler) == 0:
         raise ConfigError(f"--batch_size {cfg.batch_size}: larger than this process's share of the "
                           f"{len(caches['train'])} training images")
+    shards = {s: D.ShardSampler(len(caches[s]), info) for s in ("valid", "test")}  # disjoint, in rank order
     loaders = {
         "train": make_loader(caches["train"], cfg.batch_size, train=True, batch_sampler=train_sampler,
                              num_workers=cfg.num_workers, pin_memory=pin),
-        **{s: make_loader(caches[s], cfg.batch_size, train=False, sampler=D.ShardSampler(len(caches[s]), info),
-                          num_workers=0, pin_memory=pin, drop_last=False) for s in ("valid", "test")},
+        **{s: make_loader(caches[s], cfg.batch_size, train=False, sampler=shards[s], num_workers=0,
+                          pin_memory=pin, drop_last=False) for s in ("valid", "test")},
     }
     augment = DeviceTransform(cfg.image_size, device, AugmentConfig(augmentation_prob=cfg.augmentation_prob),
                               seed=cfg.seed + 7919 * info.rank, img_ch=cfg.img_ch)
@@ -660,14 +661,22 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
         if info.is_main and run.best.exists():
             load_weights(model, model_state(load_file(run.best)), str(run.best))
         D.broadcast_module(model)
-        test = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last,
-                        "test" if bar else None).compute() if len(caches["test"]) else None
+        test = test_spread = None
+        if len(caches["test"]):
+            test_acc = evaluate(model, loaders["test"], plain, precision, cfg.threshold, channels_last,
+                                "test" if bar else None, keep_per_image=True)
+            test = test_acc.compute()
+            # every image's scores, from all shards: sd and a 95 % bootstrap interval per mean (error bars)
+            rows = dict(zip(D.gather_lists(shards["test"].indices),
+                            D.gather_lists(list(zip(*test_acc.per_image().values())))))
+            rows = [rows[i] for i in sorted(rows)]  # the split's order: the same interval as a 1-process run
+            test_spread = per_image_spread({k: [r[j] for r in rows] for j, k in enumerate(METRIC_NAMES)})
         if total_steady_seconds > 0:
             fps = total_steady_images / total_steady_seconds
         else:  # nothing trained in this session (a finished run resumed): keep what the training measured
             previous = _previous_results(run)
             fps, last_train = previous.get("fps"), previous.get("train")
-        results = {"test": test, "train": last_train, "best_epoch": best_epoch,
+        results = {"test": test, "test_spread": test_spread, "train": last_train, "best_epoch": best_epoch,
                    "best_valid_JS_plus_DC": best_score, "fps": fps,
                    "model_type": cfg.model_type, "t": cfg.t, "image_size": cfg.image_size,
                    "global_batch_size": global_batch, "world_size": info.world_size, "precision": precision.name,
@@ -681,6 +690,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if test:
                 log(f"test (best epoch {best_epoch}): "
                     + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
+                log("  95% CI of the means: " + "  ".join(
+                    f"{k} {test_spread[k]['ci'][0]:.3f}-{test_spread[k]['ci'][1]:.3f}" for k in ("JS", "DC", "ACC")))
             if fps is not None:
                 log(f"FPS: {fps:.2f}")
         return results, model
