@@ -174,16 +174,26 @@ def _print_metrics(metrics: dict, as_json: bool, header: str) -> None:
 
 def _cmd_evaluate(args) -> None:
     from .engine.inference import evaluate_checkpoint
+    from .metrics import parse_thresholds
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data_path, split=args.split, batch_size=args.batch_size,
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
                                   amp=args.amp, model_type=args.model_type, t=args.t,
                                   base_channels=args.base_channels, per_image_csv=args.per_image,
                                   resolution=args.resolution, tta=args.tta, cache_dir=args.cache_dir,
+                                  thresholds=parse_thresholds(args.thresholds) if args.thresholds else None,
                                   log=(lambda *_: None) if args.json else print)
     where = "at each image's original resolution" if args.resolution == "original" else "at the network's size"
     _print_metrics(metrics, args.json, f"{args.split} split, {metrics['num_images']} images {where}"
                    f"{', flip TTA' if args.tta else ''}; per-image scores, and pooled over all pixels:")
+    if metrics.get("threshold_sweep") and not args.json:
+        print(f"\nthreshold sweep on the {args.split} split (per-image means):")
+        print(f"  {'threshold':>9}  {'JS':>6}  {'DC':>6}  {'JS_thr':>6}  {'ACC':>6}")
+        for row in metrics["threshold_sweep"]:
+            best = "  <- best JS" if row["threshold"] == metrics["best_threshold"] else ""
+            print(f"  {row['threshold']:>9g}  {row['JS']:.4f}  {row['DC']:.4f}  {row['JS_thresholded']:.4f}  "
+                  f"{row['ACC']:.4f}{best}")
+        print(f"use it with --threshold {metrics['best_threshold']:g} (evaluate on the test split, predict)")
     if metrics.get("worst") and not args.json:
         print(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
               + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"])
@@ -340,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs (predict --tta)")
     p.add_argument("--per_image", metavar="CSV", help="also write every image's scores to CSV and name the worst")
     p.add_argument("--cache_dir", help="where the decode-once cache lives (default DATA_PATH/.r2unet_cache)")
+    p.add_argument("--thresholds", metavar="LIST",
+                   help="also score at these thresholds and name the best JS, e.g. 0.3:0.7:0.05 or 0.4,0.5,0.6 "
+                        "(choose on --split valid)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_evaluate)
 

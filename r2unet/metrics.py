@@ -149,6 +149,41 @@ class MetricAccumulator:
         return out
 
 
+class Accumulators:
+    """Several accumulators fed the same probabilities: ``update`` and ``all_reduce`` go to each (e.g. a split's
+    scores at its threshold and at every threshold of a sweep, from one forward pass)."""
+
+    def __init__(self, *accumulators: MetricAccumulator):
+        self.accumulators = accumulators
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        for acc in self.accumulators:
+            acc.update(probs, target)
+
+    def all_reduce(self) -> None:
+        for acc in self.accumulators:
+            acc.all_reduce()
+
+
+def parse_thresholds(spec: str) -> list[float]:
+    """``"0.3,0.5,0.7"`` or ``"start:stop:step"`` (stop included), each strictly between 0 and 1."""
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if not step > 0:
+                raise ValueError
+            values = [round(start + i * step, 6) for i in range(int((stop - start) / step + 1e-9) + 1)]
+        else:
+            values = [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--thresholds: expected a list like 0.3,0.5,0.7 or a range like 0.3:0.7:0.05, got {spec!r}") \
+            from None
+    bad = [v for v in values if not 0 < v < 1]
+    if not values or bad:
+        raise ValueError(f"--thresholds: every threshold must be between 0 and 1 (exclusive), got {spec!r}")
+    return sorted(set(values))
+
+
 def mean_spread(values, level: float = 0.95, resamples: int = 2000, seed: int = 0) -> dict[str, float | list[float]]:
     """How much a per-image mean can be trusted: the standard deviation of the values (``sd``, n - 1) and a
     percentile bootstrap confidence interval of their mean (``ci``, ``level`` two-sided; ``resamples`` resamplings

@@ -58,6 +58,18 @@ def test_end_to_end_train_evaluate_resume(prepared, tmp_path, capsys):
         assert [got["sd"], *got["ci"]] == pytest.approx([spread["sd"], *spread["ci"]], abs=1e-9), k
     assert (tmp_path / "elsewhere" / "test-48" / "images.npy").is_file()
 
+    # a threshold sweep (here at each image's own resolution) scores the same forward passes at every threshold:
+    # its row at the checkpoint's threshold is the main result, and the best JS is named
+    for resolution in ("training", "original"):
+        assert main(["evaluate", "--checkpoint", str(out), "--data_path", str(prepared / "data"), "--split",
+                     "valid", "--json", "--device", "cpu", "--thresholds", "0.2:0.8:0.3",
+                     "--resolution", resolution]) == 0
+        swept = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        rows = {r["threshold"]: r for r in swept["threshold_sweep"]}
+        assert sorted(rows) == [0.2, 0.5, 0.8]
+        assert all(rows[0.5][k] == swept[k] for k in ("JS", "DC", "ACC", "JS_thresholded")), resolution
+        assert swept["best_threshold"] == max(rows, key=lambda t: rows[t]["JS"])
+
     # resume continues from epoch 2 to 3 with the checkpoint's settings
     assert _train(prepared, out, "--resume", "--num_epochs", "3") == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -175,3 +175,13 @@ def test_per_image_spread_covers_the_isic_thresholded_score():
     assert set(spread) == {"JS", "DC", "JS_thresholded"}
     # JS_thresholded per image: 0.9, 0, 0.8, 0 -> its sd, not JS's
     assert spread["JS_thresholded"]["sd"] == pytest.approx(float(np.std([0.9, 0, 0.8, 0], ddof=1)))
+
+
+def test_threshold_lists_and_ranges():
+    from r2unet.metrics import parse_thresholds
+
+    assert parse_thresholds("0.3:0.7:0.1") == [0.3, 0.4, 0.5, 0.6, 0.7]  # stop included despite float steps
+    assert parse_thresholds("0.6, 0.4,0.6") == [0.4, 0.6]
+    for bad in ("0:1:0.5", "0.5:0.7:0", "a,b", "1.2", "", "0.3:0.7"):
+        with pytest.raises(ValueError, match="--thresholds"):
+            parse_thresholds(bad)

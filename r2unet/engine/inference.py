@@ -15,7 +15,7 @@ from torch import nn
 
 from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..fileio import atomic_write_text
-from ..metrics import MetricAccumulator, per_image_spread
+from ..metrics import Accumulators, MetricAccumulator, per_image_spread
 from ..models import list_models
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state
@@ -112,8 +112,8 @@ class FlipAveraged(nn.Module):
 def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
-                        tta: bool = False, cache_dir: str | Path | None = None, log=print,
-                        **model_overrides) -> dict:
+                        tta: bool = False, cache_dir: str | Path | None = None,
+                        thresholds: list[float] | None = None, log=print, **model_overrides) -> dict:
     """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
     ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
@@ -124,7 +124,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
     (``"worst_picture"``): where to look first. ``amp``: None runs the forward in the precision the checkpoint was
     trained in (its ``amp`` setting), so the scores match the run's ``results.json``. ``cache_dir``: where the
-    decode-once cache lives (default ``data_path/.r2unet_cache``)."""
+    decode-once cache lives (default ``data_path/.r2unet_cache``). ``thresholds``: also score the split at each of
+    these thresholds (same forward passes) under ``"threshold_sweep"``, and name the one with the best mean JS
+    (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``."""
     if split not in ("train", "valid", "test"):
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
@@ -138,6 +140,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     model, precision, channels_last = ready_for_inference(model, cfg, dev)
     threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
     scored = FlipAveraged(model) if tta else model
+    acc = MetricAccumulator(threshold=threshold, device=dev, keep_per_image=True)
+    sweep = [MetricAccumulator(threshold=t, device=dev) for t in thresholds or ()]
+    if sweep and split == "test":
+        log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
+    fed = Accumulators(acc, *sweep) if sweep else acc
     if resolution == "original":
         from ..data.prepare import checked_pairs, report_problems
         from ..predict import score_at_original_resolution
@@ -148,24 +155,25 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         pairs, problems, _ = checked_pairs(image_dir, mask_dir)
         report_problems(problems, skip_bad=False, log=log)
         names = [p.image.name for p in pairs]
-        acc = MetricAccumulator(threshold=threshold, keep_per_image=True)
-        score_at_original_resolution(model, pairs, cfg.image_size, dev, acc, batch_size=batch_size, tta=tta,
+        score_at_original_resolution(model, pairs, cfg.image_size, dev, fed, batch_size=batch_size, tta=tta,
                                      img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
                                      log=log)
     else:
         cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        acc = evaluate(scored, loader,
-                       DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, threshold,
-                       channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                       keep_per_image=True)
+        evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
+                 threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
+                 accumulator=fed)
     out = acc.compute("image")
     out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
     # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
     out["spread"] = per_image_spread(acc.per_image())
     out["resolution"], out["tta"] = resolution, tta
+    if sweep:
+        out["threshold_sweep"] = [{"threshold": a.threshold, **a.compute("image")} for a in sweep]
+        out["best_threshold"] = max(out["threshold_sweep"], key=lambda r: r["JS"])["threshold"]
     if per_image_csv is not None:
         import csv
         import io

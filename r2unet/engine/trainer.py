@@ -335,12 +335,14 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tenso
 @torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
              channels_last: bool = False, progress: str | None = None,
-             keep_per_image: bool = False) -> MetricAccumulator:
+             keep_per_image: bool = False, accumulator=None) -> MetricAccumulator:
     """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
     ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
-    ``MetricAccumulator.per_image``."""
+    ``MetricAccumulator.per_image``; ``accumulator``: what to feed instead of a new ``MetricAccumulator`` (e.g.
+    ``metrics.Accumulators`` for a threshold sweep); it is returned."""
     model.eval()
-    acc = MetricAccumulator(threshold=threshold, device=precision.device, keep_per_image=keep_per_image)
+    acc = accumulator if accumulator is not None else MetricAccumulator(
+        threshold=threshold, device=precision.device, keep_per_image=keep_per_image)
     if progress is not None:
         from tqdm import tqdm
 
