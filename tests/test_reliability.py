@@ -41,6 +41,31 @@ def test_malicious_pickle_is_refused_and_runs_nothing(tmp_path, capsys):
     assert not marker.exists()
 
 
+def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.jpg")
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "model.onnx").write_bytes(b"\x08\x08\x12\x07pytorch")  # the start of an ONNX protobuf
+    for name, message in (("photo.jpg", "not a PyTorch checkpoint"), ("notes.txt", "not a PyTorch checkpoint"),
+                          ("empty.pt", "not a PyTorch checkpoint"), ("model.onnx", "is an ONNX model")):
+        with pytest.raises(CheckpointError, match=message):
+            load_file(tmp_path / name)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "model.onnx"), "--data_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is an ONNX model" in err and "refusing" not in err
+    # both of torch.save's formats still load, and a malicious old-format pickle is still refused
+    model = create_model("U_Net", base_channels=4)
+    torch.save(model.state_dict(), tmp_path / "old.pkl", _use_new_zipfile_serialization=False)
+    assert set(load_file(tmp_path / "old.pkl")) == set(model.state_dict())
+    marker = tmp_path / "pwned"
+    torch.save({"model": _Evil(str(marker))}, tmp_path / "evil_old.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_file(tmp_path / "evil_old.pt")
+    assert not marker.exists()
+
+
 def test_wrong_architecture_lists_keys_and_shapes(tmp_path):
     src = create_model("R2U_Net", t=2, base_channels=4)
     torch.save(src.state_dict(), tmp_path / "r2u.pkl")

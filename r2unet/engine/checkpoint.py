@@ -70,6 +70,14 @@ def load_file(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":  # weights only, by construction: nothing in it can run
         return _load_safetensors(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK..) or, in old versions, a pickle (protocol byte 0x80)
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        what = ("an ONNX model: an export for deployment (onnxruntime), not something to load back"
+                if path.suffix.lower() == ".onnx" else "not a PyTorch checkpoint")
+        raise CheckpointError(f"{path} is {what}; pass an r2unet checkpoint (.pt), a run folder, a .safetensors "
+                              "export or a reference state_dict (.pkl/.pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -77,7 +85,7 @@ def load_file(path: str | Path) -> dict:
             f"refusing to load {path}: it contains Python objects other than tensors and plain containers, and "
             f"loading it could run arbitrary code. Only load files from sources you trust. "
             f"({first_line(exc)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"{path} is not a readable checkpoint ({exc})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint or state_dict")
