@@ -444,3 +444,15 @@ def test_durations_read_as_people_write_them():
 
     assert [duration(s) for s in (0, 44.6, 60, 725, 3599, 3600, 11220, -3)] == \
         ["0s", "45s", "1m00s", "12m05s", "59m59s", "1h00m", "3h07m", "0s"]
+
+
+def test_an_unprepared_folder_is_named_with_what_to_run(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    (raw / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
+    ckpt = tmp_path / "m.pt"
+    torch.save(__import__("r2unet").create_model("U_Net", base_channels=4).state_dict(), ckpt)
+    for argv in (["evaluate", "--checkpoint", str(ckpt), "--model_type", "U_Net", "--base_channels", "4",
+                  "--data_path", str(raw)],
+                 ["bench", "data", "--data_path", str(raw)]):
+        assert main(argv) == 2
+        assert "is missing; a prepared dataset holds train/ train_GT/" in capsys.readouterr().err, argv[0]

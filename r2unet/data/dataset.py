@@ -14,6 +14,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .augment import AugmentConfig, eval_batch, train_batch
 from .cache import SplitCache, build_cache, cache_side, open_cache
+from .io import DataError
 
 CACHE_DIRNAME = ".r2unet_cache"
 
@@ -48,6 +49,10 @@ def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: s
                 **build_kwargs) -> SplitCache:
     """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it."""
     data_path = Path(data_path)
+    for folder in (data_path / split, data_path / f"{split}_GT"):
+        if not folder.is_dir():
+            raise DataError(f"--data_path: {folder} is missing; a prepared dataset holds train/ train_GT/ valid/ "
+                            f"valid_GT/ test/ test_GT/ (run 'r2unet prepare --data_path {data_path} ...' first)")
     return build_cache(data_path / split, data_path / f"{split}_GT",
                        _cache_folder(data_path, split, image_size, cache_dir), image_size=image_size, **build_kwargs)
 
