@@ -179,6 +179,18 @@ def test_config_file_and_command_line_precedence(tmp_path):
     (tmp_path / "bad.yaml").write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="unknown setting"):
         _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "bad.yaml")]))
+    # values of the wrong type are named; YAML's natural spellings are taken
+    (tmp_path / "types.yaml").write_text("lr: 1\nloss_scale: 128\nglobal_batch_size: null\nresume: false\n")
+    typed = _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "types.yaml")]))
+    assert (typed.lr, typed.loss_scale, typed.global_batch_size) == (1.0, "128", None)
+    for text, message in (("lr: abc", "lr in .* must be a number, got 'abc'"),
+                          ("batch_size: 2.5", "batch_size in .* must be a whole number, got 2.5"),
+                          ("num_epochs: true", "num_epochs in .* must be a whole number, got True"),
+                          ("scale_lr: 'yes'", "scale_lr in .* must be true or false, got 'yes'"),
+                          ("model_type: [U_Net]", "model_type in .* must be a string")):
+        (tmp_path / "wrong.yaml").write_text(text + "\n")
+        with pytest.raises(ValueError, match=message):
+            _train_config(build_parser().parse_args(["train", "--config", str(tmp_path / "wrong.yaml")]))
 
 
 def test_evaluate_accepts_a_reference_state_dict(prepared, tmp_path, capsys):

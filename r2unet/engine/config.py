@@ -163,8 +163,27 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"--config: cannot parse {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of settings")
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - names)
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - set(types))
     if unknown:
         raise ConfigError(f"--config: unknown setting(s) in {path}: {', '.join(unknown)}")
-    return data
+    return {name: _typed(name, value, types[name], path) for name, value in data.items()}
+
+
+def _typed(name: str, value, type_name: str, path: Path):
+    """A config file's value as the field's type (an int where a float is wanted, a number where a string is, as
+    YAML writes `loss_scale: 128`); anything else is the file's mistake, named with the setting."""
+    base, optional = type_name.replace("| None", "").strip(), "None" in type_name
+    if value is None and optional:
+        return None
+    ok = {"bool": isinstance(value, bool),
+          "int": isinstance(value, int) and not isinstance(value, bool),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, (str, int, float)) and not isinstance(value, bool),
+          "dict": isinstance(value, dict)}.get(base, True)
+    if not ok:
+        kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
+                "dict": "a mapping"}[base]
+        raise ConfigError(f"--config: {name} in {path} must be {kind}"
+                          + (" (or null)" if optional else "") + f", got {value!r}")
+    return float(value) if base == "float" else str(value) if base == "str" else value
