@@ -753,9 +753,11 @@ class _LogLines:
         if now - self.last < progress_lines.LOG_INTERVAL_S:
             return
         self.last = now
-        rate = (state["steps"] - self.first) * self.images_per_step / max(now - self.start, 1e-9)
+        done = state["steps"] - self.first
+        rate = done * self.images_per_step / max(now - self.start, 1e-9)
+        left = (self.total - state["steps"]) * (now - self.start) / max(done, 1)
         self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}  step {state['steps']}/{self.total}  loss {loss:.4f}  "
-                 f"{rate:.1f} img/s")
+                 f"{rate:.1f} img/s  epoch ends in {duration(left)}")
 
 
 def _progress(info: D.DistInfo, total: int, images_per_batch: int):
