@@ -470,3 +470,15 @@ def test_an_unprepared_folder_is_named_with_what_to_run(tmp_path, capsys):
                  ["bench", "data", "--data_path", str(raw)]):
         assert main(argv) == 2
         assert "is missing; a prepared dataset holds train/ train_GT/" in capsys.readouterr().err, argv[0]
+
+
+def test_toml_configs_on_a_python_without_tomllib_say_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from r2unet.engine.config import ConfigError, read_config_file
+
+    (tmp_path / "c.toml").write_text("lr = 0.003\n")
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10, which pyproject allows
+    monkeypatch.setitem(sys.modules, "tomli", None)
+    with pytest.raises(ConfigError, match="needs Python >= 3.11 or 'pip install tomli'"):
+        read_config_file(tmp_path / "c.toml")

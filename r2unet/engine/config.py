@@ -148,10 +148,17 @@ def read_config_file(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config: file {path} not found")
     text = path.read_text()
+    if path.suffix == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10: tomllib arrived in 3.11; tomli is the same parser
+            try:
+                import tomli as tomllib
+            except ImportError:
+                raise ConfigError(f"--config: reading {path} needs Python >= 3.11 or 'pip install tomli'; "
+                                  "YAML and JSON configs work everywhere") from None
     try:
         if path.suffix == ".toml":
-            import tomllib
-
             data = tomllib.loads(text)
         elif path.suffix == ".json":
             data = json.loads(text)
