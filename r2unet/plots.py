@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .fileio import atomic_write
+from .models import RECURRENT
 
 
 def _pyplot():
@@ -157,7 +158,7 @@ def run_summary(run_dir: str | Path) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     model = info.get("model_type", "?")
-    if model in ("R2U_Net", "R2AttU_Net") and "t" in info:
+    if model in RECURRENT and "t" in info:
         model += f" t={info['t']}"
     best = [r for r in rows if r.get("best")]
     return {"run": str(run_dir), "model": model, "epochs": rows[-1]["epoch"] if rows else 0,
