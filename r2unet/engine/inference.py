@@ -32,28 +32,6 @@ from .trainer import (
 )
 
 
-def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
-    """Redraw ``samples.png`` of a run from its best checkpoint and the validation images it was trained on."""
-    run = RunFiles(run_dir)
-    if not run.best.exists():
-        return None
-    model, cfg = load_for_inference(run.best)
-    data_path = Path(cfg.data_path)
-    if not (data_path / "valid").is_dir():
-        log(f"samples not redrawn: the run's data ({data_path / 'valid'}) is not here")
-        return None
-    dev = torch.device(device)
-    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cfg.cache_dir, progress=False,
-                        log=lambda *_: None)
-    if not len(cache):
-        return None
-    best = load_file(run.best)
-    return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
-                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev), cfg,
-                        run.dir / "samples.png", f"best checkpoint (epoch {best.get('best_epoch', '?')})")
-
-
-
 def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
                        base_channels: int | None = None, img_ch: int | None = None,
                        output_ch: int | None = None) -> tuple[nn.Module, TrainConfig]:
@@ -202,6 +180,25 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     return out
 
 
+def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
+    """Redraw ``samples.png`` of a run from its best checkpoint and the validation images it was trained on."""
+    run = RunFiles(run_dir)
+    if not run.best.exists():
+        return None
+    model, cfg = load_for_inference(run.best)
+    data_path = Path(cfg.data_path)
+    if not (data_path / "valid").is_dir():
+        log(f"samples not redrawn: the run's data ({data_path / 'valid'}) is not here")
+        return None
+    dev = torch.device(device)
+    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cfg.cache_dir, progress=False,
+                        log=lambda *_: None)
+    if not len(cache):
+        return None
+    best = load_file(run.best)
+    return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
+                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev), cfg,
+                        run.dir / "samples.png", f"best checkpoint (epoch {best.get('best_epoch', '?')})")
 
 
 __all__ = ["FlipAveraged", "evaluate_checkpoint", "load_for_inference", "ready_for_inference", "redraw_samples"]
