@@ -451,9 +451,11 @@ def _add_inference_amp_flag(p) -> None:
 
 def _add_model_override_flags(p) -> None:
     p.add_argument("--model_type", choices=list_models(), default=None,
-                   help="needed for a bare state_dict (default R2U_Net); overrides the checkpoint's")
-    p.add_argument("--t", type=int, default=None, help="recurrence steps of a bare state_dict (default 3)")
-    p.add_argument("--base_channels", type=int, default=None)
+                   help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
+    p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
+                   "record them (default 3, the reference's); overrides the checkpoint's")
+    p.add_argument("--base_channels", type=int, default=None, help="overrides the checkpoint's (a bare "
+                   "state_dict's is read from its weights)")
 
 
 def _add_train_flags(p) -> None:

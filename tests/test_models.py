@@ -142,3 +142,14 @@ def test_forward_compiles_as_one_graph(name):
     model = create_model(name, t=2, base_channels=4)
     explained = torch._dynamo.explain(model)(torch.randn(2, 3, 32, 32))
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("base,img_ch,out_ch", [(4, 3, 1), (8, 1, 2)])
+def test_a_bare_state_dict_tells_its_network(name, base, img_ch, out_ch):
+    from r2unet.engine.checkpoint import infer_architecture
+
+    state = create_model(name, img_ch=img_ch, output_ch=out_ch, base_channels=base).state_dict()
+    assert infer_architecture(state) == {"model_type": name, "base_channels": base, "img_ch": img_ch,
+                                         "output_ch": out_ch}
+    assert infer_architecture({"fc.weight": torch.zeros(2, 2)}) is None

@@ -365,3 +365,24 @@ def test_compare_draws_and_tabulates_several_runs(tmp_path, capsys):
     assert [r["test"]["JS"] if r["test"] else None for r in report["runs"]] == [0.52, 0.66, None]
     assert main(["compare", str(tmp_path / "a"), "--output", str(out)]) == 2  # a folder that is not a run
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_a_reference_state_dict_needs_no_architecture_flags_but_t(tmp_path):
+    from r2unet.engine.inference import load_for_inference
+
+    torch.manual_seed(0)
+    model = create_model("AttU_Net", base_channels=4).eval()
+    torch.save(model.state_dict(), tmp_path / "AttU_Net-100-0.0002-70-0.4.pkl")  # the reference's file name
+    said = []
+    loaded, cfg = load_for_inference(tmp_path / "AttU_Net-100-0.0002-70-0.4.pkl", log=said.append)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert (cfg.model_type, cfg.base_channels) == ("AttU_Net", 4) and "AttU_Net with base_channels 4" in said[0]
+    # a recurrent network's t is not in its weights: the default is said, and --t is taken as given
+    torch.save(create_model("R2U_Net", t=2, base_channels=4).state_dict(), tmp_path / "r2u.pkl")
+    said.clear()
+    assert load_for_inference(tmp_path / "r2u.pkl", log=said.append)[1].t == 3
+    assert "do not record t: using t=3" in said[0]
+    said.clear()
+    assert load_for_inference(tmp_path / "r2u.pkl", t=2, log=said.append)[1].t == 2 and "record t" not in said[0]

@@ -134,6 +134,24 @@ def model_state(obj: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def infer_architecture(state: dict[str, torch.Tensor]) -> dict | None:
+    """What a bare state_dict's keys and shapes say of its network: ``model_type``, ``base_channels``, ``img_ch``,
+    ``output_ch`` (None when it is not one of the four). ``t`` is not among them: the recurrent blocks reuse their
+    weights ``t`` times, so every ``t`` has the same weights."""
+    if "Conv_1x1.weight" not in state:
+        return None
+    recurrent, attention = "RRCNN1.Conv_1x1.weight" in state, "Att5.W_g.0.weight" in state
+    first = state["RRCNN1.Conv_1x1.weight" if recurrent else "Conv1.conv.0.weight"] \
+        if ("RRCNN1.Conv_1x1.weight" in state or "Conv1.conv.0.weight" in state) else None
+    if first is None:
+        return None
+    model_type = {(False, False): "U_Net", (True, False): "R2U_Net", (False, True): "AttU_Net",
+                  (True, True): "R2AttU_Net"}[(recurrent, attention)]
+    head = state["Conv_1x1.weight"]
+    return {"model_type": model_type, "base_channels": int(head.shape[1]), "img_ch": int(first.shape[1]),
+            "output_ch": int(head.shape[0])}
+
+
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a readable report of missing/unexpected keys and shape mismatches."""
     target = unwrap(model).state_dict()

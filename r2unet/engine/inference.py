@@ -16,9 +16,9 @@ from torch import nn
 from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..fileio import atomic_write_text
 from ..metrics import Accumulators, MetricAccumulator, per_image_spread
-from ..models import list_models
+from ..models import RECURRENT, list_models
 from . import distributed as D
-from .checkpoint import CheckpointError, load_file, load_weights, model_state
+from .checkpoint import CheckpointError, infer_architecture, is_r2unet_checkpoint, load_file, load_weights, model_state
 from .config import ConfigError, TrainConfig
 from .trainer import (
     Precision,
@@ -34,9 +34,10 @@ from .trainer import (
 
 def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
                        base_channels: int | None = None, img_ch: int | None = None,
-                       output_ch: int | None = None) -> tuple[nn.Module, TrainConfig]:
+                       output_ch: int | None = None, log=print) -> tuple[nn.Module, TrainConfig]:
     """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
-    the checkpoint's config (and are required for a bare state_dict's architecture, else the defaults apply).
+    the checkpoint's config. A bare state_dict's network is read from its weights (``infer_architecture``) except
+    ``t``, which weights do not record: the reference's default 3 unless given (``log`` says which was used).
     ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -46,9 +47,22 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
                                   f"checkpoints/best.pt; pass the checkpoint file")
         checkpoint = run.best
     obj = load_file(checkpoint)
-    cfg = TrainConfig.from_dict(obj["config"]) if obj.get("format") == "r2unet" else TrainConfig()
-    for name, value in (("model_type", model_type), ("t", t), ("base_channels", base_channels),
-                        ("img_ch", img_ch), ("output_ch", output_ch)):
+    given = {"model_type": model_type, "t": t, "base_channels": base_channels, "img_ch": img_ch,
+             "output_ch": output_ch}
+    if is_r2unet_checkpoint(obj):
+        cfg = TrainConfig.from_dict(obj["config"])
+    else:  # a bare state_dict (the reference's .pkl): its weights tell the network, all but t
+        cfg = TrainConfig()
+        found = infer_architecture(model_state(obj))
+        if found:
+            for name, value in found.items():
+                setattr(cfg, name, value)
+            note = f"{checkpoint.name}: a bare state_dict; its weights are a {found['model_type']} with " \
+                   f"base_channels {found['base_channels']}, img_ch {found['img_ch']}, output_ch {found['output_ch']}"
+            if found["model_type"] in RECURRENT and t is None:
+                note += f"; its weights do not record t: using t={cfg.t}, the reference's default (--t N if not)"
+            log(note)
+    for name, value in given.items():
         if value is not None:
             setattr(cfg, name, value)
     if cfg.model_type not in list_models():
@@ -109,7 +123,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
         raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
-    model, cfg = load_for_inference(checkpoint, **{k: v for k, v in model_overrides.items() if v is not None})
+    model, cfg = load_for_inference(checkpoint, log=log,
+                                    **{k: v for k, v in model_overrides.items() if v is not None})
     if image_size is not None:
         cfg.image_size = image_size
     cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
