@@ -204,9 +204,13 @@ def test_evaluate_accepts_a_reference_state_dict(prepared, tmp_path, capsys):
                  "--split", "valid", "--json", "--device", "cpu"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0 <= out["JS"] <= 1 and out["num_images"] == 2
-    # without --model_type the default (R2U_Net) does not fit: a readable key report, no traceback
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "AttU_Net-ref.pkl"), "--data_path",
-                 str(prepared / "data")]) == 2
+    # without the flags the network is read from the weights: the same scores
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "AttU_Net-ref.pkl"), "--image_size", "32",
+                 "--data_path", str(prepared / "data"), "--split", "valid", "--json", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["JS"] == out["JS"]
+    # a --model_type that does not fit: a readable key report, no traceback
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "AttU_Net-ref.pkl"), "--model_type", "R2U_Net",
+                 "--data_path", str(prepared / "data")]) == 2
     assert "missing keys" in capsys.readouterr().err
 
 
