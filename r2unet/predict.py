@@ -206,7 +206,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     paths = list_inputs(input_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    suffixes = ["_segmentation.png"] + ["_prob.png"] * save_probs + ["_overlay.jpg"] * save_overlay
+    suffixes = [s for s, wanted in zip(OUTPUT_SUFFIXES, (True, save_probs, save_overlay)) if wanted]
     if skip_existing:
         todo = [p for p in paths if not all((output / f"{p.stem}{s}").is_file() for s in suffixes)]
         if len(todo) < len(paths):

@@ -471,7 +471,8 @@ def test_an_unprepared_folder_is_named_with_what_to_run(tmp_path, capsys):
     torch.save(__import__("r2unet").create_model("U_Net", base_channels=4).state_dict(), ckpt)
     for argv in (["evaluate", "--checkpoint", str(ckpt), "--model_type", "U_Net", "--base_channels", "4",
                   "--data_path", str(raw)],
-                 ["bench", "data", "--data_path", str(raw)]):
+                 ["bench", "data", "--data_path", str(raw)],
+                 ["train", "--data_path", str(raw), "--output_dir", str(tmp_path / "run")]):
         assert main(argv) == 2
         assert "is missing; a prepared dataset holds train/ train_GT/" in capsys.readouterr().err, argv[0]
 

@@ -62,7 +62,7 @@ def test_launcher_errors_are_short_and_keep_the_status(workdir):
     assert done.returncode == 2 and "usage: bash" in done.stderr
     done = _launch("train_full_1p.sh", workdir, "--data_path=missing", "--output_dir=runs/bad", *TINY)
     assert done.returncode == 2, done.stdout + done.stderr
-    assert "--data_path: missing/train is missing; run 'r2unet prepare" in done.stdout  # the trainer's message
+    assert "--data_path: missing/train is missing; a prepared dataset holds" in done.stdout  # the trainer's message
     assert "training stopped (exit status 2)" in done.stderr and "Traceback" not in done.stdout + done.stderr
 
 

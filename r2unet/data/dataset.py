@@ -45,14 +45,20 @@ def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str |
     return root / f"{split}-{cache_side(image_size)}"
 
 
-def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
-                **build_kwargs) -> SplitCache:
-    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it."""
+def require_split(data_path: str | Path, split: str) -> None:
+    """A DataError naming what is missing and what to run, unless ``data_path`` holds ``split`` and ``split_GT``."""
     data_path = Path(data_path)
     for folder in (data_path / split, data_path / f"{split}_GT"):
         if not folder.is_dir():
             raise DataError(f"--data_path: {folder} is missing; a prepared dataset holds train/ train_GT/ valid/ "
                             f"valid_GT/ test/ test_GT/ (run 'r2unet prepare --data_path {data_path} ...' first)")
+
+
+def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
+                **build_kwargs) -> SplitCache:
+    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it."""
+    data_path = Path(data_path)
+    require_split(data_path, split)
     return build_cache(data_path / split, data_path / f"{split}_GT",
                        _cache_folder(data_path, split, image_size, cache_dir), image_size=image_size, **build_kwargs)
 

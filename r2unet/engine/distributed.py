@@ -81,20 +81,13 @@ def gather_lists(items: list) -> list:
     return items
 
 
-def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
-    """Every process takes process ``src``'s buffers (batch-norm running statistics). Without SyncBatchNorm each
-    process updates them from its own batches, so they drift apart within an epoch; evaluating a sharded split with
-    rank 0's buffers everywhere makes the score the one of the checkpoint rank 0 saves."""
+def broadcast_module(module: torch.nn.Module, src: int = 0, buffers_only: bool = False) -> None:
+    """Every process takes process ``src``'s weights and buffers: e.g. the best checkpoint, which only ``src`` may be
+    able to read when the nodes do not share a file system. ``buffers_only``: the batch-norm running statistics
+    alone, which without SyncBatchNorm drift apart within an epoch (DDP keeps the weights equal); scoring a sharded
+    split with rank 0's everywhere makes the score that of the checkpoint rank 0 saves."""
     if dist.is_available() and dist.is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, src)
-
-
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Every process takes process ``src``'s weights and buffers (e.g. the best checkpoint, which only ``src`` may be
-    able to read when the nodes do not share a file system)."""
-    if dist.is_available() and dist.is_initialized():
-        for tensor in module.state_dict().values():
+        for tensor in module.buffers() if buffers_only else module.state_dict().values():
             dist.broadcast(tensor, src)
 
 

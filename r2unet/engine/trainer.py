@@ -25,7 +25,7 @@ from torch import nn
 from .. import plots
 from .. import progress as progress_lines
 from ..data.augment import MEAN, STD, AugmentConfig
-from ..data.dataset import DeviceTransform, make_loader, open_split_cache, split_cache
+from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
 from ..fileio import atomic_write, atomic_write_text
 from ..messages import first_line
 from ..metrics import METRIC_NAMES, MetricAccumulator, per_image_spread
@@ -457,11 +457,8 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     if cfg.resume and not run.last.exists():
         raise ConfigError(f"--resume: no checkpoint at {run.last}")
     data_path = Path(cfg.data_path)
-    for split in SPLITS:
-        for folder in (data_path / split, data_path / f"{split}_GT"):
-            if not folder.is_dir():
-                raise ConfigError(f"--data_path: {folder} is missing; run 'r2unet prepare --data_path "
-                                  f"{data_path} ...' first")
+    for split in SPLITS:  # all three before any work
+        require_split(data_path, split)
 
     seed_everything(cfg.seed + info.rank)
     configure_backends(device, cfg.deterministic)
@@ -631,7 +628,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             if (epoch + 1) % cfg.eval_every == 0 or is_last:
                 # eager: the compiled graph is for training mode at the training batch size; eval mode and a last
                 # partial batch would each cost a recompilation. Every shard scored with the model best.pt keeps.
-                D.broadcast_buffers(model)
+                D.broadcast_module(model, buffers_only=True)
                 valid = evaluate(model, loaders["valid"], plain, precision, cfg.threshold, channels_last,
                                  "validation" if bar else None).compute() if len(caches["valid"]) else None
                 row["valid"] = valid
