@@ -121,6 +121,36 @@ def test_final_test_scores_need_no_shared_file_system(odd_data, tmp_path, capsys
         assert single[k] == pytest.approx(v, abs=1e-12), k
 
 
+def _cli_worker(rank, world, port, argv_by_rank):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert main(argv_by_rank[rank]) == 0
+
+
+def test_resume_needs_no_shared_file_system(odd_data, tmp_path):
+    """'r2unet train --resume' where only rank 0 can read the run folder (rank 1's is another, empty one): rank 1
+    gets the run's settings and state from rank 0 and the resumed run ends where one on a shared disk does."""
+    flags = ["--data_path", str(odd_data), "--model_type", "R2U_Net", "--t", "1", "--base_channels", "4",
+             "--image_size", "32", "--batch_size", "2", "--num_epochs", "1", "--num_epochs_decay", "0",
+             "--num_workers", "0", "--device", "cpu", "--seed", "11", "--amp", "off", "--lr", "0.01",
+             "--augmentation_prob", "0"]
+    finals = []
+    for layout in ("shared", "split"):
+        out = tmp_path / layout
+        rank1 = out if layout == "shared" else tmp_path / "node1"
+        first = [["train", "--output_dir", str(d), *flags] for d in (out, rank1)]
+        mp.spawn(_cli_worker, args=(2, _free_port(), first), nprocs=2, join=True)
+        # the resume names only what changes, as users do; the network comes from the checkpoint
+        again = [["train", "--output_dir", str(d), "--resume", "--num_epochs", "2", "--data_path", str(odd_data),
+                  "--device", "cpu", "--num_workers", "0"] for d in (out, rank1)]
+        mp.spawn(_cli_worker, args=(2, _free_port(), again), nprocs=2, join=True)
+        finals.append(load_file(out / "checkpoints" / "last.pt"))
+    assert finals[0]["epoch"] == finals[1]["epoch"] == 2
+    for k, v in finals[0]["model"].items():
+        assert torch.equal(v, finals[1]["model"][k]), k
+
+
 def test_sync_bn_two_by_b_equals_one_by_two_b(odd_data, tmp_path):
     common = dict(max_steps_per_epoch=1, augmentation_prob=0.0, eval_every=1)
     _spawn(2, _cfg(odd_data, tmp_path / "two", batch_size=2, sync_bn=True, **common), tmp_path / "two")

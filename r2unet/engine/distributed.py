@@ -72,6 +72,15 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_object(obj, src: int = 0):
+    """Process ``src``'s ``obj`` (picklable) on every process; ``obj`` itself when alone."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
+    return obj
+
+
 def gather_lists(items: list) -> list:
     """The concatenation of every process's ``items`` (small, picklable), in rank order; ``items`` when alone."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

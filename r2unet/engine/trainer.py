@@ -412,6 +412,10 @@ def _terminate_as_interrupt(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
+# settings that name this machine's folders and devices: each process keeps its own
+NODE_LOCAL = ("output_dir", "data_path", "cache_dir", "device", "device_index")
+
+
 def fit(cfg: TrainConfig, log=print, return_model: bool = False):
     """Train as configured; return the results (also written to ``results.json``), and with ``return_model`` the
     trained model of this process too (the best checkpoint's weights)."""
@@ -420,6 +424,9 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
         else "cpu"
     info = D.init_distributed(probe, timeout_s=cfg.dist_timeout_s)
     try:
+        if info.distributed:  # one run: rank 0's settings everywhere (on --resume, those of its last.pt)
+            own = cfg.to_dict()
+            cfg = TrainConfig.from_dict({**D.broadcast_object(own), **{k: own[k] for k in NODE_LOCAL}})
         results, model = _fit(cfg, info, _log_fn(info, log))
         return (results, model) if return_model else results
     except RuntimeError as exc:
@@ -451,10 +458,12 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     global_batch = cfg.batch_size * info.world_size
     lr = cfg.lr * (global_batch / (cfg.lr_batch_size or cfg.batch_size)) if cfg.scale_lr else cfg.lr
 
-    if not cfg.resume and run.last.exists():
+    # Rank 0 writes the run folder and is the only one that must be able to read it (nodes need not share a disk).
+    has_run = D.broadcast_object(run.last.exists())
+    if not cfg.resume and has_run:
         raise ConfigError(f"--output_dir: {run.dir} already holds a run (checkpoints/last.pt); pass --resume to "
                           "continue it or choose another --output_dir (nothing was deleted)")
-    if cfg.resume and not run.last.exists():
+    if cfg.resume and not has_run:
         raise ConfigError(f"--resume: no checkpoint at {run.last}")
     data_path = Path(cfg.data_path)
     for split in SPLITS:  # all three before any work
@@ -503,7 +512,7 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     start_epoch, start_step, best_score, best_epoch = 0, 0, float("-inf"), -1
     epoch_state_carry: dict = {}
     if cfg.resume:
-        ckpt = load_file(run.last)
+        ckpt = _load_on_rank0(run.last, info)
         load_weights(model, model_state(ckpt), str(run.last))
         optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
@@ -708,6 +717,20 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             writer.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def _load_on_rank0(path: Path, info: D.DistInfo) -> dict:
+    """The checkpoint at ``path`` as rank 0 reads it, on every process (a failure is raised everywhere)."""
+    payload = None
+    if info.is_main:
+        try:
+            payload = ("ok", load_file(path))
+        except CheckpointError as exc:
+            payload = ("error", str(exc))
+    status, value = D.broadcast_object(payload)
+    if status == "error":
+        raise CheckpointError(value)
+    return value
 
 
 def _previous_results(run: RunFiles) -> dict:
