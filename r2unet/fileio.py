@@ -29,3 +29,69 @@ def atomic_save_image(image: Any, path: str | Path, **options) -> None:
     """``image.save(path, **options)`` for a PIL image (the format follows the suffix, as PIL's would)."""
     formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
     atomic_write(path, lambda tmp: image.save(tmp, format=formats.get(Path(path).suffix.lower()), **options))
+
+
+class FolderLock:
+    """One writer per folder: ``acquire()`` creates ``<folder>/.lock`` (pid and host) or says who holds it.
+
+    A lock left by a process that no longer runs on this host (``kill -9``, a crash) is taken over. ``release()``
+    removes the lock, and the folder too when ``acquire`` created it and it is still empty."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / ".lock"
+        self._created_folder = False
+        self._held = False
+
+    def acquire(self) -> str | None:
+        """None when the lock is ours; otherwise a message naming the holder (nothing was changed)."""
+        import json
+        import socket
+
+        self._created_folder = not self.folder.exists()
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        for _ in range(2):
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    holder = json.loads(self.path.read_text())
+                except (OSError, ValueError):
+                    holder = {}
+                if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid")):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                return (f"{self.folder} is in use by another r2unet process (pid {holder.get('pid', '?')} on "
+                        f"{holder.get('host', '?')}); wait for it or stop it, or choose another folder (if that "
+                        f"process is gone, delete {self.path})")
+            except OSError as exc:  # a read-only file system, no permission
+                return f"cannot write to {self.folder}: {exc.strerror or exc}"
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self._held = True
+            return None
+        return f"could not take {self.path}"
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self.path.unlink(missing_ok=True)
+        self._held = False
+        if self._created_folder:
+            try:
+                self.folder.rmdir()  # only if empty: a run that stopped before writing anything leaves nothing
+            except OSError:
+                pass
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pytest
@@ -114,6 +115,29 @@ def test_existing_run_is_not_overwritten(prepared, tmp_path, capsys):
     capsys.readouterr()
     assert _train(prepared, out, "--num_epochs", "1") == 2
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_one_training_per_run_folder(prepared, tmp_path, capsys):
+    """A second 'train' into a folder another live process is writing is refused before it writes anything; a lock
+    left by a process that is gone (kill -9) is taken over; a finished or failed run leaves no lock."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive: us
+    assert _train(prepared, out, "--num_epochs", "1") == 2
+    assert f"in use by another r2unet process (pid {os.getpid()}" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / ".lock").write_text(json.dumps({"pid": int(gone.stdout), "host": socket.gethostname()}))
+    assert _train(prepared, out, "--num_epochs", "1") == 0  # stale: taken over
+    assert not (out / ".lock").exists() and (out / "results.json").is_file()
+    # a run that stops at once (no data) leaves neither a lock nor the folder it would have created
+    assert _train(tmp_path / "nowhere", tmp_path / "new", "--num_epochs", "1") == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_reference_schedule():

@@ -26,7 +26,7 @@ from .. import plots
 from .. import progress as progress_lines
 from ..data.augment import MEAN, STD, AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import FolderLock, atomic_write, atomic_write_text
 from ..messages import first_line
 from ..metrics import METRIC_NAMES, MetricAccumulator, per_image_spread
 from ..models import RECURRENT, create_model
@@ -427,7 +427,17 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
         if info.distributed:  # one run: rank 0's settings everywhere (on --resume, those of its last.pt)
             own = cfg.to_dict()
             cfg = TrainConfig.from_dict({**D.broadcast_object(own), **{k: own[k] for k in NODE_LOCAL}})
-        results, model = _fit(cfg, info, _log_fn(info, log))
+        # one training per run folder: a second 'train' into it (say the same command in another terminal, before
+        # the first has written last.pt) is refused instead of both writing the same files
+        lock = FolderLock(cfg.output_dir) if info.is_main else None
+        problem = D.broadcast_object(lock.acquire() if lock else None)
+        if problem:
+            raise ConfigError(f"--output_dir: {problem}")
+        try:
+            results, model = _fit(cfg, info, _log_fn(info, log))
+        finally:
+            if lock:
+                lock.release()
         return (results, model) if return_model else results
     except RuntimeError as exc:
         if not info.distributed or isinstance(exc, (TrainingError, CheckpointError)):
