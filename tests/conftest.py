@@ -6,15 +6,18 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def prepared_synthetic(root, num_images: int, seed: int, max_side: int, split_seed: int = 0, name: str = "data"):
+    """Synthetic lesions under ``root/raw``, split by ``prepare`` into ``root/<name>`` (returned)."""
+    from r2unet.data.prepare import prepare_split
+    from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+
+    generate_dataset(root / "raw", num_images=num_images, seed=seed, max_side=max_side)
+    prepare_split(root / "raw" / IMAGE_DIR, root / "raw" / MASK_DIR, data_path=root / name, seed=split_seed,
+                  log=lambda *_: None)
+    return root / name
+
+
 @pytest.fixture
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset already split by `prepare` (shared helper for data/engine tests)."""
-    from r2unet.data.prepare import prepare_split
-    from r2unet.data.synth import generate_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    raw = root / "raw"
-    generate_dataset(raw, num_images=20, seed=3, max_side=200)
-    prepare_split(raw / "ISIC2018_Task1-2_Training_Input", raw / "ISIC2018_Task1_Training_GroundTruth",
-                  data_path=root / "split", seed=1)
-    return root / "split"
+    return prepared_synthetic(tmp_path_factory.mktemp("data"), 20, seed=3, max_side=200, split_seed=1, name="split")

@@ -10,10 +10,9 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import prepared_synthetic
 
 from r2unet.cli import main
-from r2unet.data.prepare import prepare_split
-from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from r2unet.engine.checkpoint import load_file
 from r2unet.engine.config import TrainConfig
 
@@ -30,9 +29,7 @@ def _free_port() -> int:
 def odd_data(tmp_path_factory):
     """23 pairs -> 16/2/5: the test split does not divide evenly between 2 processes."""
     root = tmp_path_factory.mktemp("ddp")
-    generate_dataset(root / "raw", num_images=23, seed=5, max_side=160)
-    prepare_split(root / "raw" / IMAGE_DIR, root / "raw" / MASK_DIR, data_path=root / "data", seed=0,
-                  log=lambda *_: None)
+    prepared_synthetic(root, 23, seed=5, max_side=160)
     # build the caches once, before processes race for them
     from r2unet.data.dataset import split_cache
 

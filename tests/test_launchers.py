@@ -8,9 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from r2unet.data.prepare import prepare_split
-from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from conftest import prepared_synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +22,7 @@ TINY = ["--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "
 def workdir(tmp_path_factory):
     """A user's working directory holding a prepared dataset under the relative path 'data'."""
     root = tmp_path_factory.mktemp("launch")
-    generate_dataset(root / "raw", num_images=12, seed=2, max_side=96)
-    prepare_split(root / "raw" / IMAGE_DIR, root / "raw" / MASK_DIR, data_path=root / "data", seed=0,
-                  log=lambda *_: None)
+    prepared_synthetic(root, 12, seed=2, max_side=96)
     return root
 
 

@@ -26,6 +26,15 @@ def checkpoint(tmp_path_factory):
     return path, model
 
 
+def _random_photos(folder, shapes, prefix: str, seed: int, ext: str = ".png"):
+    """``folder/<prefix><i><ext>``: noise photos of the (height, width) ``shapes``; returns the folder."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i, (h, w) in enumerate(shapes):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{prefix}{i}{ext}")
+    return folder
+
+
 def test_predict_writes_binary_masks_at_original_sizes(checkpoint, tmp_path):
     path, _ = checkpoint
     sizes = [(50, 37), (123, 200), (640, 480), (33, 33)]
@@ -151,11 +160,7 @@ def test_predict_rejects_missing_input(checkpoint, tmp_path, capsys):
 
 def test_unreadable_images_are_skipped_named_and_the_rest_written(checkpoint, tmp_path, capsys):
     path, _ = checkpoint
-    src = tmp_path / "in"
-    src.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (40 + i, 60, 3), dtype=np.uint8)).save(src / f"ok{i}.jpg")
+    src = _random_photos(tmp_path / "in", [(40 + i, 60) for i in range(3)], "ok", seed=1, ext=".jpg")
     (src / "fake.png").write_text("not a png")
     (src / "truncated.jpg").write_bytes((src / "ok1.jpg").read_bytes()[:600])
     out = tmp_path / "out"
@@ -265,11 +270,7 @@ def test_predict_defaults_to_the_checkpoints_threshold_and_precision(checkpoint,
     path = tmp_path / "best.pt"
     cfg = TrainConfig(model_type="R2AttU_Net", t=2, base_channels=4, image_size=32, amp="off", threshold=0.3)
     save_checkpoint(path, model=model, config=cfg.to_dict(), epoch=1)
-    src = tmp_path / "in"
-    src.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(src / f"p{i}.png")
+    src = _random_photos(tmp_path / "in", [(48, 64)] * 3, "p", seed=1)
 
     def run(name, *flags):
         assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(tmp_path / name),
@@ -290,11 +291,7 @@ def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_
     import r2unet.predict as P
 
     path, _ = checkpoint
-    src = tmp_path / "in"
-    src.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 255, (40 + i, 50, 3), dtype=np.uint8)).save(src / f"q{i}.png")
+    src = _random_photos(tmp_path / "in", [(40 + i, 50) for i in range(5)], "q", seed=2)
     args = ["predict", "--checkpoint", str(path), "--input", str(src), "--device", "cpu", "--batch_size", "2",
             "--overlay"]
     assert main([*args, "--output", str(tmp_path / "clean")]) == 0
