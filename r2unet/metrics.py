@@ -170,7 +170,7 @@ def parse_thresholds(spec: str) -> list[float]:
     try:
         if ":" in spec:
             start, stop, step = (float(x) for x in spec.split(":"))
-            if not step > 0:
+            if not (step > 0 and stop >= start):
                 raise ValueError
             values = [round(start + i * step, 6) for i in range(int((stop - start) / step + 1e-9) + 1)]
         else:

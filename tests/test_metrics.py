@@ -185,3 +185,5 @@ def test_threshold_lists_and_ranges():
     for bad in ("0:1:0.5", "0.5:0.7:0", "a,b", "1.2", "", "0.3:0.7"):
         with pytest.raises(ValueError, match="--thresholds"):
             parse_thresholds(bad)
+    with pytest.raises(ValueError, match="a range like 0.3:0.7:0.05"):  # a descending range is a format mistake
+        parse_thresholds("0.5:0.3:0.1")
