@@ -224,11 +224,14 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                              channels_last=channels_last)
     results = track(results, len(paths), "predict", log=log, terminal=progress)
 
+    mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
+
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         mask = probs > threshold
-        dst = output / f"{path.stem}_segmentation.png"
+        dst = output / f"{path.stem}{mask_suffix}"
         if save_probs:
-            atomic_save_image(Image.fromarray(np.round(probs * 255).astype(np.uint8)), output / f"{path.stem}_prob.png")
+            atomic_save_image(Image.fromarray(np.round(probs * 255).astype(np.uint8)),
+                              output / f"{path.stem}{prob_suffix}")
         if save_overlay:
             h, w = mask.shape
             # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
@@ -237,7 +240,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
                 gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
-            atomic_save_image(Image.fromarray(pic), output / f"{path.stem}_overlay.jpg", quality=92)
+            atomic_save_image(Image.fromarray(pic), output / f"{path.stem}{overlay_suffix}", quality=92)
         atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), dst)  # last: the mask marks the image done
         return dst
 

@@ -29,3 +29,13 @@ def track(iterable: Iterable[T], total: int, desc: str, unit: str = "img", log=p
         if now - last >= LOG_INTERVAL_S and done < total:
             last = now
             log(f"{desc}: {done}/{total} {unit} ({done / max(now - start, 1e-9):.1f} {unit}/s)")
+
+
+def duration(seconds: float) -> str:
+    """A short human duration: 45s, 12m05s, 3h07m."""
+    s = round(max(0.0, seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"

@@ -482,7 +482,7 @@ def test_scale_lr_follows_the_batch_the_lr_was_tuned_for(prepared, tmp_path, cap
 
 
 def test_durations_read_as_people_write_them():
-    from r2unet.engine.trainer import duration
+    from r2unet.progress import duration
 
     assert [duration(s) for s in (0, 44.6, 60, 725, 3599, 3600, 11220, -3)] == \
         ["0s", "45s", "1m00s", "12m05s", "59m59s", "1h00m", "3h07m", "0s"]

@@ -141,8 +141,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict | None:
     if "Conv_1x1.weight" not in state:
         return None
     recurrent, attention = "RRCNN1.Conv_1x1.weight" in state, "Att5.W_g.0.weight" in state
-    first = state["RRCNN1.Conv_1x1.weight" if recurrent else "Conv1.conv.0.weight"] \
-        if ("RRCNN1.Conv_1x1.weight" in state or "Conv1.conv.0.weight" in state) else None
+    first = state.get("RRCNN1.Conv_1x1.weight" if recurrent else "Conv1.conv.0.weight")  # reads the image channels
     if first is None:
         return None
     model_type = {(False, False): "U_Net", (True, False): "R2U_Net", (False, True): "AttU_Net",

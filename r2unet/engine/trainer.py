@@ -787,7 +787,7 @@ class _LogLines:
         rate = done * self.images_per_step / max(now - self.start, 1e-9)
         left = (self.total - state["steps"]) * (now - self.start) / max(done, 1)
         self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}  step {state['steps']}/{self.total}  loss {loss:.4f}  "
-                 f"{rate:.1f} img/s  epoch ends in {duration(left)}")
+                 f"{rate:.1f} img/s  epoch ends in {progress_lines.duration(left)}")
 
 
 def _progress(info: D.DistInfo, total: int, images_per_batch: int):
@@ -806,18 +806,8 @@ def _log_epoch(log, row: dict, num_epochs: int, eta_s: float = 0.0) -> None:
         v = row["valid"]
         msg += f"  valid JS {v['JS']:.4f} DC {v['DC']:.4f} ACC {v['ACC']:.4f}" + ("  (best)" if row.get("best") else "")
     if row["epoch"] < num_epochs:
-        msg += f"  ETA {duration(eta_s)}"
+        msg += f"  ETA {progress_lines.duration(eta_s)}"
     log(msg)
-
-
-def duration(seconds: float) -> str:
-    """A short human duration: 45s, 12m05s, 3h07m."""
-    s = round(max(0.0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
 def _tensorboard(writer, row: dict) -> None:
