@@ -18,8 +18,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from r2unet.bench import FAST, _peak_tflops, model_step, train_flops_per_image
-from r2unet.engine.trainer import configure_backends, synchronize
+from r2unet.bench import FAST, model_step, train_flops_per_image
+from r2unet.engine.runtime import configure_backends, peak_tflops, synchronize
 
 # substrings of kernel names, first match wins (cuDNN/CUTLASS convolution kernels carry these in their names)
 GROUPS = [
@@ -77,7 +77,7 @@ def main() -> None:
     per_step_ms = total / 1e3 / args.steps
     conv_ms = groups.get("convolution", 0.0) / 1e3 / args.steps
     conv_tflops = flops_per_step / (conv_ms * 1e-3) / 1e12 if conv_ms else None
-    peak = _peak_tflops(dev) if cuda else None
+    peak = peak_tflops(dev)[0] if cuda else None
     result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "compiled": compiled,
               "model_type": args.model_type, "batch_size": args.batch_size, "image_size": args.image_size,
               "device_ms_per_step": per_step_ms, "img_per_s_if_busy": args.batch_size / per_step_ms * 1e3,

@@ -35,7 +35,8 @@ def _bench_train(raw: Path, summary: dict) -> None:
             continue
         summary["bench_train"][name] = r
         print(f"{name} (t={r['t']}, {r['image_size']}px, batch {r['batch_size']}, {r['device']}): "
-              f"{r['train_gflop_per_image']:.1f} GFLOP/img, measured peak {r['peak_bf16_tflops']:.0f} TFLOP/s, "
+              f"{r['train_gflop_per_image']:.1f} GFLOP/img, "
+              f"measured {r['peak_dtype']} peak {r['peak_tflops']:.0f} TFLOP/s, "
               f"bound {r['flop_bound_img_per_s']:.0f} img/s")
         by_key = {}
         for row in r["rows"]:

@@ -9,7 +9,8 @@ import torch
 
 from .data.augment import AugmentConfig
 from .data.dataset import DeviceTransform, make_loader, split_cache
-from .engine.trainer import synchronize
+from .engine import runtime
+from .engine.runtime import describe_device, resolve_compile, resolve_device, synchronize
 from .messages import first_line
 
 
@@ -45,22 +46,6 @@ def bench_data(
     return {"img_per_s": images / elapsed, "cache_build_s": cache_build_s, "images": images, "seconds": elapsed,
             "device": str(dev), "image_size": image_size, "batch_size": batch_size, "num_workers": num_workers,
             "cached_images": len(cache), "torch": str(torch.__version__)}
-
-
-def _peak_tflops(device: torch.device, dtype=torch.bfloat16) -> float:
-    """Measured peak of a large matmul on this device (TFLOP/s)."""
-    n = 8192 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    reps = 20 if device.type == "cuda" else 5
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    synchronize(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
 def train_flops_per_image(model: torch.nn.Module, batch_size: int, image_size: int, img_ch: int = 3) -> float:
@@ -121,36 +106,55 @@ def model_step(model_type, t, base_channels, image_size, batch_size, device, *, 
     return step, model
 
 
-FAST = dict(bf16=True, channels_last=True, fused=True)
-# name -> (row label, options of the model-only step); "default" is the trainer's own step, end to end. The baseline
-# is PyTorch's defaults (cuDNN benchmark off); every later row has it on, as train does.
-CONFIGS = {
-    "fp32": ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False,
-                                           cudnn_benchmark=False)),
-    "cudnn_benchmark": ("+ cuDNN benchmark", dict(bf16=False, channels_last=False, fused=False, compile_model=False)),
-    "bf16": ("+ bf16 autocast", dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
-    "channels_last": ("+ channels_last", dict(bf16=True, channels_last=True, fused=False, compile_model=False)),
-    "fused": ("+ fused Adam", dict(FAST, compile_model=False)),
-    "compile": ("+ torch.compile", dict(FAST, compile_model=True)),
-    "default": None,
-    # after the default row: an alternative to weigh, not part of the default (and the row to lose if time runs out)
-    "cudagraphs": ("+ CUDA graphs (compile reduce-overhead)",
-                   dict(FAST, compile_model=True, compile_mode="reduce-overhead")),
-}
+FAST = dict(bf16=True, channels_last=True, fused=True)  # the fast model-only step on GPUs and bf16-native CPUs
 
 
-def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[str]:
-    """``all`` or a comma list of CONFIGS names; the baseline always comes first (it is the ratios' reference).
-    ``all`` leaves out what cannot run here: compiled rows when compilation is off, GPU-only rows on a CPU."""
+def configs_for(device: torch.device) -> dict:
+    """name -> (row label, options of the model-only step); "default" is the trainer's own step, end to end. The
+    baseline is PyTorch's defaults (cuDNN benchmark off); every later row has it on, as train does. Where bf16 is
+    not native (CPUs without AMX / AVX512-BF16) the rows after the bf16 row build on float32, the precision train
+    uses there, and the bf16 row shows the emulated cost."""
+    native = device.type == "cuda" or runtime.cpu_info().native_bf16
+    fast = dict(FAST, bf16=native)
+    fp = "" if native else "fp32 "
+    return {
+        "fp32": ("fp32 eager (baseline)", dict(bf16=False, channels_last=False, fused=False, compile_model=False,
+                                               cudnn_benchmark=False)),
+        "cudnn_benchmark": ("+ cuDNN benchmark", dict(bf16=False, channels_last=False, fused=False,
+                                                      compile_model=False)),
+        "bf16": ("+ bf16 autocast" + ("" if native else " (emulated here)"),
+                 dict(bf16=True, channels_last=False, fused=False, compile_model=False)),
+        "channels_last": (f"{fp}+ channels_last", dict(fast, fused=False, compile_model=False)),
+        "fused": (f"{fp}+ channels_last + fused Adam" if fp else "+ fused Adam", dict(fast, compile_model=False)),
+        "compile": (f"{fp}+ channels_last + fused Adam + torch.compile" if fp else "+ torch.compile",
+                    dict(fast, compile_model=True)),
+        "default": None,
+        # after the default row: an alternative to weigh, not part of the default (the row to lose if time runs out)
+        "cudagraphs": ("+ CUDA graphs (compile reduce-overhead)",
+                       dict(fast, compile_model=True, compile_mode="reduce-overhead")),
+    }
+
+
+CONFIG_NAMES = tuple(configs_for(torch.device("cuda")))
+
+
+def parse_configs(spec: str, device: torch.device, use_compile: bool, log=print) -> list[str]:
+    """``all`` or a comma list of configuration names; the baseline always comes first (it is the ratios' reference).
+    ``all`` leaves out what cannot run here or would only measure an emulation: compiled rows when compilation is
+    off, GPU-only rows on a CPU, the bf16 row on a CPU without native bf16 (said in a line)."""
     if spec == "all":
         gpu_only = ("cudagraphs", "cudnn_benchmark")
-        names = [n for n in CONFIGS if (n not in ("compile", "cudagraphs") or use_compile)
+        names = [n for n in CONFIG_NAMES if (n not in ("compile", "cudagraphs") or use_compile)
                  and (n not in gpu_only or device.type == "cuda")]
+        if device.type == "cpu" and not runtime.cpu_info().native_bf16:
+            names.remove("bf16")
+            log(f"  (no bf16 row: bf16 is emulated on this {runtime.cpu_info().label} CPU; --configs fp32,bf16 to "
+                "see its cost)")
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
-        unknown = [n for n in names if n not in CONFIGS]
+        unknown = [n for n in names if n not in CONFIG_NAMES]
         if unknown:
-            raise ValueError(f"--configs: unknown {', '.join(unknown)}; choose from all, {', '.join(CONFIGS)}")
+            raise ValueError(f"--configs: unknown {', '.join(unknown)}; choose from all, {', '.join(CONFIG_NAMES)}")
     return ["fp32"] + [n for n in names if n != "fp32"]
 
 
@@ -160,14 +164,14 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                 data_path: str | Path | None = None, log=print) -> dict:
     """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured
     in one run, with ratios to the baseline and the fraction of the FLOP bound of this device."""
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    use_compile = compile_model == "on" or (compile_model == "auto" and dev.type == "cuda")
+    dev = resolve_device(device)
+    use_compile = resolve_compile(compile_model, dev)
     rows = []
     flops = None
-    keys = parse_configs(configs, dev, use_compile)
-    log(f"bench train: {model_type} at {image_size} px, batch {batch_size} on {dev}: {len(keys)} configuration(s) "
-        f"x ({warmup} warm-up + {steps} timed) steps")
+    keys = parse_configs(configs, dev, use_compile, log)
+    table = configs_for(dev)
+    log(f"bench train: {model_type} at {image_size} px, batch {batch_size} on {describe_device(dev)}: "
+        f"{len(keys)} configuration(s) x ({warmup} warm-up + {steps} timed) steps")
 
     def estimate(first_step_s: float) -> None:  # the fp32 baseline is the slowest row: a ceiling for the others
         total_min = first_step_s * (warmup + steps) * len(keys) / 60
@@ -176,7 +180,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                 + (" (on a CPU, try --base_channels 16 --image_size 128 --batch_size 8)" if dev.type == "cpu" else ""))
 
     for key in keys:
-        name, opts = CONFIGS[key] or ("default train step", {})
+        name, opts = table[key] or ("default train step", {})
         if key == "compile" and compile_mode != "default":
             opts = dict(opts, compile_mode=compile_mode)
             name += f" ({compile_mode})"
@@ -202,15 +206,17 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
         rows.append(row)
         log(f"  {row['config']:<28}" + (f"{row['img_per_s']:10.1f} img/s" if row["img_per_s"] is not None
                                         else f"  failed: {row['error']}"))
-    peak = _peak_tflops(dev)
+    peak, peak_dtype = runtime.peak_tflops(dev)
     base = rows[0]["img_per_s"]
     for row in rows:
         ok = row["img_per_s"] is not None
         row["x_baseline"] = row["img_per_s"] / base if ok else None
         row["frac_flop_bound"] = row["img_per_s"] * flops / (peak * 1e12) if ok else None
-    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": str(torch.__version__),
+    return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu: {runtime.cpu_info().label}",
+            "threads": torch.get_num_threads(), "torch": str(torch.__version__),
             "model_type": model_type, "t": t, "base_channels": base_channels, "image_size": image_size,
-            "batch_size": batch_size, "train_gflop_per_image": flops / 1e9, "peak_bf16_tflops": peak,
+            "batch_size": batch_size, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
+            "peak_dtype": peak_dtype,
             "flop_bound_img_per_s": peak * 1e12 / flops, "rows": rows}
 
 
@@ -225,16 +231,8 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
     from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
     from .engine import distributed as D
     from .engine.config import TrainConfig
-    from .engine.trainer import (
-        CompileWithFallback,
-        Precision,
-        build_training,
-        configure_backends,
-        resolve_amp,
-        resolve_channels_last,
-        resolve_flag,
-        train_one_epoch,
-    )
+    from .engine.runtime import CompileWithFallback, configure_backends, resolve_amp, resolve_channels_last
+    from .engine.trainer import build_training, train_one_epoch
 
     tmp = None
     if data_path is None:
@@ -251,15 +249,15 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
                           max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
                           compile=compile_flag, compile_mode=compile_mode)
         configure_backends(dev)
-        precision = Precision(resolve_amp(cfg, dev), dev)
-        channels_last = resolve_channels_last(cfg, dev, precision)
+        precision, _ = resolve_amp(cfg.amp, dev)
+        channels_last = resolve_channels_last(cfg.channels_last, precision, cfg.base_channels)
         cache = split_cache(data_path, "train", image_size, log=lambda *_: None, progress=False)
         sampler = D.EpochBatchSampler(len(cache), batch_size, D.DistInfo(), seed=0)
         loader = make_loader(cache, batch_size, train=True, batch_sampler=sampler, pin_memory=dev.type == "cuda",
                              num_workers=cfg.num_workers)
         transform = DeviceTransform(image_size, dev, AugmentConfig(augmentation_prob=cfg.augmentation_prob))
         model, optimizer, scaler = build_training(cfg, dev, precision, cfg.lr, channels_last)
-        use_compile = resolve_flag(cfg.compile, dev)
+        use_compile = resolve_compile(cfg.compile, dev)
         train_model = CompileWithFallback(model, log, compile_mode) if use_compile else model
         images = seconds = 0.0
         epoch = 0

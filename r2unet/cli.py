@@ -82,9 +82,10 @@ def _cmd_bench(args) -> None:
             print(json.dumps(result))
             return
         print(f"\n{result['model_type']} t={result['t']} base {result['base_channels']}, {result['image_size']}px, "
-              f"batch {result['batch_size']} on {result['device']} (torch {result['torch']}): "
-              f"{result['train_gflop_per_image']:.1f} GFLOP per training image; measured bf16 peak "
-              f"{result['peak_bf16_tflops']:.1f} TFLOP/s -> bound {result['flop_bound_img_per_s']:.0f} img/s")
+              f"batch {result['batch_size']} on {result['device']} (torch {result['torch']}, "
+              f"{result['threads']} threads): {result['train_gflop_per_image']:.1f} GFLOP per training image; "
+              f"measured {result['peak_dtype']} matmul peak {result['peak_tflops']:.2f} TFLOP/s -> bound "
+              f"{result['flop_bound_img_per_s']:.0f} img/s")
         print(f"{'configuration':<58}{'img/s':>9}{'x base':>8}{'of bound':>10}")
         for row in result["rows"]:
             if row["img_per_s"] is None:
@@ -210,14 +211,14 @@ def _load_model(args):
 def _cmd_predict(args) -> None:
     import torch
 
-    from .engine.distributed import DistInfo
     from .engine.inference import ready_for_inference
-    from .engine.trainer import resolve_device
+    from .engine.runtime import resolve_device
     from .predict import PartialPrediction, run_predict
 
     model, cfg = _load_model(args)
     cfg.device, cfg.amp = args.device, args.amp or cfg.amp
-    device = resolve_device(cfg.validate(), DistInfo())
+    cfg.validate()
+    device = resolve_device(cfg.device, cfg.device_index)
     model, precision, channels_last = ready_for_inference(model, cfg, device)
     try:
         with torch.inference_mode():
@@ -445,8 +446,9 @@ def _add_checkpoint_flag(p) -> None:
 def _add_inference_amp_flag(p) -> None:
     p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], default=None,
                    help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
-                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and AMX CPUs (and "
-                        "channels_last where training uses it); off: float32")
+                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
+                        "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
+                        "uses it); off: float32")
 
 
 def _add_model_override_flags(p) -> None:
@@ -475,7 +477,8 @@ def _add_train_flags(p) -> None:
     g.add_argument("--augmentation_prob", type=float, help="default 0.4")
     g.add_argument("--data_path", help="prepared dataset: train/ train_GT/ valid/ valid_GT/ test/ test_GT/")
     g.add_argument("--seed", type=int, help="default 12345")
-    g.add_argument("--apex", type=int, choices=[0, 1], help="1: mixed precision (fp16 with O1/O2)")
+    g.add_argument("--apex", type=int, choices=[0, 1],
+                   help="1: mixed precision (fp16 with O1/O2 on GPUs; on CPUs bf16 where native, else float32)")
     g.add_argument("--apex-opt-level", "--apex_opt_level", dest="apex_opt_level", choices=["O0", "O1", "O2"])
     g.add_argument("--loss_scale_value", help="initial fp16 loss scale, a number or 'dynamic'")
     g.add_argument("--npu_idx", type=int, help="device index (alias of cuda:N)")
@@ -484,7 +487,8 @@ def _add_train_flags(p) -> None:
     g = p.add_argument_group("r2unet")
     g.add_argument("--device", help="auto | cuda | cpu | cuda:N (default auto)")
     g.add_argument("--amp", choices=["auto", "off", "fp16", "bf16"],
-                   help="mixed precision (default auto: bf16 on GPUs and bf16-capable CPUs)")
+                   help="mixed precision (default auto: bf16 on GPUs and on CPUs with native bf16, AMX / "
+                        "AVX512-BF16; float32 on other CPUs, where bf16 is emulated and slow)")
     g.add_argument("--base_channels", type=int, help="width of the first stage (default 64)")
     g.add_argument("--output_dir", help="run folder (default runs/r2unet)")
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pt")

@@ -3,7 +3,31 @@ import os
 import pytest
 import torch
 
+from r2unet.engine import runtime
+from r2unet.engine.runtime import CpuInfo
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+CPU_KINDS = {"AMX": CpuInfo(vector_isa="AVX512", amx=True, avx512_bf16=True, onednn_limit=None),
+             "AVX2": CpuInfo(vector_isa="AVX2", amx=False, avx512_bf16=False, onednn_limit=None)}
+
+
+@pytest.fixture
+def cpu_like(monkeypatch):
+    """``cpu_like("AVX2")`` (or "AMX"): the device policy sees a CPU of that kind (what it decides, not how fast the
+    kernels are: they still run on this machine), so both kinds' choices are tested on any machine."""
+
+    real_peak = runtime.peak_tflops
+
+    def use(kind: str) -> CpuInfo:
+        info = CPU_KINDS[kind]
+        monkeypatch.setattr(runtime, "cpu_info", lambda: info)
+        # a small matmul: a bf16 one where this machine emulates bf16 would take a minute at the full size
+        monkeypatch.setattr(runtime, "peak_tflops", lambda device, n=None: real_peak(device, 128))
+        monkeypatch.setattr(CpuInfo, "native_bf16", property(lambda self: self.amx or self.avx512_bf16))
+        return info
+
+    return use
 
 
 def prepared_synthetic(root, num_images: int, seed: int, max_side: int, split_seed: int = 0, name: str = "data"):

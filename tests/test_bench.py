@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from r2unet.cli import main
 
 
@@ -10,14 +12,24 @@ def test_bench_data_json(tiny_data, capsys):
     assert out["img_per_s"] > 0 and out["cache_build_s"] >= 0 and out["images"] >= 2000
 
 
-def test_bench_train_reports_every_configuration(capsys):
+@pytest.mark.parametrize("kind", ["AMX", "AVX2"])
+def test_bench_train_reports_every_configuration(capsys, cpu_like, kind):
+    """On a bf16-native CPU the rows add bf16, channels_last and fused Adam; elsewhere they build on float32 (what
+    train uses there) and the emulated bf16 row is left out, saying so."""
+    cpu_like(kind)
     assert main(["bench", "train", "--device", "cpu", "--base_channels", "4", "--image_size", "32",
                  "--batch_size", "2", "--steps", "2", "--warmup", "1", "--t", "1"]) == 0
     out = capsys.readouterr().out
-    for name in ("fp32 eager (baseline)", "+ bf16 autocast", "+ channels_last", "+ fused Adam",
-                 "default train step"):
+    if kind == "AMX":
+        names = ("+ bf16 autocast", "+ channels_last", "+ fused Adam", "default train step (bf16")
+    else:
+        names = ("no bf16 row: bf16 is emulated on this AVX2", "fp32 + channels_last",
+                 "fp32 + channels_last + fused Adam", "default train step (fp32")
+        assert "+ bf16 autocast" not in out
+    for name in ("fp32 eager (baseline)", *names):
         assert name in out, name
     assert "GFLOP per training image" in out and "of bound" in out
+    assert f"measured {'bf16' if kind == 'AMX' else 'fp32'} matmul peak" in out
 
 
 TINY_TRAIN = ["bench", "train", "--device", "cpu", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",

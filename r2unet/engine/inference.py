@@ -1,8 +1,8 @@
 """Using a trained model: load a checkpoint for inference, put it on a device in the precision training used there,
 score it on a split (``r2unet evaluate``), redraw a run's sample grid (``r2unet plot``).
 
-Devices and precision are decided by the trainer's rules (``resolve_device``, ``resolve_amp``,
-``resolve_channels_last``), so inference runs the way training did.
+Devices and precision are decided by the rules training uses (``runtime.py``), so inference runs the way training
+did.
 """
 
 from __future__ import annotations
@@ -17,19 +17,10 @@ from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..fileio import atomic_write_text
 from ..metrics import Accumulators, MetricAccumulator, per_image_spread
 from ..models import RECURRENT, list_models
-from . import distributed as D
 from .checkpoint import CheckpointError, infer_architecture, is_r2unet_checkpoint, load_file, load_weights, model_state
 from .config import ConfigError, TrainConfig
-from .trainer import (
-    Precision,
-    RunFiles,
-    build_model,
-    draw_samples,
-    evaluate,
-    resolve_amp,
-    resolve_channels_last,
-    resolve_device,
-)
+from .runtime import Precision, place_model, resolve_amp, resolve_channels_last, resolve_device
+from .trainer import RunFiles, build_model, draw_samples, evaluate
 
 
 def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
@@ -75,16 +66,17 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
 RESOLUTIONS = ("training", "original")
 
 
-def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device) -> tuple[nn.Module, Precision, bool]:
+def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                        log=print) -> tuple[nn.Module, Precision, bool]:
     """The model on ``device`` in eval mode with the precision (``cfg.amp``) and memory format that training uses
-    there: (model, precision, channels_last). On a CPU with AMX, bf16 + channels_last ran a full-size R2U-Net forward
-    at 4.7 img/s against 0.74 in fp32 (224 px, batch 4)."""
-    precision = Precision(resolve_amp(cfg, device), device)
-    channels_last = resolve_channels_last(cfg, device, precision)
-    model = model.to(device).eval()
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, precision, channels_last
+    there: (model, precision, channels_last); ``log`` hears a note when the precision asked for is changed or slow
+    here. On a CPU with AMX, bf16 + channels_last ran a full-size R2U-Net forward at 4.7 img/s against 0.74 in fp32
+    (224 px, batch 4)."""
+    precision, note = resolve_amp(cfg.amp, device)
+    if note:
+        log(note)
+    channels_last = resolve_channels_last(cfg.channels_last, precision, cfg.base_channels)
+    return place_model(model, device, channels_last).eval(), precision, channels_last
 
 
 class FlipAveraged(nn.Module):
@@ -129,8 +121,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         cfg.image_size = image_size
     cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
     cfg.validate()
-    dev = resolve_device(cfg, D.DistInfo())
-    model, precision, channels_last = ready_for_inference(model, cfg, dev)
+    dev = resolve_device(cfg.device, cfg.device_index)
+    model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
     threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
     scored = FlipAveraged(model) if tta else model
     acc = MetricAccumulator(threshold=threshold, device=dev, keep_per_image=True)

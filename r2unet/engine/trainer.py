@@ -6,15 +6,12 @@ The trainer is the only place that decides devices, precision, compilation and d
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,19 @@ from ..models import RECURRENT, create_model
 from . import distributed as D
 from .checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
 from .config import ConfigError, TrainConfig
+from .runtime import (
+    CompileWithFallback,
+    Precision,
+    configure_backends,
+    describe_device,
+    place_model,
+    resolve_amp,
+    resolve_channels_last,
+    resolve_compile,
+    resolve_device,
+    skip_nonfinite_step,
+    synchronize,
+)
 
 SPLITS = ("train", "valid", "test")
 
@@ -42,78 +52,6 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
-def resolve_device(cfg: TrainConfig, info: D.DistInfo) -> torch.device:
-    want = cfg.device
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError("--device: cuda was asked for but no CUDA GPU is available (use --device cpu)")
-        if info.distributed:
-            return torch.device("cuda", info.local_rank)
-        index = cfg.device_index if cfg.device_index is not None else (int(want.split(":")[1]) if ":" in want else 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(f"--npu_idx/--device: GPU {index} does not exist ({torch.cuda.device_count()} found)")
-        return torch.device("cuda", index)
-    return torch.device("cpu")
-
-
-def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. ``auto``: bf16 on GPUs that support it (else fp16), bf16 on CPUs with
-    native bf16 matrix units (AMX / AVX512-BF16), fp32 otherwise. fp16 (e.g. the seed's ``--apex 1``) on a CPU runs
-    as bf16: CPU fp16 kernels are emulated and dozens of times slower; the run's log line names the precision."""
-    if cfg.amp == "off":
-        return None
-    if cfg.amp == "fp16":
-        if device.type == "cpu":  # measured: fp16 autocast on this CPU ran at 0.7 img/s where bf16 ran at 58
-            return torch.bfloat16
-        return torch.float16
-    if cfg.amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else None
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resolve_flag(value: str, device: torch.device) -> bool:
-    """``auto`` means on for CUDA, off for CPU (compilation and channels_last pay off on GPUs)."""
-    return value == "on" or (value == "auto" and device.type == "cuda")
-
-
-def resolve_channels_last(cfg: TrainConfig, device: torch.device, precision: Precision) -> bool:
-    """``auto``: on for CUDA; on a CPU only with bf16 and base_channels >= 16, where oneDNN's blocked kernels win
-    (measured on the 2-core AMX machine, R2U-Net t=2, batch 8 at 128 px: bf16 20 -> 31 img/s with channels_last at
-    base 16, but 58 -> 48 img/s at base 8; see benchmarks/README.md)."""
-    if cfg.channels_last != "auto":
-        return cfg.channels_last == "on"
-    if device.type == "cuda":
-        return True
-    return precision.dtype == torch.bfloat16 and cfg.base_channels >= 16
-
-
-def configure_backends(device: torch.device, deterministic: bool = False) -> None:
-    """Library switches of a training run (``train`` and ``bench train``'s default row): on GPUs cuDNN picks the
-    fastest convolution algorithm for each shape and float32 work may use TF32; ``deterministic`` trades both for
-    reproducibility."""
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -136,75 +74,6 @@ def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> tor
         t = target.flatten(1)
         loss = loss + (1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)).mean()
     return loss
-
-
-@dataclass
-class Precision:
-    dtype: torch.dtype | None
-    device: torch.device
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @property
-    def name(self) -> str:
-        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-class CompileWithFallback(nn.Module):
-    """``torch.compile`` of a module that falls back to eager mode, once and for good, if compilation fails.
-
-    Compilation happens lazily at the first call (the backward graph at the first ``backward()``, see
-    ``backward_failed``), so failures (a missing compiler toolchain, an unsupported operation on an old torch, a
-    kernel that does not build) surface there; they are logged and the step is redone eagerly. Errors after a
-    successful first forward and backward are real errors and propagate."""
-
-    def __init__(self, module: nn.Module, log=print, mode: str = "default"):
-        super().__init__()
-        self.module = module
-        self._log, self._ok, self._backward_ok = log, None, False
-        try:  # torch.compile itself refuses some setups (e.g. a Python version dynamo does not support yet)
-            compiled = torch.compile(module, mode=None if mode == "default" else mode)
-        except Exception as exc:  # noqa: BLE001
-            compiled = None
-            self._fall_back(exc)
-        object.__setattr__(self, "_compiled", compiled)  # not a submodule: no duplicate state
-
-    def _fall_back(self, exc: Exception) -> None:
-        self._ok = False
-        self._log(f"torch.compile failed ({type(exc).__name__}: {first_line(exc, 200)}); continuing in eager mode "
-                  "(use --compile off to skip compilation)")
-
-    def backward_failed(self, exc: Exception) -> bool:
-        """A backward through the compiled graph raised: before the first backward has succeeded, that is a
-        compilation failure, so fall back to eager and return True (redo the step); afterwards, False (re-raise)."""
-        if self._ok is False or self._backward_ok:
-            return False
-        self._fall_back(exc)
-        return True
-
-    def backward_succeeded(self) -> None:
-        self._backward_ok = True
-
-    @property
-    def fell_back(self) -> bool:
-        """Compilation failed and the module runs eagerly."""
-        return self._ok is False
-
-    def forward(self, *args, **kwargs):
-        if self._ok is False:
-            return self.module(*args, **kwargs)
-        try:
-            out = self._compiled(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any compiler failure; re-raised below once compile worked
-            if self._ok:
-                raise
-            self._fall_back(exc)
-            return self.module(*args, **kwargs)
-        self._ok = True
-        return out
 
 
 # ------------------------------------------------------------------------------------------------------- train/eval
@@ -307,32 +176,6 @@ def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice
 
 
 @torch.no_grad()
-def skip_nonfinite_step(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor,
-                        unit_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``optimizer.step()`` unless a gradient is NaN/Inf, decided on the device (no host synchronisation).
-
-    One fused pass flags non-finite gradients in ``found_inf`` (the check ``GradScaler`` uses, with a scale of 1);
-    the fused Adam kernel then skips the whole update, moments and step count included, when the flag is set: one
-    bad batch cannot poison the weights (bf16/fp32; fp16 steps go through the GradScaler, which does the same).
-    ``unit_scale``: a 1.0 on the device (the check's "unscale" factor), to reuse across steps.
-    Returns a device bool: the step was taken."""
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    found_inf.zero_()
-    if grads:
-        torch._amp_foreach_non_finite_check_and_unscale_(
-            grads, found_inf, unit_scale if unit_scale is not None else torch.ones_like(found_inf))
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = found_inf
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not found_inf.item():  # optimisers without the fused kernel's found_inf: decided on the host
-        optimizer.step()
-    return found_inf == 0
-
-
-@torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
              channels_last: bool = False, progress: str | None = None,
              keep_per_image: bool = False, accumulator=None) -> MetricAccumulator:
@@ -356,12 +199,6 @@ def evaluate(model, loader, transform, precision: Precision, threshold: float = 
         acc.update(torch.sigmoid(logits.float()), y)
     acc.all_reduce()
     return acc
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work (timing boundaries only; a no-op on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------------------------------------------------- the job
@@ -398,9 +235,7 @@ def build_training(cfg: TrainConfig, device: torch.device, precision: Precision,
     model = build_model(cfg)
     if sync_bn:
         model = D.convert_sync_batchnorm(model, device.type)
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    place_model(model, device, channels_last)
     # Fused Adam: one kernel for all parameters (CUDA and CPU); same arithmetic as the reference's Adam.
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
     init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
@@ -454,10 +289,10 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
 
 def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
     run = RunFiles(cfg.output_dir)
-    device = resolve_device(cfg, info)
-    precision = Precision(resolve_amp(cfg, device), device)
-    use_compile = resolve_flag(cfg.compile, device)
-    channels_last = resolve_channels_last(cfg, device, precision)
+    device = resolve_device(cfg.device, cfg.device_index, info.local_rank if info.distributed else None)
+    precision, precision_note = resolve_amp(cfg.amp, device)
+    use_compile = resolve_compile(cfg.compile, device)
+    channels_last = resolve_channels_last(cfg.channels_last, precision, cfg.base_channels)
 
     # Batch semantics: --batch_size is per process; --global_batch_size is divided among processes.
     if cfg.global_batch_size is not None:
@@ -562,10 +397,12 @@ def _fit(cfg: TrainConfig, info: D.DistInfo, log) -> tuple[dict, nn.Module]:
             run.metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     name = f"{cfg.model_type} (t={cfg.t})" if cfg.model_type in RECURRENT else cfg.model_type
     compiled = ("on" + (f" ({cfg.compile_mode})" if cfg.compile_mode != "default" else "")) if use_compile else "off"
-    log(f"{name} on {device}, {precision.name}, compile {compiled}, "
+    log(f"{name} on {describe_device(device)}, {precision.name}, compile {compiled}, "
         f"channels_last {'on' if channels_last else 'off'}; {info.world_size} process(es) x batch {cfg.batch_size} "
         f"= global batch {global_batch}, lr {lr:g}; train/valid/test = "
         f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
+    if precision_note:
+        log(precision_note)
 
     writer = None
     if cfg.tensorboard and info.is_main:
