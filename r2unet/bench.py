@@ -138,18 +138,16 @@ def configs_for(device: torch.device) -> dict:
 CONFIG_NAMES = tuple(configs_for(torch.device("cuda")))
 
 
-def parse_configs(spec: str, device: torch.device, use_compile: bool, log=print) -> list[str]:
+def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[str]:
     """``all`` or a comma list of configuration names; the baseline always comes first (it is the ratios' reference).
     ``all`` leaves out what cannot run here or would only measure an emulation: compiled rows when compilation is
-    off, GPU-only rows on a CPU, the bf16 row on a CPU without native bf16 (said in a line)."""
+    off, GPU-only rows on a CPU, the bf16 row on a CPU without native bf16."""
     if spec == "all":
         gpu_only = ("cudagraphs", "cudnn_benchmark")
         names = [n for n in CONFIG_NAMES if (n not in ("compile", "cudagraphs") or use_compile)
                  and (n not in gpu_only or device.type == "cuda")]
         if device.type == "cpu" and not runtime.cpu_info().native_bf16:
             names.remove("bf16")
-            log(f"  (no bf16 row: bf16 is emulated on this {runtime.cpu_info().label} CPU; --configs fp32,bf16 to "
-                "see its cost)")
     else:
         names = [n.strip() for n in spec.split(",") if n.strip()]
         unknown = [n for n in names if n not in CONFIG_NAMES]
@@ -168,10 +166,13 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
     use_compile = resolve_compile(compile_model, dev)
     rows = []
     flops = None
-    keys = parse_configs(configs, dev, use_compile, log)
+    keys = parse_configs(configs, dev, use_compile)
     table = configs_for(dev)
     log(f"bench train: {model_type} at {image_size} px, batch {batch_size} on {describe_device(dev)}: "
         f"{len(keys)} configuration(s) x ({warmup} warm-up + {steps} timed) steps")
+    if configs == "all" and "bf16" not in keys and dev.type == "cpu":
+        log(f"  (no bf16 row: bf16 is emulated on this {runtime.cpu_info().label} CPU; --configs fp32,bf16 to see "
+            "its cost)")
 
     def estimate(first_step_s: float) -> None:  # the fp32 baseline is the slowest row: a ceiling for the others
         total_min = first_step_s * (warmup + steps) * len(keys) / 60
@@ -204,7 +205,7 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
             torch.cuda.empty_cache()
         row["key"] = key
         rows.append(row)
-        log(f"  {row['config']:<28}" + (f"{row['img_per_s']:10.1f} img/s" if row["img_per_s"] is not None
+        log(f"  {row['config']:<52}" + (f"{row['img_per_s']:10.1f} img/s" if row["img_per_s"] is not None
                                         else f"  failed: {row['error']}"))
     peak, peak_dtype = runtime.peak_tflops(dev)
     base = rows[0]["img_per_s"]

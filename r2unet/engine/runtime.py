@@ -223,7 +223,7 @@ def peak_tflops(device: torch.device, n: int | None = None) -> tuple[float, str]
 
     native_bf16 = device.type == "cuda" or cpu_info().native_bf16
     dtype = torch.bfloat16 if native_bf16 else torch.float32
-    n = n or (8192 if device.type == "cuda" else 1024)
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
