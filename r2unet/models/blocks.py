@@ -10,6 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Recurrence steps of R2U-Net and Attention R2U-Net unless given: 3, the reference's training default (its main.py
+# --t), which trained the reference checkpoints users bring. (Its network constructors default to 2, as the R2U-Net
+# paper used; pass t=2 / --t 2 for that.)
+DEFAULT_T = 3
+
 
 def _conv_bn_relu(ch_in: int, ch_out: int) -> list[nn.Module]:
     return [
@@ -52,12 +57,11 @@ class RecurrentBlock(nn.Module):
     therefore updated ``t + 1`` times per forward pass in training mode, as in the reference).
     """
 
-    def __init__(self, ch_out: int, t: int = 2):
+    def __init__(self, ch_out: int, t: int = DEFAULT_T):
         super().__init__()
         if t < 1:
             raise ValueError(f"t (recurrence steps) must be >= 1, got {t}")
         self.t = t
-        self.ch_out = ch_out
         self.conv = nn.Sequential(*_conv_bn_relu(ch_out, ch_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +74,7 @@ class RecurrentBlock(nn.Module):
 class RRCNNBlock(nn.Module):
     """Recurrent residual block: 1x1 conv to ``ch_out``, two RecurrentBlocks, and a residual connection."""
 
-    def __init__(self, ch_in: int, ch_out: int, t: int = 2):
+    def __init__(self, ch_in: int, ch_out: int, t: int = DEFAULT_T):
         super().__init__()
         # Registration order (RCNN before Conv_1x1) matches the reference's state_dict order.
         self.RCNN = nn.Sequential(RecurrentBlock(ch_out, t=t), RecurrentBlock(ch_out, t=t))

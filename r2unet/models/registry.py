@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from .blocks import DEFAULT_T
 from .unet import AttU_Net, R2AttU_Net, R2U_Net, U_Net
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -22,7 +23,7 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, img_ch: int = 3, output_ch: int = 1, t: int = 2, base_channels: int = 64
+    name: str, img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64
 ) -> nn.Module:
     """Build a network by its reference name (``U_Net``, ``R2U_Net``, ``AttU_Net``, ``R2AttU_Net``).
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import AttentionGate, ConvBlock, RRCNNBlock, UpConv
+from .blocks import DEFAULT_T, AttentionGate, ConvBlock, RRCNNBlock, UpConv
 
 DEPTH = 5  # encoder stages; the input side must be divisible by 2 ** (DEPTH - 1) = 16
 SIZE_MULTIPLE = 2 ** (DEPTH - 1)
@@ -39,7 +39,7 @@ class UNetFamily(nn.Module):
         *,
         recurrent: bool = False,
         attention: bool = False,
-        t: int = 2,
+        t: int = DEFAULT_T,
         base_channels: int = 64,
     ):
         super().__init__()
@@ -60,8 +60,6 @@ class UNetFamily(nn.Module):
 
         # Registration order defines the state_dict order; it mirrors the reference.
         self.Maxpool = nn.MaxPool2d(kernel_size=2, stride=2)
-        if recurrent:
-            self.Upsample = nn.Upsample(scale_factor=2)  # unused, parameter-free; kept as the reference has it
         ch_in = img_ch
         for name, width in zip(self._enc_names, widths):
             self.add_module(name, stage(ch_in, width))
@@ -100,7 +98,7 @@ def U_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = 64) -> UNetF
     return UNetFamily(img_ch, output_ch, base_channels=base_channels)
 
 
-def R2U_Net(img_ch: int = 3, output_ch: int = 1, t: int = 2, base_channels: int = 64) -> UNetFamily:
+def R2U_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64) -> UNetFamily:
     """Recurrent residual U-Net (https://arxiv.org/abs/1802.06955)."""
     return UNetFamily(img_ch, output_ch, recurrent=True, t=t, base_channels=base_channels)
 
@@ -110,6 +108,6 @@ def AttU_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = 64) -> UN
     return UNetFamily(img_ch, output_ch, attention=True, base_channels=base_channels)
 
 
-def R2AttU_Net(img_ch: int = 3, output_ch: int = 1, t: int = 2, base_channels: int = 64) -> UNetFamily:
+def R2AttU_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64) -> UNetFamily:
     """Recurrent residual U-Net with attention gates."""
     return UNetFamily(img_ch, output_ch, recurrent=True, attention=True, t=t, base_channels=base_channels)
