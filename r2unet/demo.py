@@ -10,6 +10,7 @@ from .data.prepare import prepare_split
 from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from .engine.config import TrainConfig
 from .engine.trainer import fit
+from .fileio import atomic_write_text
 
 MIN_IMAGES = 20
 
@@ -43,5 +44,5 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
     log(f"  checkpoint: {run / 'checkpoints' / 'best.pt'}")
     log(f"  pictures:   {run / 'curves.png'}, {run / 'samples.png'}")
     log(f"  results:    {run / 'results.json'}")
-    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(output / "demo_results.json", json.dumps(results, indent=2))
     return results

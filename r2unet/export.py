@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from .data.augment import MEAN, STD
+from .fileio import atomic_write
 from .models import SIZE_MULTIPLE
 
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
@@ -40,15 +41,11 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     example = torch.randn(1, img_ch, image_size, image_size)
-    tmp = output.with_name(f".{output.name}.tmp")
+    props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch), "r2unet.image_size": image_size,
+             **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}
     try:
-        _export(model, example, tmp)
-        _add_metadata(tmp, {"r2unet.preprocessing": preprocessing_note(image_size, img_ch),
-                            "r2unet.image_size": image_size,
-                            **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}})
-        tmp.replace(output)
-    finally:
-        tmp.unlink(missing_ok=True)
+        atomic_write(output, lambda tmp: (_export(model, example, tmp), _add_metadata(tmp, props)))
+    finally:  # the exporter's side files (external data) next to the temporary file
         for side in output.parent.glob(f".{output.name}.tmp*"):
             side.unlink(missing_ok=True)
     report = {"path": str(output), "opset": OPSET}
@@ -95,3 +92,22 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
                                             "logits": {0: "batch", 2: "height", 3: "width"}})
         except Exception as exc2:  # noqa: BLE001
             raise ExportError(f"ONNX export failed: {exc}; fallback exporter: {exc2}") from None
+
+
+def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overrides: dict | None = None,
+                      image_size: int | None = None, check: bool = True, log=print) -> str:
+    """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime) or, for a ``.safetensors`` output, its
+    weights with the run's settings as metadata. Returns a line saying what was written."""
+    from .engine.checkpoint import save_weights_safetensors
+    from .engine.inference import load_for_inference
+
+    model, cfg = load_for_inference(checkpoint, log=log,
+                                    **{k: v for k, v in (model_overrides or {}).items() if v is not None})
+    if str(output).endswith(".safetensors"):
+        save_weights_safetensors(model, output, cfg.to_dict())
+        return (f"wrote {output} (weights, and the run's settings as metadata: use it as --checkpoint {output}; it "
+                "holds no code and no optimizer state)")
+    report = export_onnx(model, output, image_size=image_size or cfg.image_size, img_ch=cfg.img_ch, check=check,
+                         metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
+                                   "threshold": cfg.threshold}, log=log)
+    return f"wrote {report['path']} (opset {report['opset']})"

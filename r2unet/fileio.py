@@ -10,15 +10,33 @@ from typing import Any
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
-    """``write(tmp)`` writes the whole file to ``tmp``; it then replaces ``path`` in one step."""
+    """``write(tmp)`` writes the whole file to ``tmp``; it is flushed to the disk (fsync) and then replaces ``path``
+    in one step, and the rename is made durable too. Every file r2unet writes goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk; a file system that cannot (some network mounts
+    refuse it for folders) is left as it is."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

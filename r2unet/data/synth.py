@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..fileio import atomic_save_image
+
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
 _ASPECTS = (4 / 3, 3 / 2, 1.0, 3 / 4, 16 / 9)
@@ -99,6 +101,6 @@ def generate_dataset(
         w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
         image, mask = synth_pair(rng, w, h)
         name = f"ISIC_{seed % 100 * 100000 + i:07d}"
-        Image.fromarray(image).save(img_dir / f"{name}.jpg", quality=90)
-        Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / f"{name}_segmentation.png")
+        atomic_save_image(Image.fromarray(image), img_dir / f"{name}.jpg", quality=90)
+        atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), mask_dir / f"{name}_segmentation.png")
     return output

@@ -9,14 +9,27 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..fileio import atomic_write
 from ..messages import first_line
+
+
+class RunFiles:
+    """Files of one run folder (written by rank 0 only)."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.ckpt_dir = self.dir / "checkpoints"
+        self.last = self.ckpt_dir / "last.pt"
+        self.best = self.ckpt_dir / "best.pt"
+        self.metrics = self.dir / "metrics.jsonl"
+        self.results = self.dir / "results.json"
+        self.samples = self.dir / "samples"
 
 FORMAT = "r2unet"
 VERSION = 1
@@ -27,27 +40,16 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_save(obj, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    """``torch.save`` through ``atomic_write``: a crash leaves the previous file or the new one, never half."""
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+
+    try:
+        atomic_write(path, write)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
                               "the previous checkpoint (if any) is unchanged") from None
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -178,14 +180,11 @@ def save_weights_safetensors(model: nn.Module, path: str | Path, config: dict | 
 
     from safetensors.torch import save_file
 
-    path = Path(path)
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    metadata = {"format": FORMAT, "config": json.dumps(config or {})}
     try:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "config": json.dumps(config or {})})
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from None
 
 
