@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from r2unet.bench import bench_data
-from r2unet.data.prepare import pair_files
+from r2unet.data.pairs import pair_files
 
 
 def reference_style_item(image_path: Path, mask_path: Path, image_size: int = 224, p: float = 0.4):

@@ -30,7 +30,7 @@ from PIL import Image
 from ..fileio import atomic_write_text
 from ..progress import track
 from .io import DataError, read_image, read_mask
-from .prepare import checked_pairs, report_problems
+from .pairs import checked_pairs, report_problems
 
 CACHE_VERSION = 1
 
