@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# One prepared script for a lent GPU machine (device tool): GPU tests, training-step benchmarks, data pipeline and a
+# One script for a machine with an H100/H200 GPU: GPU tests, training-step benchmarks, data pipeline and a
 # short fp32-vs-default accuracy comparison. Installs nothing; uses the machine's torch. Most important first; every
 # stage's time limit is cut to what is left of BUDGET seconds, so the script ends (and prints its table) inside one
-# device call, and the summary is rewritten after every stage, so a run cut short still returns what it measured.
-# $OUT gets summary.txt, summary.json and results.tar.gz (all logs/JSON): three files, under the device tool's limit.
-#   run:  bash benchmarks/gpu_check.sh          (BUDGET=540 s by default; give the device call timeout_s ~ 600)
+# 600-second remote call, and the summary is rewritten after every stage, so a run cut short still returns what it measured.
+# $OUT gets summary.txt, summary.json and results.tar.gz (all logs/JSON): three files, few enough to copy back.
+#   run:  bash benchmarks/gpu_check.sh          (BUDGET=540 s by default; allow the call ~600 s)
 #   dry run of the plumbing on a CPU:
 #         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 OTHER_CONFIGS=fp32,default \
 #         PY=.venv/bin/python bash benchmarks/gpu_check.sh
@@ -14,7 +14,7 @@ DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STE
 NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,compile,default}
 PY=${PY:-python3}
 WORK=$(mktemp -d)
-RAW="$WORK/results"  # outside $OUT: the device tool returns few files, so $OUT only gets the three below
+RAW="$WORK/results"  # outside $OUT: only the three files below are copied back
 mkdir -p "$RAW" "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1

@@ -12,6 +12,30 @@ from .data.dataset import DeviceTransform, make_loader, split_cache
 from .engine import runtime
 from .engine.runtime import describe_device, resolve_compile, resolve_device, synchronize
 from .messages import first_line
+from .models import DEFAULT_T
+
+
+def train_report(result: dict) -> str:
+    """``bench train``'s table: every row's img/s, ratio to the baseline and fraction of the FLOP bound."""
+    r = result
+    lines = [f"\n{r['model_type']} t={r['t']} base {r['base_channels']}, {r['image_size']}px, batch {r['batch_size']} "
+             f"on {r['device']} (torch {r['torch']}, {r['threads']} threads): {r['train_gflop_per_image']:.1f} GFLOP "
+             f"per training image; measured {r['peak_dtype']} matmul peak {r['peak_tflops']:.2f} TFLOP/s -> bound "
+             f"{r['flop_bound_img_per_s']:.0f} img/s",
+             f"{'configuration':<58}{'img/s':>9}{'x base':>8}{'of bound':>10}"]
+    for row in r["rows"]:
+        if row["img_per_s"] is None:
+            lines.append(f"{row['config']:<58} failed: {row['error']}")
+        else:
+            lines.append(f"{row['config']:<58}{row['img_per_s']:9.1f}{row['x_baseline']:8.2f}"
+                         f"{100 * row['frac_flop_bound']:9.1f}%")
+    return "\n".join(lines)
+
+
+def data_report(result: dict) -> str:
+    return (f"data pipeline on {result['device']}: {result['img_per_s']:.0f} img/s (batch {result['batch_size']}, "
+            f"{result['image_size']}x{result['image_size']}); cache build {result['cache_build_s']:.2f} s for "
+            f"{result['cached_images']} images")
 
 
 def bench_data(
@@ -25,7 +49,7 @@ def bench_data(
     log=print,
 ) -> dict:
     """Images/s of augmented training batches delivered on ``device`` from the cache (built first, timed apart)."""
-    dev = torch.device(device)
+    dev = resolve_device(device)
     t0 = time.perf_counter()
     cache = split_cache(data_path, "train", image_size, log=log)
     cache_build_s = time.perf_counter() - t0
@@ -79,29 +103,28 @@ def _time_steps(step, device: torch.device, steps: int, warmup: int, on_first_st
 
 def model_step(model_type, t, base_channels, image_size, batch_size, device, *, bf16, channels_last, fused,
                 compile_model, compile_mode="default", cudnn_benchmark=True):
-    """A model-only training step (forward, BCE-with-logits, backward, Adam) on fixed device tensors."""
-    import torch.nn.functional as F
-
+    """A model-only training step on fixed device tensors: ``train``'s own ``loop.train_step`` (forward,
+    BCE-with-logits, backward, Adam), without the data pipeline. With ``fused`` it is train's step exactly (fused
+    Adam skipping non-finite steps on the device); without, the reference's plain ``optimizer.step()``."""
+    from .engine.loop import StepBuffers, train_step
+    from .engine.runtime import Precision, place_model
     from .models import create_model
 
     torch.backends.cudnn.benchmark = cudnn_benchmark  # a global switch: each row sets its own
     torch.manual_seed(0)
-    model = create_model(model_type, t=t, base_channels=base_channels).to(device)
+    model = place_model(create_model(model_type, t=t, base_channels=base_channels), device, channels_last)
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = (torch.rand(batch_size, 1, image_size, image_size, device=device) > 0.5).float()
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=2e-4, betas=(0.5, 0.999), fused=True if fused else None)
     fwd = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile_model else model
+    precision = Precision(torch.bfloat16 if bf16 else None, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    buffers = StepBuffers(device) if fused else None
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = fwd(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(fwd, x, y, precision, scaler, opt, buffers)
 
     return step, model
 
@@ -156,7 +179,7 @@ def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[st
     return ["fp32"] + [n for n in names if n != "fp32"]
 
 
-def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: int = 224, t: int = 2,
+def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: int = 224, t: int = DEFAULT_T,
                 base_channels: int = 64, device: str = "auto", steps: int = 20, warmup: int = 5,
                 compile_model: str = "auto", compile_mode: str = "default", configs: str = "all",
                 data_path: str | Path | None = None, log=print) -> dict:
@@ -232,8 +255,8 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
     from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
     from .engine import distributed as D
     from .engine.config import TrainConfig
+    from .engine.loop import EpochState, build_training, train_one_epoch
     from .engine.runtime import CompileWithFallback, configure_backends, resolve_amp, resolve_channels_last
-    from .engine.trainer import build_training, train_one_epoch
 
     tmp = None
     if data_path is None:
@@ -264,11 +287,11 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
         epoch = 0
         while images < batch_size * steps:
             sampler.set_epoch(epoch)
-            state = {"epoch": epoch, "steps": 0, "images": 0, "loss_sum": 0.0}
+            state = EpochState(epoch)
             train_one_epoch(train_model, loader, transform, optimizer, scaler, precision, cfg, state,
                             channels_last=channels_last)
-            images += state["steady_images"]
-            seconds += state["steady_seconds"]
+            images += state.steady_images
+            seconds += state.steady_seconds
             epoch += 1
         compiled = (", compile" + (f" {compile_mode}" if compile_mode != "default" else "")) if use_compile else ""
         name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}{compiled}, data+aug)"

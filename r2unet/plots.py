@@ -238,3 +238,23 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, lis
     for s in summaries:
         del s["rows"]
     return out, summaries
+
+
+def comparison_table(runs: list[dict]) -> str:
+    """``compare``'s table: per run the epochs, best epoch, validation JS, test JS with its 95 % CI, DC, ACC, img/s."""
+
+    def score(s, key):
+        return f"{s['test'][key]:.4f}" if s["test"] else "-"
+
+    def interval(s, key):
+        return "{:.3f}-{:.3f}".format(*s["test_spread"][key]["ci"]) if s.get("test_spread") else "-"
+
+    width = max(len(s["label"]) for s in runs)
+    lines = [f"{'run':<{width}}  epochs  best  valid JS  test JS  (95% CI)     test DC  test ACC   img/s"]
+    for s in runs:
+        valid = f"{s['best_valid']['JS']:.4f}" if s["best_valid"] else "-"
+        fps = f"{s['fps']:.1f}" if s["fps"] else "-"
+        lines.append(f"{s['label']:<{width}}  {s['epochs']:>6}  {s['best_epoch'] or '-':>4}  {valid:>8}  "
+                     f"{score(s, 'JS'):>7}  {interval(s, 'JS'):<11}  {score(s, 'DC'):>7}  {score(s, 'ACC'):>8}  "
+                     f"{fps:>6}")
+    return "\n".join(lines)

@@ -18,7 +18,7 @@ from PIL import Image
 from .data.augment import eval_images
 from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask
 from .data.io import image_size as image_size_of
-from .data.prepare import mask_stem_for
+from .data.pairs import mask_stem_for
 from .fileio import atomic_save_image
 from .plots import overlay
 from .progress import track
@@ -272,3 +272,25 @@ class PartialPrediction(DataError):
         listing = "\n  ".join(failed)
         super().__init__(f"{len(failed)} image(s) could not be read and were skipped ({len(written)} mask(s) "
                          f"written):\n  {listing}")
+
+
+def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
+                       model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
+                       image_size: int | None = None, threshold: float | None = None, log=print,
+                       **options) -> list[Path]:
+    """``r2unet predict``: load ``checkpoint`` and run ``run_predict`` on the device, in the precision and at the
+    size and threshold the checkpoint was trained with unless given. ``options``: ``run_predict``'s."""
+    from .engine.inference import load_for_inference, ready_for_inference
+    from .engine.runtime import resolve_device
+
+    model, cfg = load_for_inference(checkpoint, log=log,
+                                    **{k: v for k, v in (model_overrides or {}).items() if v is not None})
+    cfg.device, cfg.amp = device, amp or cfg.amp
+    cfg.validate()
+    dev = resolve_device(cfg.device, cfg.device_index)
+    model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
+    with torch.inference_mode():
+        return run_predict(model, input_path, output, image_size or cfg.image_size, dev,
+                           threshold=threshold if threshold is not None else cfg.threshold,
+                           autocast=precision.autocast, channels_last=channels_last, img_ch=cfg.img_ch, log=log,
+                           **options)

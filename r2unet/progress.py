@@ -39,3 +39,68 @@ def duration(seconds: float) -> str:
     if s < 3600:
         return f"{s // 60}m{s % 60:02d}s"
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+# ------------------------------------------------------------------------------------------------ training
+def around_bars(log, bar):
+    """``log`` that clears the progress bars (stderr) while it prints, so a message never lands inside a bar's line."""
+    if bar is None:
+        return log
+    from tqdm import tqdm
+
+    def write(*args, **kwargs):
+        with tqdm.external_write_mode(file=sys.stderr):
+            log(*args, **kwargs)
+
+    return write
+
+
+class EpochLines:
+    """Progress inside an epoch without a terminal: at log points, one line at most every
+    ``LOG_INTERVAL_S`` (the interval of every other long loop's lines)."""
+
+    def __init__(self, log, epoch: int, num_epochs: int, total_steps: int, first_step: int, images_per_step: int):
+        self.log, self.epoch, self.num_epochs, self.total = log, epoch, num_epochs, total_steps
+        self.first, self.images_per_step = first_step, images_per_step
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, state, loss: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < LOG_INTERVAL_S:
+            return
+        self.last = now
+        done = state.steps - self.first
+        rate = done * self.images_per_step / max(now - self.start, 1e-9)
+        left = (self.total - state.steps) * (now - self.start) / max(done, 1)
+        self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}  step {state.steps}/{self.total}  loss {loss:.4f}  "
+                 f"{rate:.1f} img/s  epoch ends in {duration(left)}")
+
+
+def training_bar(is_main: bool, total: int, images_per_batch: int):
+    """A tqdm bar counting batches but showing images and img/s (the whole job's), on a terminal of the process
+    that prints (None elsewhere)."""
+    if not is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", unit_scale=images_per_batch, dynamic_ncols=True, leave=False)
+
+
+def log_epoch(log, row: dict, num_epochs: int, eta_s: float = 0.0) -> None:
+    msg = (f"epoch {row['epoch']}/{num_epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
+           f"{row['train_img_per_s']:.1f} img/s")
+    if row.get("valid"):
+        v = row["valid"]
+        msg += f"  valid JS {v['JS']:.4f} DC {v['DC']:.4f} ACC {v['ACC']:.4f}" + ("  (best)" if row.get("best") else "")
+    if row["epoch"] < num_epochs:
+        msg += f"  ETA {duration(eta_s)}"
+    log(msg)
+
+
+def tensorboard_row(writer, row: dict) -> None:
+    step = row["epoch"]
+    writer.add_scalar("train/loss", row["train_loss"], step)
+    writer.add_scalar("train/lr", row["lr"], step)
+    writer.add_scalar("train/img_per_s", row["train_img_per_s"], step)
+    for k, v in (row.get("valid") or {}).items():
+        writer.add_scalar(f"valid/{k}", v, step)

@@ -7,7 +7,7 @@ import torch
 
 from r2unet.cli import main
 from r2unet.engine.config import TrainConfig
-from r2unet.engine.trainer import lr_factor
+from r2unet.engine.loop import lr_factor
 
 TINY = ["--model_type", "R2U_Net", "--t", "1", "--base_channels", "4", "--image_size", "32", "--batch_size", "4",
         "--num_workers", "0", "--device", "cpu", "--seed", "3", "--num_epochs_decay", "1", "--log_every", "1"]
@@ -316,7 +316,8 @@ def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, m
 
 def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):
     from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
-    from r2unet.engine.trainer import Precision, evaluate
+    from r2unet.engine.loop import evaluate
+    from r2unet.engine.runtime import Precision
     from r2unet.models import create_model
 
     torch.manual_seed(0)
@@ -435,7 +436,8 @@ def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expect
     carries compilation and start-up) instead of falling back to timing the whole epoch."""
     from r2unet.data.augment import AugmentConfig
     from r2unet.data.dataset import DeviceTransform
-    from r2unet.engine.trainer import Precision, build_training, train_one_epoch
+    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.runtime import Precision
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, warmup_steps=5,
                       device="cpu", amp="off", log_every=100)
@@ -446,11 +448,11 @@ def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expect
     loader = [{"images": torch.randint(0, 255, (2, 48, 48, 3), dtype=torch.uint8, generator=g),
                "masks": torch.randint(0, 2, (2, 48, 48), dtype=torch.uint8, generator=g),
                "aspect": torch.ones(2)} for _ in range(batches)]
-    state = {"epoch": 0, "steps": 0, "images": 0, "loss_sum": 0.0}
+    state = EpochState(0)
     train_one_epoch(model, loader, DeviceTransform(32, device, AugmentConfig()), optimizer, scaler, precision, cfg,
                     state)
-    assert state["steps"] == batches and state["steady_images"] == 2 * expected_steady
-    assert state["steady_seconds"] > 0
+    assert state.steps == batches and state.steady_images == 2 * expected_steady
+    assert state.steady_seconds > 0
 
 
 def test_demo_runs_the_whole_pipeline_and_refuses_to_overwrite(tmp_path, capsys):
@@ -511,3 +513,34 @@ def test_toml_configs_on_a_python_without_tomllib_say_what_to_install(tmp_path, 
     monkeypatch.setitem(sys.modules, "tomli", None)
     with pytest.raises(ConfigError, match="needs Python >= 3.11 or 'pip install tomli'"):
         read_config_file(tmp_path / "c.toml")
+
+
+def test_every_train_flag_comes_from_a_setting_and_shows_its_default():
+    """One source of truth: each TrainConfig field is a train flag (with the field's choices), and --help gives
+    every flag's default."""
+    import dataclasses
+
+    from r2unet.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    flags = {a.dest: a for a in train._actions if a.option_strings and a.dest != "help"}
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name != "extra"]
+    assert {f.name for f in fields} <= set(flags)
+    for f in fields:
+        assert (flags[f.name].choices and list(flags[f.name].choices)) == (f.metadata["choices"] and
+                                                                          list(f.metadata["choices"])), f.name
+    missing = [a.option_strings[0] for a in flags.values() if "default" not in (a.help or "")]
+    assert not missing, missing
+    text = train.format_help()
+    assert "--npu_idx" in text and "--loss_scale_value" in text and "(default: 0.0002)" in text
+
+
+def test_a_checkpoint_written_mid_epoch_carries_the_loss_still_on_the_device():
+    from r2unet.engine.loop import EpochState
+
+    state = EpochState(epoch=2, steps=5, images=10, loss_sum=1.5)
+    state.loss_device = torch.tensor(0.25, dtype=torch.float64)
+    assert state.carried() == {"epoch_state": {"images": 10, "loss_sum": 1.75}}
+    state.loss_device = None
+    assert state.carried()["epoch_state"]["loss_sum"] == 1.5

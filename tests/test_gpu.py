@@ -38,7 +38,8 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
     from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
     from r2unet.engine import distributed as D
     from r2unet.engine.config import TrainConfig
-    from r2unet.engine.trainer import Precision, build_training, train_one_epoch
+    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.runtime import Precision
 
     device = torch.device("cuda")
     n = 6
@@ -54,19 +55,19 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
     checked = []
 
     def watch(state):  # steps 2..n run entirely under the debug mode (step 1 warms up allocators and cuDNN)
-        if state["steps"] == 1:
+        if state.steps == 1:
             torch.cuda.set_sync_debug_mode("error")
-        elif state["steps"] == n:
+        elif state.steps == n:
             torch.cuda.set_sync_debug_mode("default")
             checked.append(n - 1)
 
     try:
-        state = {"epoch": 0, "steps": 0, "images": 0, "loss_sum": 0.0}
+        state = EpochState(0)
         train_one_epoch(model, loader, transform, optimizer, scaler, precision, cfg, state, on_step=watch,
                         channels_last=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert checked == [n - 1] and state["steps"] == n
+    assert checked == [n - 1] and state.steps == n
     # the debug mode does catch a synchronisation (so the check above could fail)
     torch.cuda.set_sync_debug_mode("error")
     try:

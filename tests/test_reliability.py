@@ -102,12 +102,12 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monkeypatch):
-    from r2unet.engine import trainer
+    from r2unet.engine import loop, trainer
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=3,
                       num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"), log_every=1, max_nonfinite_steps=3)
-    real_loss = trainer.bce_dice_loss
+    real_loss = loop.bce_dice_loss
     calls = {"n": 0}
 
     def loss_goes_nan_in_epoch_2(logits, target, dice):
@@ -116,7 +116,7 @@ def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monk
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss
 
     steps_per_epoch = 14 // 2  # 14 training images of the shared fixture, batch 2
-    monkeypatch.setattr(trainer, "bce_dice_loss", loss_goes_nan_in_epoch_2)
+    monkeypatch.setattr(loop, "bce_dice_loss", loss_goes_nan_in_epoch_2)
     with pytest.raises(trainer.TrainingError, match=r"epoch 2, step 3"):
         trainer.fit(cfg, log=lambda *_: None)
     last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -125,12 +125,12 @@ def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monk
 
 
 def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatch):
-    from r2unet.engine import trainer
+    from r2unet.engine import loop, trainer
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=1,
                       num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"), log_every=1, amp="off")
-    real_loss = trainer.bce_dice_loss
+    real_loss = loop.bce_dice_loss
     calls = {"n": 0}
 
     def one_nan(logits, target, dice):
@@ -138,7 +138,7 @@ def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatc
         loss = real_loss(logits, target, dice)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(trainer, "bce_dice_loss", one_nan)
+    monkeypatch.setattr(loop, "bce_dice_loss", one_nan)
     results = trainer.fit(cfg, log=lambda *_: None)
     assert results["test"] is not None and all(v == v for v in results["test"].values())
     last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -147,7 +147,7 @@ def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatc
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_nonfinite_gradient_skips_the_whole_optimizer_step(fused):
-    from r2unet.engine.trainer import skip_nonfinite_step
+    from r2unet.engine.runtime import skip_nonfinite_step
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))

@@ -7,66 +7,89 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..models import SIZE_MULTIPLE, list_models
+from ..models import DEFAULT_T, SIZE_MULTIPLE, list_models
 
 # torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
     """An invalid setting; the message names the flag."""
 
 
+def setting(default, help: str, *, choices=None, seed: bool = False, flag: str | None = None):
+    """A TrainConfig field and its ``train`` flag: ``help`` (the default is added to it), ``choices``, ``seed``: one
+    of the reference's own flags (listed first in --help), ``flag``: the flag's name where it is not the field's."""
+    return field(default=default, metadata={"help": help, "choices": choices, "seed": seed, "flag": flag})
+
+
+AMP_HELP = ("mixed precision: auto is bf16 on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), float32 on "
+            "other CPUs, where bf16 is emulated and slow")
+
+
 @dataclass
 class TrainConfig:
+    """Every setting of a training run. Each field is a ``train`` flag of the same name (``setting``'s metadata)."""
+
     # model (the reference's flags)
-    model_type: str = "R2U_Net"
-    t: int = 3  # the reference's default recurrence steps
-    img_ch: int = 3
-    output_ch: int = 1
-    base_channels: int = 64
-    image_size: int = 224
+    model_type: str = setting("R2U_Net", "network", choices=tuple(list_models()), seed=True)
+    t: int = setting(DEFAULT_T, "recurrence steps of R2U_Net / R2AttU_Net; 3 is the reference's training default",
+                     seed=True)
+    image_size: int = setting(224, "square training size, a multiple of 16", seed=True)
+    img_ch: int = setting(3, "input channels: 3 (RGB) or 1 (grayscale)", seed=True)
+    output_ch: int = setting(1, "output channels", seed=True)
+    base_channels: int = setting(64, "width of the first stage (the reference's networks: 64)")
     # optimisation (the reference's defaults: Adam lr 2e-4, betas 0.5/0.999, linear decay over the last epochs)
-    num_epochs: int = 100
-    num_epochs_decay: int = 70
-    batch_size: int = 16  # per process
-    global_batch_size: int | None = None  # alternative to batch_size: divided by the number of processes
-    scale_lr: bool = False  # linear scaling rule: lr x (global batch / lr_batch_size) e.g. 8p: 8 x 2e-4 = 0.0016
-    lr_batch_size: int | None = None  # the batch --lr was tuned for (default: batch_size, i.e. lr x processes)
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    loss: str = "bce"  # bce | dice_bce
-    augmentation_prob: float = 0.4
+    num_epochs: int = setting(100, "epochs", seed=True)
+    num_epochs_decay: int = setting(70, "epochs of linear LR decay at the end (at most --num_epochs; when not "
+                                        "given and longer than a short run, the whole run)", seed=True)
+    batch_size: int = setting(16, "per process", seed=True)
+    global_batch_size: int | None = setting(None, "alternative to --batch_size: divided among the processes")
+    scale_lr: bool = setting(False, "linear scaling rule: multiply --lr by the global batch / --lr_batch_size, i.e. "
+                                    "by the number of processes by default (the 8p recipe: 8 x 2e-4 = 0.0016)")
+    lr_batch_size: int | None = setting(None, "with --scale_lr: the batch size --lr was tuned for (None: "
+                                              "--batch_size); --batch_size 64 --lr_batch_size 16 --scale_lr trains "
+                                              "one GPU at 4 x --lr")
+    lr: float = setting(2e-4, "Adam learning rate", seed=True)
+    beta1: float = setting(0.5, "Adam beta1", seed=True)
+    beta2: float = setting(0.999, "Adam beta2", seed=True)
+    loss: str = setting("bce", "bce, or dice_bce (BCE + soft Dice)", choices=("bce", "dice_bce"))
+    augmentation_prob: float = setting(0.4, "probability of each augmentation", seed=True)
     # data
-    data_path: str = "./dataset"
-    cache_dir: str | None = None
-    num_workers: int = 2
-    skip_bad: bool = False
+    data_path: str = setting("./dataset", "prepared dataset: train/ train_GT/ valid/ valid_GT/ test/ test_GT/",
+                             seed=True)
+    cache_dir: str | None = setting(None, "where the decode-once cache lives (None: DATA_PATH/.r2unet_cache)")
+    num_workers: int = setting(2, "data loader processes", seed=True)
+    skip_bad: bool = setting(False, "list and skip bad files instead of stopping")
     # run
-    output_dir: str = "runs/r2unet"
-    seed: int = 12345
-    device: str = "auto"  # auto | cuda | cpu (| cuda:N)
-    device_index: int | None = None  # the seed's --npu_idx
-    amp: str = "auto"  # auto | off | fp16 | bf16
-    loss_scale: str = "dynamic"  # initial GradScaler scale for fp16: a number or "dynamic"
-    compile: str = "auto"  # auto | on | off
-    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune...
-    channels_last: str = "auto"  # auto | on | off
-    sync_bn: bool = False
-    dist_timeout_s: float = 600.0  # bound on every collective: a dead rank makes the others fail, not hang
-    deterministic: bool = False
-    detect_anomaly: bool = False
-    max_nonfinite_steps: int = 20  # consecutive non-finite losses before training stops
-    warmup_steps: int = 5  # steps per epoch excluded from the FPS measurement
-    max_steps_per_epoch: int | None = None  # for performance runs
-    eval_every: int = 1
-    sample_every: int = 5  # epochs between sample grids
-    save_every_steps: int = 0  # also write last.pt every N steps inside an epoch (0: only at epoch ends)
-    log_every: int = 10
-    tensorboard: bool = False
-    threshold: float = 0.5
-    resume: bool = False
+    output_dir: str = setting("runs/r2unet", "run folder")
+    seed: int = setting(12345, "random seed", seed=True)
+    device: str = setting("auto", "auto | cuda | cpu | cuda:N")
+    device_index: int | None = setting(None, "GPU index (the reference's flag; alias of cuda:N)", seed=True,
+                                       flag="npu_idx")
+    amp: str = setting("auto", AMP_HELP, choices=AMP_CHOICES)
+    loss_scale: str = setting("dynamic", "initial fp16 loss scale, a number or 'dynamic'", seed=True,
+                              flag="loss_scale_value")
+    compile: str = setting("auto", "torch.compile (auto: on for CUDA)", choices=("auto", "on", "off"))
+    compile_mode: str = setting("default", "torch.compile mode (reduce-overhead adds CUDA graphs)",
+                                choices=COMPILE_MODES)
+    channels_last: str = setting("auto", "memory format (auto: on for CUDA, and on CPUs with native bf16 from "
+                                         "--base_channels 16)", choices=("auto", "on", "off"))
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes")
+    dist_timeout_s: float = setting(600.0, "seconds before a collective waiting on a dead process fails")
+    deterministic: bool = setting(False, "bit-identical CPU runs (see README for GPUs)")
+    detect_anomaly: bool = setting(False, "autograd anomaly detection (slow; debugging)")
+    max_nonfinite_steps: int = setting(20, "consecutive NaN/Inf losses before training stops")
+    warmup_steps: int = setting(5, "steps per epoch left out of the FPS")
+    max_steps_per_epoch: int | None = setting(None, "cap on steps per epoch (performance runs; None: no cap)")
+    eval_every: int = setting(1, "epochs between validations")
+    sample_every: int = setting(5, "epochs between sample grids")
+    save_every_steps: int = setting(0, "also write last.pt every N steps inside an epoch (0: at epoch ends only)")
+    log_every: int = setting(10, "steps between host syncs for logging and NaN checks")
+    tensorboard: bool = setting(False, "also log to OUTPUT_DIR/tensorboard")
+    threshold: float = setting(0.5, "probability threshold of the metrics")
+    resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
     extra: dict = field(default_factory=dict)  # unknown keys of older configs, kept for the record
 
     def validate(self) -> TrainConfig:
@@ -103,10 +126,9 @@ class TrainConfig:
             bad("augmentation_prob", f"must be in [0, 1], got {self.augmentation_prob}")
         if not 0 < self.threshold < 1:
             bad("threshold", f"must be in (0, 1), got {self.threshold}")
-        for name, choices in (("amp", ("auto", "off", "fp16", "bf16")), ("compile", ("auto", "on", "off")),
-                              ("compile_mode", COMPILE_MODES),
-                              ("channels_last", ("auto", "on", "off")), ("loss", ("bce", "dice_bce"))):
-            if getattr(self, name) not in choices:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices and f.name != "model_type":
                 bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
@@ -139,7 +161,9 @@ class TrainConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from ..fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -194,3 +218,89 @@ def _typed(name: str, value, type_name: str, path: Path):
         raise ConfigError(f"--config: {name} in {path} must be {kind}"
                           + (" (or null)" if optional else "") + f", got {value!r}")
     return float(value) if base == "float" else str(value) if base == "str" else value
+
+
+# ----------------------------------------------------------------------------------------------- the train flags
+# The reference's flags that are not settings themselves: --apex and its level map onto --amp, --world-size is
+# checked against torchrun's process count, --config names a file of settings.
+EXTRA_FLAGS = {
+    "config": dict(help="YAML/TOML/JSON file of settings (keys are the flag names); flags given override it "
+                        "(default: none)"),
+    "apex": dict(type=int, choices=[0, 1], seed=True,
+                 help="1: mixed precision (fp16 with O1/O2 on GPUs; on CPUs bf16 where native, else float32) "
+                      "(default: not given, --amp decides)"),
+    "apex_opt_level": dict(choices=["O0", "O1", "O2"], seed=True, names=("--apex-opt-level", "--apex_opt_level"),
+                           help="O1/O2 with --apex 1: mixed precision; O0: float32 (default: O1)"),
+    "world_size": dict(type=int, seed=True, names=("--world-size", "--world_size"),
+                       help="number of processes; launch them with torchrun (default: the processes torchrun "
+                            "started)"),
+}
+_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_train_flags(parser) -> None:
+    """One flag per TrainConfig field (help, choices and default from the field), the reference's first, then the
+    reference's non-setting flags (EXTRA_FLAGS). Flags not given stay out of the parsed namespace
+    (``argparse.SUPPRESS``), so ``train_settings`` sees what the user typed."""
+    import argparse
+
+    groups = {True: parser.add_argument_group("the reference's flags"), False: parser.add_argument_group("r2unet")}
+    for f in dataclasses.fields(TrainConfig):
+        if "help" not in f.metadata:
+            continue
+        name = f.metadata["flag"] or f.name
+        base = f.type.replace("| None", "").strip()
+        shown = "None" if f.default is None else f.default
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        if base != "bool" and not f.metadata["choices"]:
+            kwargs["metavar"] = name.upper()
+        if base == "bool":
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = _TYPES[base]
+            if f.metadata["choices"]:
+                kwargs["choices"] = list(f.metadata["choices"])
+        groups[f.metadata["seed"]].add_argument(f"--{name}", **kwargs)
+    for dest, spec in EXTRA_FLAGS.items():
+        spec = dict(spec)
+        names, seed = spec.pop("names", (f"--{dest}",)), spec.pop("seed", False)
+        groups[seed].add_argument(*names, dest=dest, default=argparse.SUPPRESS, **spec)
+
+
+def train_settings(given: dict, log=print) -> TrainConfig:
+    """The run's settings from the flags ``given`` on the command line: defaults < the ``--config`` file < on
+    ``--resume``, the settings the run was started with (its last.pt) < the flags given. The reference's ``--apex``
+    maps onto ``--amp`` (unless --amp is given), ``--world-size`` must match the processes torchrun started, and a
+    default decay longer than a short run becomes the whole run (said in a line)."""
+    import os
+
+    given = dict(given)
+    values: dict = {}
+    if "config" in given:
+        values.update(read_config_file(given.pop("config")))
+    apex, level = given.pop("apex", None), given.pop("apex_opt_level", "O1")
+    if "amp" not in given and apex is not None:
+        given["amp"] = "fp16" if apex and level in ("O1", "O2") else "off"
+    if "loss_scale" in given:
+        given["loss_scale"] = str(given["loss_scale"])
+    world = given.pop("world_size", None)
+    if world is not None and world > 1 and int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise ConfigError(f"--world-size {world}: launch the processes with torchrun, e.g. "
+                          f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
+    resume = given.get("resume", values.get("resume", False))
+    if resume:
+        last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
+            "last.pt"
+        if last.exists():
+            from .checkpoint import load_file
+
+            values.update({k: v for k, v in load_file(last)["config"].items() if k != "extra"})
+    values.update(given)
+    values["resume"] = bool(resume)
+    epochs = values.get("num_epochs", TrainConfig.num_epochs)
+    decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
+    if "num_epochs_decay" not in values and decay > epochs:
+        values["num_epochs_decay"] = epochs
+        log(f"note: --num_epochs_decay defaults to {decay} > --num_epochs {epochs}; decaying over all {epochs} "
+            "epochs")
+    return TrainConfig.from_dict(values).validate()

@@ -7,6 +7,7 @@ did.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -14,13 +15,22 @@ import torch
 from torch import nn
 
 from ..data.dataset import DeviceTransform, make_loader, split_cache
+from ..data.pairs import SPLITS
 from ..fileio import atomic_write_text
 from ..metrics import Accumulators, MetricAccumulator, per_image_spread
 from ..models import RECURRENT, list_models
-from .checkpoint import CheckpointError, infer_architecture, is_r2unet_checkpoint, load_file, load_weights, model_state
-from .config import ConfigError, TrainConfig
+from .checkpoint import (
+    CheckpointError,
+    RunFiles,
+    infer_architecture,
+    is_r2unet_checkpoint,
+    load_file,
+    load_weights,
+    model_state,
+)
+from .config import AMP_CHOICES, ConfigError, TrainConfig
+from .loop import build_model, draw_samples, evaluate
 from .runtime import Precision, place_model, resolve_amp, resolve_channels_last, resolve_device
-from .trainer import RunFiles, build_model, draw_samples, evaluate
 
 
 def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
@@ -61,6 +71,47 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
     model = build_model(cfg)
     load_weights(model, model_state(obj), str(checkpoint))
     return model.eval(), cfg
+
+
+def probability(text: str) -> float:
+    """argparse type of a --threshold: a probability strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (--batch_size)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
+    """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
+    overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+    p.add_argument("--model_type", choices=list_models(), default=None,
+                   help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
+    p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
+                   "record them (default: the reference's training default, 3); overrides the checkpoint's")
+    p.add_argument("--base_channels", type=int, default=None, help="overrides the checkpoint's (a bare "
+                   "state_dict's is read from its weights)")
+    p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
+    if batch_size is None:
+        return
+    p.add_argument("--batch_size", type=positive_int, default=batch_size)
+    p.add_argument("--threshold", type=probability, default=None, help="default: the checkpoint's (0.5)")
+    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
+                   help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
+                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
+                        "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
+                        "uses it); off: float32")
 
 
 RESOLUTIONS = ("training", "original")
@@ -111,7 +162,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     decode-once cache lives (default ``data_path/.r2unet_cache``). ``thresholds``: also score the split at each of
     these thresholds (same forward passes) under ``"threshold_sweep"``, and name the one with the best mean JS
     (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``."""
-    if split not in ("train", "valid", "test"):
+    if split not in SPLITS:
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
         raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
@@ -130,19 +181,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     if sweep and split == "test":
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
     fed = Accumulators(acc, *sweep) if sweep else acc
+    cache = None
     if resolution == "original":
-        from ..data.prepare import checked_pairs, report_problems
-        from ..predict import score_at_original_resolution
-
-        image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
-        if not image_dir.is_dir():
-            raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
-        pairs, problems, _ = checked_pairs(image_dir, mask_dir)
-        report_problems(problems, skip_bad=False, log=log)
-        names = [p.image.name for p in pairs]
-        score_at_original_resolution(model, pairs, cfg.image_size, dev, fed, batch_size=batch_size, tta=tta,
-                                     img_ch=cfg.img_ch, autocast=precision.autocast, channels_last=channels_last,
-                                     log=log)
+        names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
+                                        accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
+                                        channels_last=channels_last, log=log)
     else:
         cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
         names = cache.names
@@ -160,31 +203,56 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         out["threshold_sweep"] = [{"threshold": a.threshold, **a.compute("image")} for a in sweep]
         out["best_threshold"] = max(out["threshold_sweep"], key=lambda r: r["JS"])["threshold"]
     if per_image_csv is not None:
-        import csv
-        import io
-
-        scores = acc.per_image()
-        text = io.StringIO()
-        writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
-        writer.writerow(["image", *scores])
-        writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(names))
-        atomic_write_text(per_image_csv, text.getvalue())
-        order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
-        out["per_image_csv"] = str(per_image_csv)
-        out["worst"] = [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]
-        # ...and a picture of them: seeing the failures beats reading their names
-        if resolution == "original":  # the picture is drawn at the network's size, from the cache
-            cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
-        row_of = {name: i for i, name in enumerate(cache.names)}
-        picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
-        draw_samples(scored, cache, [row_of[names[i]] for i in order],
-                     DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision, cfg, picture,
-                     f"lowest JS on the {split} split" + (" (scored at each image's size, drawn at the network's)"
-                                                          if resolution == "original" else "")
-                     + "\ngreen: prediction, blue: ground truth",
-                     [f"{names[i]}  JS {scores['JS'][i]:.3f}" for i in order])
-        out["worst_picture"] = str(picture)
+        out.update(_per_image_report(acc.per_image(), names, per_image_csv, split, resolution, log=log,
+                                     draw=lambda cache, rows, picture, title, row_titles: draw_samples(
+                                         scored, cache, rows, DeviceTransform(cfg.image_size, dev, None,
+                                                                              img_ch=cfg.img_ch),
+                                         precision, cfg.threshold, picture, title, row_titles),
+                                     open_cache=lambda: cache if cache is not None else split_cache(
+                                         data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)))
     return out
+
+
+def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, accumulator, batch_size: int,
+                            tta: bool, precision: Precision, channels_last: bool, log) -> list[str]:
+    """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
+    from ..data.pairs import checked_pairs, report_problems
+    from ..predict import score_at_original_resolution
+
+    image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
+    if not image_dir.is_dir():
+        raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
+    pairs, problems, _ = checked_pairs(image_dir, mask_dir)
+    report_problems(problems, skip_bad=False, log=log)
+    score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, accumulator, batch_size=batch_size,
+                                 tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
+                                 channels_last=channels_last, log=log)
+    return [p.image.name for p in pairs]
+
+
+def _per_image_report(scores: dict, names: list[str], per_image_csv, split: str, resolution: str, log, draw,
+                      open_cache) -> dict:
+    """Every image's scores to ``per_image_csv`` (in the split's order); the five lowest-JS images named and drawn
+    in ``<csv stem>_worst.png`` (seeing the failures beats reading their names)."""
+    import csv
+    import io
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
+    writer.writerow(["image", *scores])
+    writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(names))
+    atomic_write_text(per_image_csv, text.getvalue())
+    order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
+    cache = open_cache()  # the picture is drawn at the network's size, from the cache
+    row_of = {name: i for i, name in enumerate(cache.names)}
+    picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
+    draw(cache, [row_of[names[i]] for i in order], picture,
+         f"lowest JS on the {split} split" + (" (scored at each image's size, drawn at the network's)"
+                                              if resolution == "original" else "")
+         + "\ngreen: prediction, blue: ground truth",
+         [f"{names[i]}  JS {scores['JS'][i]:.3f}" for i in order])
+    return {"per_image_csv": str(per_image_csv), "worst_picture": str(picture),
+            "worst": [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]}
 
 
 def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
@@ -204,8 +272,38 @@ def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path 
         return None
     best = load_file(run.best)
     return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
-                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev), cfg,
-                        run.dir / "samples.png", f"best checkpoint (epoch {best.get('best_epoch', '?')})")
+                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev),
+                        cfg.threshold, run.dir / "samples.png",
+                        f"best checkpoint (epoch {best.get('best_epoch', '?')})")
 
 
-__all__ = ["FlipAveraged", "evaluate_checkpoint", "load_for_inference", "ready_for_inference", "redraw_samples"]
+def evaluation_report(metrics: dict, split: str, resolution: str, tta: bool) -> str:
+    """``evaluate``'s printout: each metric's per-image mean, sd, 95 % CI and pooled value; the threshold sweep;
+    where the per-image scores and the worst images are."""
+    where = "at each image's original resolution" if resolution == "original" else "at the network's size"
+    lines = [f"{split} split, {metrics['num_images']} images {where}{', flip TTA' if tta else ''}; per-image scores, "
+             "and pooled over all pixels:"]
+    spread = metrics.get("spread", {})
+    if spread:
+        lines.append(f"  {'':<15}{'mean':>6}  {'sd':>6}  {'95% CI of the mean':>18}  pooled")
+    for k in ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"):
+        line = f"  {k:<15}{metrics[k]:.4f}"
+        if k in spread:
+            lo, hi = spread[k]["ci"]
+            line += f"  {spread[k]['sd']:.4f}  {lo:>8.4f} - {hi:.4f}"
+        if "pooled" in metrics and k in metrics["pooled"]:
+            line += f"  {metrics['pooled'][k]:.4f}"
+        lines.append(line)
+    if metrics.get("threshold_sweep"):
+        lines += [f"\nthreshold sweep on the {split} split (per-image means):",
+                  f"  {'threshold':>9}  {'JS':>6}  {'DC':>6}  {'JS_thr':>6}  {'ACC':>6}"]
+        for row in metrics["threshold_sweep"]:
+            best = "  <- best JS" if row["threshold"] == metrics["best_threshold"] else ""
+            lines.append(f"  {row['threshold']:>9g}  {row['JS']:.4f}  {row['DC']:.4f}  {row['JS_thresholded']:.4f}  "
+                         f"{row['ACC']:.4f}{best}")
+        lines.append(f"use it with --threshold {metrics['best_threshold']:g} (evaluate on the test split, predict)")
+    if metrics.get("worst"):
+        lines.append(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
+                     + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"])
+                     + f"; pictured in {metrics['worst_picture']}")
+    return "\n".join(lines)

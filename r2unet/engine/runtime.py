@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..messages import first_line
-from .config import ConfigError
+from .config import AMP_CHOICES, ConfigError
 
 
 # ------------------------------------------------------------------------------------------------------------ device
@@ -135,9 +135,6 @@ class Precision:
     @property
     def name(self) -> str:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
-
-AMP_CHOICES = ("auto", "off", "fp16", "bf16")
 
 
 def resolve_amp(amp: str, device: torch.device) -> tuple[Precision, str | None]:

@@ -1,0 +1,286 @@
+"""The loops of training and scoring: one training step, one epoch, one pass of evaluation, a sample grid.
+
+``train`` (``trainer.py``), ``bench train`` and ``evaluate`` run these same functions. Loss, metric counts and the
+non-finite checks stay on the device between log points.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import plots
+from ..data.augment import MEAN, STD
+from ..metrics import MetricAccumulator
+from ..models import create_model
+from . import distributed as D
+from .config import TrainConfig
+from .runtime import CompileWithFallback, Precision, place_model, skip_nonfinite_step, synchronize
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says where and what was kept."""
+
+
+# ------------------------------------------------------------------------------------------------- model and step
+def build_model(cfg: TrainConfig) -> nn.Module:
+    return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=cfg.output_ch, t=cfg.t,
+                        base_channels=cfg.base_channels)
+
+
+def build_training(cfg: TrainConfig, device: torch.device, precision: Precision, lr: float, channels_last: bool,
+                   sync_bn: bool = False):
+    """The model on its device, the optimiser and the loss scaler, as ``train`` uses them (and ``bench train``)."""
+    model = build_model(cfg)
+    if sync_bn:
+        model = D.convert_sync_batchnorm(model, device.type)
+    place_model(model, device, channels_last)
+    # Fused Adam: one kernel for all parameters (CUDA and CPU); same arithmetic as the reference's Adam.
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(cfg.beta1, cfg.beta2), fused=True)
+    init_scale = 2.0**16 if cfg.loss_scale == "dynamic" else float(cfg.loss_scale)
+    scaler = torch.amp.GradScaler(device.type, init_scale=init_scale, enabled=precision.dtype == torch.float16)
+    return model, optimizer, scaler
+
+
+def lr_factor(epoch: int, cfg: TrainConfig) -> float:
+    """The reference's schedule: constant, then linear decay over the last ``num_epochs_decay`` epochs (by
+    lr / num_epochs_decay after each of them). ``epoch`` is 0-based; the value applies during that epoch."""
+    if cfg.num_epochs_decay == 0:
+        return 1.0
+    done_decay = max(0, epoch - (cfg.num_epochs - cfg.num_epochs_decay))
+    return max(0.0, 1.0 - done_decay / cfg.num_epochs_decay)
+
+
+def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
+    loss = F.binary_cross_entropy_with_logits(logits.float(), target)
+    if dice:
+        probs = torch.sigmoid(logits.float()).flatten(1)
+        t = target.flatten(1)
+        loss = loss + (1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)).mean()
+    return loss
+
+
+class StepBuffers:
+    """Device scalars a step reuses instead of making them every step: the non-finite flag and the unit scale of
+    the finiteness check."""
+
+    def __init__(self, device: torch.device):
+        self.found_inf = torch.zeros((), dtype=torch.float32, device=device)
+        self.unit_scale = torch.ones((), dtype=torch.float32, device=device)
+
+
+def train_step(model, x, y, precision: Precision, scaler, optimizer, buffers: StepBuffers | None,
+               dice: bool = False):
+    """One optimisation step: forward, loss, backward, and the optimiser's update unless a gradient is non-finite
+    (fp16: the GradScaler decides; otherwise a fused check on the device). Returns the logits, the loss and a
+    device bool: the step was taken with a finite loss. No host synchronisation. ``buffers`` None: a plain
+    ``optimizer.step()`` with no check (the reference's step, ``bench train``'s baseline)."""
+    logits, loss = _forward_backward(model, x, y, precision, scaler, optimizer, dice)
+    finite = torch.isfinite(loss)
+    if scaler.is_enabled():
+        scaler.step(optimizer)
+        scaler.update()
+    elif buffers is None:
+        optimizer.step()
+    else:
+        finite = finite & skip_nonfinite_step(optimizer, buffers.found_inf, buffers.unit_scale)
+    return logits, loss, finite
+
+
+def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice: bool):
+    """Forward, loss and backward (scaled for fp16). torch.compile lowers the backward lazily, at the first
+    ``backward()``: if that fails, a ``CompileWithFallback`` model falls back to eager and the step is redone."""
+    for attempt in (1, 2):
+        with precision.autocast():
+            logits = model(x)
+        loss = bce_dice_loss(logits, y, dice)
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            scaler.scale(loss).backward()  # a disabled scaler returns the loss as it is
+        except Exception as exc:
+            if attempt == 2 or not (isinstance(model, CompileWithFallback) and model.backward_failed(exc)):
+                raise
+            continue
+        if isinstance(model, CompileWithFallback):
+            model.backward_succeeded()
+        return logits, loss
+    raise AssertionError("unreachable")
+
+
+# -------------------------------------------------------------------------------------------------------- an epoch
+@dataclass
+class EpochState:
+    """What one epoch has done so far; what survives an interruption mid-epoch goes into ``last.pt``."""
+
+    epoch: int  # 0-based
+    steps: int = 0  # steps done in this epoch, including those before a resume
+    images: int = 0  # images trained in this epoch, including those before a resume
+    loss_sum: float = 0.0  # sum of finite step losses, on the host
+    loss_device: torch.Tensor | None = None  # the part of the sum still on the device (during the loop)
+    in_step: bool = False  # inside a step: an interruption redoes it on resume
+    augment_rng: torch.Tensor | None = None  # the augmentation RNG before the current step
+    train_metrics: MetricAccumulator | None = None  # training-batch scores (after augmentation)
+    steady_images: int = 0  # images and seconds of the steps after the warm-up (throughput)
+    steady_seconds: float = 0.0
+
+    def carried(self) -> dict:
+        """What a checkpoint written inside the epoch carries, to finish the epoch's statistics after a resume."""
+        device_part = float(self.loss_device.item()) if self.loss_device is not None else 0.0
+        return {"epoch_state": {"images": self.images, "loss_sum": self.loss_sum + device_part}}
+
+
+class SteadyClock:
+    """Times the steps after a warm-up: the first ``warmup`` steps of a loop carry compilation and start-up."""
+
+    def __init__(self, device: torch.device, warmup: int):
+        self.device, self.warmup = device, warmup
+        self.start: float | None = None
+        self.images = self.steps = 0
+
+    def before_step(self) -> None:
+        if self.start is None and self.steps >= self.warmup:
+            synchronize(self.device)
+            self.start = time.perf_counter()
+
+    def after_step(self, images: int) -> None:
+        self.steps += 1
+        if self.start is not None:
+            self.images += images
+
+    def stop(self) -> tuple[int, float]:
+        """(images, seconds) of the steady part; waits for the device."""
+        synchronize(self.device)
+        return self.images, (time.perf_counter() - self.start if self.start is not None else 0.0)
+
+
+def _warmup_steps(loader, cfg: TrainConfig, steps_done: int) -> int:
+    """``cfg.warmup_steps``, or in an epoch of no more steps than that, 1 (all but the first step are timed)."""
+    try:
+        steps_here = len(loader)
+    except TypeError:  # an iterable without a length
+        return cfg.warmup_steps
+    if cfg.max_steps_per_epoch:
+        steps_here = min(steps_here, cfg.max_steps_per_epoch - steps_done)
+    return cfg.warmup_steps if steps_here > cfg.warmup_steps else min(1, max(0, steps_here - 1))
+
+
+def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig,
+                    state: EpochState, on_step=None, progress=None, channels_last: bool = False) -> EpochState:
+    """One pass over ``loader``, continuing ``state``. The host syncs only at log points (``cfg.log_every``), where
+    a run of ``cfg.max_nonfinite_steps`` non-finite steps stops training. Adds the steady-state images and seconds
+    (steps after ``cfg.warmup_steps``) to ``state``."""
+    model.train()
+    device = precision.device
+    state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
+    if state.train_metrics is None:
+        state.train_metrics = MetricAccumulator(threshold=cfg.threshold, device=device)
+    nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
+    buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
+    for batch in loader:
+        clock.before_step()
+        # the augmentation RNG before this batch: a checkpoint written inside the step resumes with its augmentation
+        state.augment_rng, state.in_step = transform.generator.get_state(), True
+        x, y = transform(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        logits, loss, finite = train_step(model, x, y, precision, scaler, optimizer, buffers, cfg.loss == "dice_bce")
+        state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
+        state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
+        state.train_metrics.update(torch.sigmoid(logits.detach().float()), y)
+        nonfinite_run = torch.where(finite, 0, nonfinite_run + 1)
+        clock.after_step(x.shape[0])
+        if state.steps % cfg.log_every == 0:
+            _check_nonfinite(int(nonfinite_run.item()), cfg, state)
+            if progress is not None:
+                progress(state, float(loss.detach()))
+        if on_step is not None:
+            on_step(state)
+        if cfg.max_steps_per_epoch and state.steps >= cfg.max_steps_per_epoch:
+            break
+    images, seconds = clock.stop()
+    state.loss_sum += float(state.loss_device.item())
+    state.loss_device = None
+    state.steady_images += images
+    state.steady_seconds += seconds
+    return state
+
+
+def _check_nonfinite(bad: int, cfg: TrainConfig, state: EpochState) -> None:
+    if bad >= cfg.max_nonfinite_steps:
+        raise TrainingError(f"loss was NaN/Inf for {bad} consecutive steps (epoch {state.epoch + 1}, step "
+                            f"{state.steps}); stopping. The last good checkpoint is kept; try a lower --lr, --amp "
+                            "off, or --detect_anomaly to find the operation")
+
+
+class JobThroughput:
+    """The whole job's images/s over the run: images summed over processes / the slowest process's steady time."""
+
+    def __init__(self):
+        self.images = self.seconds = 0.0
+
+    def add_epoch(self, state: EpochState, images_here: int, epoch_s: float,
+                  device: torch.device) -> tuple[float, float]:
+        """Add one epoch (``images_here``: trained in this session); return its images/s and the slowest process's
+        time for it."""
+        stats = torch.tensor([state.steady_images, images_here], dtype=torch.float64, device=device)
+        D.all_reduce_sum(stats)
+        slow = D.all_reduce_max(torch.tensor([state.steady_seconds, epoch_s], dtype=torch.float64, device=device))
+        steady_images, images = stats.tolist()
+        steady_s, epoch_s = slow.tolist()
+        if steady_s <= 0:  # too few steps for a steady state: count the whole epoch
+            steady_images, steady_s = images, (epoch_s if images else 0.0)
+        self.images += steady_images
+        self.seconds += steady_s
+        return (steady_images / steady_s if steady_s > 0 else 0.0), epoch_s
+
+    @property
+    def fps(self) -> float | None:
+        return self.images / self.seconds if self.seconds > 0 else None
+
+
+# ------------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
+             channels_last: bool = False, progress: str | None = None,
+             keep_per_image: bool = False, accumulator=None) -> MetricAccumulator:
+    """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
+    ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
+    ``MetricAccumulator.per_image``; ``accumulator``: what to feed instead of a new ``MetricAccumulator`` (e.g.
+    ``metrics.Accumulators`` for a threshold sweep); it is returned."""
+    model.eval()
+    acc = accumulator if accumulator is not None else MetricAccumulator(
+        threshold=threshold, device=precision.device, keep_per_image=keep_per_image)
+    if progress is not None:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
+    for batch in loader:
+        x, y = transform(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            logits = model(x)
+        acc.update(torch.sigmoid(logits.float()), y)
+    acc.all_reduce()
+    return acc
+
+
+@torch.no_grad()
+def draw_samples(model, cache, indices, transform, precision, threshold: float, out, title, row_titles=None):
+    """Grid of image | ground truth | prediction for the cache's images at ``indices``."""
+    images, masks = cache.batch(indices)
+    batch = {"images": torch.from_numpy(np.ascontiguousarray(images)),
+             "masks": torch.from_numpy(np.ascontiguousarray(masks))}
+    x, y = transform(batch)
+    model.eval()
+    with precision.autocast():
+        probs = torch.sigmoid(model(x).float())
+    rgb = x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1)
+    images = ((rgb * STD + MEAN).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    return plots.sample_grid(images, (y[:, 0] > 0.5).cpu().numpy(), (probs[:, 0] > threshold).cpu().numpy(),
+                             out, title, row_titles)
