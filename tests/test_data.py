@@ -258,6 +258,34 @@ def test_cache_is_incremental_and_detects_changes(tmp_path):
     assert logs[-1].startswith("caching 6 of 6")
 
 
+def test_a_cache_build_stopped_between_rows_and_meta_is_rebuilt_not_broken(tmp_path, monkeypatch):
+    """Rows and done flags reach the disk through the memory map as they are written, the meta (each row's size)
+    only every 64 rows: a build stopped in between (Ctrl-C, kill -9) left rows flagged done with no size, and
+    every later run failed with "setting an array element with a sequence". Those rows are decoded again."""
+    from r2unet.data import cache as cache_mod
+
+    img_dir, mask_dir = _raw(tmp_path, 6)
+    real_write = cache_mod._write_meta
+    calls = {"n": 0}
+
+    def stop_at_the_last_meta(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:  # after every row is decoded and flagged, before the meta records their sizes
+            raise KeyboardInterrupt
+        real_write(*args)
+
+    monkeypatch.setattr(cache_mod, "_write_meta", stop_at_the_last_meta)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, num_workers=1, progress=False, log=print)
+    monkeypatch.setattr(cache_mod, "_write_meta", real_write)
+    logs = []
+    cache = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert logs and logs[-1].startswith("caching 6 of 6")
+    fresh = build_cache(img_dir, mask_dir, tmp_path / "fresh", image_size=32, progress=False, log=lambda *_: None)
+    assert len(cache) == 6 and np.array_equal(cache.images, fresh.images)
+    assert np.array_equal(cache.original_hw, fresh.original_hw)
+
+
 def _striped_batch(n=6, s=64):
     """Images whose red channel *is* the mask: after any geometric transform they must still agree."""
     g = torch.Generator().manual_seed(0)

@@ -158,10 +158,19 @@ def _up_to_date(cache_dir: Path, old_entries: list[dict], entries: list[dict]) -
     """Every file pair is cached as it is now (same names, order and fingerprints), and every row is done."""
     if [(e["image"], e["fp"]) for e in old_entries] != [(e["image"], e["fp"]) for e in entries]:
         return False
+    if any(e.get("hw") is None for e in old_entries):  # a build stopped between a row and the meta that names it
+        return False
     try:
         return bool(np.load(cache_dir / "done.npy", mmap_mode="r").all())
     except (OSError, ValueError):
         return False
+
+
+def _row_usable(done, prev: dict, entry: dict) -> bool:
+    """A cached row can be kept: it was decoded, from the same file, and the meta recorded its size. The memory
+    map's rows and flags reach the disk as they are written, the meta only every 64 rows: after a kill in between,
+    a row may be flagged done while the meta lacks its size; it is decoded again."""
+    return bool(done) and prev["fp"] == entry["fp"] and prev.get("hw") is not None
 
 
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
@@ -178,7 +187,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
         done = arrays["done.npy"]
         for i, e in enumerate(entries):
             prev = old["entries"][i]
-            if done[i] and prev["fp"] == e["fp"]:
+            if _row_usable(done[i], prev, e):
                 e["hw"] = prev["hw"]
             else:
                 done[i] = False
@@ -193,7 +202,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
                 old_arrays = None
             for i, e in enumerate(entries):
                 j, prev = old_rows.get(e["image"], (None, None))
-                if old_arrays is not None and prev and prev["fp"] == e["fp"] and old_arrays["done.npy"][j]:
+                if old_arrays is not None and prev and _row_usable(old_arrays["done.npy"][j], prev, e):
                     arrays["images.npy"][i] = old_arrays["images.npy"][j]
                     arrays["masks.npy"][i] = old_arrays["masks.npy"][j]
                     arrays["done.npy"][i] = True
