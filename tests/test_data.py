@@ -115,6 +115,26 @@ def test_prepare_refuses_non_empty_target_and_keeps_user_files(tmp_path):
     assert victim.read_text() == "user data"
 
 
+def test_prepare_never_deletes_the_files_it_reads(tmp_path, capsys):
+    """Re-splitting a prepared folder's own train split into that folder, even with --overwrite, used to delete
+    every file the old manifest listed (its sources too) and then fail with [Errno 2]."""
+    from r2unet.cli import main
+
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    out = tmp_path / "D"
+    prepare_split(img_dir, mask_dir, data_path=out, log=lambda *_: None)
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    for extra in ([], ["--overwrite"]):
+        assert main(["prepare", "--origin_data_path", str(out / "train"), "--origin_GT_path", str(out / "train_GT"),
+                     "--data_path", str(out), "--no_cache", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "overlaps" in err and "nothing was changed" in err and "Traceback" not in err
+        assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before
+    # the same sources into another folder work
+    prepare_split(out / "train", out / "train_GT", data_path=tmp_path / "again", log=lambda *_: None)
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before
+
+
 @pytest.mark.parametrize("link", ["hardlink", "symlink"])
 def test_prepare_links_instead_of_copying(tmp_path, link):
     img_dir, mask_dir = _raw(tmp_path, 10)

@@ -103,6 +103,7 @@ def prepare_split(
     if link not in ("copy", "hardlink", "symlink"):
         raise ValueError(f"--link must be copy, hardlink or symlink, got {link!r}")
     targets, manifest_path = _targets(data_path, targets, manifest_path)
+    _refuse_reading_from_targets(origin_data_path, origin_GT_path, targets)
     ratios = _checked_ratios(train_ratio, valid_ratio, test_ratio, log)
     pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path)
     if ignored:
@@ -156,6 +157,19 @@ def _targets(data_path, targets, manifest_path) -> tuple[dict[str, tuple[Path, P
     return targets, Path(manifest_path)
 
 
+def _refuse_reading_from_targets(origin_data_path, origin_GT_path, targets: dict) -> None:
+    """prepare replaces and removes files in its target folders: a source folder that is one of them (or lies
+    inside one) would lose files prepare is about to read, say when re-splitting D/train into D."""
+    folders = {p.resolve() for pair in targets.values() for p in pair}
+    for flag, origin in (("--origin_data_path", origin_data_path), ("--origin_GT_path", origin_GT_path)):
+        src = Path(origin).resolve()
+        clash = next((f for f in sorted(folders) if f == src or f in src.parents), None)
+        if clash is not None:
+            raise DataError(f"{flag} {origin} overlaps {clash}, a folder prepare writes: splitting it there would "
+                            "overwrite or delete the files it reads. Write the split to another --data_path (or "
+                            "split folders); nothing was changed")
+
+
 def _checked_ratios(train_ratio: float, valid_ratio: float, test_ratio: float, log) -> tuple[float, float, float]:
     split_counts(1, train_ratio, valid_ratio, test_ratio)  # validates the ratios before any work
     total = train_ratio + valid_ratio + test_ratio
@@ -200,8 +214,9 @@ def _place_all(plan, ours: set[Path], targets: dict, link: str, manifest_path: P
                progress: bool) -> dict:
     """Remove our own files of the previous run (they may belong to another split now), place every planned file,
     and write the manifest, also when interrupted (so a re-run with --overwrite may replace what was written)."""
-    for old in ours:
-        if old.is_symlink() or old.exists():
+    sources = {src.resolve() for src, _ in plan}
+    for old in ours:  # never a file this run reads
+        if (old.is_symlink() or old.exists()) and old.resolve() not in sources:
             old.unlink()
     for img_dir, gt_dir in targets.values():
         img_dir.mkdir(parents=True, exist_ok=True)
