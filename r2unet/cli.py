@@ -1,5 +1,4 @@
-"""Command-line interface: each command's flags and a function that calls the library and prints. The train flags
-are generated from the settings (``engine/config.py``), so they are declared once."""
+"""Command-line interface: each command's flags, and a call into the library that prints (train's flags: config)."""
 
 from __future__ import annotations
 
@@ -28,13 +27,14 @@ def _synth(p) -> None:
     p.add_argument("--num_images", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_side", type=int, default=2400, help="longest side of the largest images")
+    p.add_argument("--overwrite", action="store_true", help="replace files of the same names (ISIC's) in --output")
 
 
 def _cmd_synth(args) -> None:
     from .data.synth import generate_dataset
 
     out = generate_dataset(args.output, num_images=args.num_images, seed=args.seed, max_side=args.max_side,
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), overwrite=args.overwrite)
     print(f"wrote {args.num_images} image/mask pairs under {out}")
 
 

@@ -135,6 +135,27 @@ def test_prepare_never_deletes_the_files_it_reads(tmp_path, capsys):
     assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == before
 
 
+def test_synth_refuses_to_overwrite_files_of_the_same_names(tmp_path, capsys):
+    """synth writes the real dataset's names (ISIC_0000000.jpg ...): into a folder holding ISIC images it used to
+    replace them silently."""
+    from r2unet.cli import main
+    from r2unet.data.synth import IMAGE_DIR
+
+    photo = tmp_path / "raw" / IMAGE_DIR / "ISIC_0000001.jpg"
+    photo.parent.mkdir(parents=True)
+    Image.new("RGB", (50, 40), (10, 20, 30)).save(photo)
+    original = photo.read_bytes()
+    assert main(["synth", "--output", str(tmp_path / "raw"), "--num_images", "3", "--max_side", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "ISIC_0000001.jpg" in err and "--overwrite" in err and "Traceback" not in err
+    assert photo.read_bytes() == original and len(list(photo.parent.iterdir())) == 1  # nothing written
+    assert main(["synth", "--output", str(tmp_path / "raw"), "--num_images", "3", "--max_side", "100",
+                 "--overwrite"]) == 0
+    assert photo.read_bytes() != original and len(list(photo.parent.iterdir())) == 3
+    assert main(["synth", "--output", str(tmp_path / "other"), "--max_side", "0"]) == 2
+    assert "--max_side must be >= 32" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("link", ["hardlink", "symlink"])
 def test_prepare_links_instead_of_copying(tmp_path, link):
     img_dir, mask_dir = _raw(tmp_path, 10)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import atomic_save_image
+from .io import DataError
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
@@ -73,17 +74,34 @@ def synth_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.nd
     return img.clip(0, 255).astype(np.uint8), mask
 
 
+MIN_SIDE = 32  # the smallest longer side synth draws
+
+
+def _name(seed: int, i: int) -> str:
+    return f"ISIC_{seed % 100 * 100000 + i:07d}"
+
+
 def generate_dataset(
-    output: str | Path, num_images: int = 100, seed: int = 0, max_side: int = 2400, progress: bool = False
+    output: str | Path, num_images: int = 100, seed: int = 0, max_side: int = 2400, progress: bool = False,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``num_images`` pairs under ``output`` in the raw ISIC layout; return ``output``.
 
-    Sizes vary from 256 px up to ``max_side`` on the longer side (about one image in eight is large).
+    Sizes vary from 256 px up to ``max_side`` on the longer side (about one image in eight is large). The files
+    have the real dataset's names, so existing files of those names are refused (named) unless ``overwrite``.
     """
     output = Path(output)
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise ValueError(f"--num_images must be >= 1, got {num_images}")
+    if max_side < MIN_SIDE:
+        raise ValueError(f"--max_side must be >= {MIN_SIDE} pixels, got {max_side}")
     img_dir, mask_dir = output / IMAGE_DIR, output / MASK_DIR
+    names = [_name(seed, i) for i in range(num_images)]
+    existing = [p for n in names for p in (img_dir / f"{n}.jpg", mask_dir / f"{n}_segmentation.png") if p.exists()]
+    if existing and not overwrite:
+        raise DataError(f"{output}: {len(existing)} file(s) synth would write already exist ("
+                        + ", ".join(p.name for p in existing[:3]) + (", ..." if len(existing) > 3 else "")
+                        + "); nothing was written. Choose another --output, or pass --overwrite to replace them")
     img_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
     items = range(num_images)
@@ -100,7 +118,7 @@ def generate_dataset(
         aspect = _ASPECTS[rng.integers(len(_ASPECTS))]
         w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
         image, mask = synth_pair(rng, w, h)
-        name = f"ISIC_{seed % 100 * 100000 + i:07d}"
+        name = names[i]
         atomic_save_image(Image.fromarray(image), img_dir / f"{name}.jpg", quality=90)
         atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), mask_dir / f"{name}_segmentation.png")
     return output
