@@ -298,3 +298,37 @@ def test_resume_after_interrupt_mid_epoch_equals_an_uninterrupted_run(tiny_data,
             for n in ("straight", "interrupted")]
     assert [r["epoch"] for r in rows[1]] == [1, 2]
     assert rows[0][1]["train_loss"] == pytest.approx(rows[1][1]["train_loss"], rel=1e-9)
+
+
+@pytest.mark.parametrize("where", ["inside the forward pass", "during validation"])
+def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(tiny_data, tmp_path, monkeypatch, where):
+    """Ctrl-C inside a step's forward pass (BatchNorm statistics already updated) or during the end-of-epoch
+    validation (the LR schedule used to step twice on resume), then --resume: the same weights and statistics, bit
+    for bit, and the same learning rates, as a run never interrupted."""
+    from r2unet.engine import loop, trainer
+
+    def cfg(name, resume=False):
+        return TrainConfig(model_type="R2U_Net", t=1, base_channels=4, image_size=32, batch_size=2, num_epochs=3,
+                           num_epochs_decay=2, num_workers=0, device="cpu", amp="off", data_path=str(tiny_data),
+                           output_dir=str(tmp_path / name), augmentation_prob=1.0, resume=resume)
+
+    trainer.fit(cfg("straight"), log=lambda *_: None)
+    target, name = (loop, "bce_dice_loss") if where == "inside the forward pass" else (trainer, "evaluate")
+    real, calls = getattr(target, name), {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == (10 if target is loop else 1):  # epoch 2, step 3 / the first validation
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit(cfg("interrupted"), log=lambda *_: None)
+    monkeypatch.setattr(target, name, real)
+    trainer.fit(cfg("interrupted", resume=True), log=lambda *_: None)
+    a, b = (load_file(tmp_path / n / "checkpoints" / "last.pt") for n in ("straight", "interrupted"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+            for n in ("straight", "interrupted")]
+    assert [r["epoch"] for r in rows[1]] == [1, 2, 3] and [r["lr"] for r in rows[1]] == [r["lr"] for r in rows[0]]

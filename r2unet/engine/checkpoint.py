@@ -31,6 +31,15 @@ class RunFiles:
         self.results = self.dir / "results.json"
         self.samples = self.dir / "samples"
 
+    def previous_results(self) -> dict:
+        """results.json as a previous session wrote it ({} if there is none)."""
+        import json
+
+        try:
+            return json.loads(self.results.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
 FORMAT = "r2unet"
 VERSION = 1
 

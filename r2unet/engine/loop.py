@@ -127,6 +127,8 @@ class EpochState:
     train_metrics: MetricAccumulator | None = None  # training-batch scores (after augmentation)
     steady_images: int = 0  # images and seconds of the steps after the warm-up (throughput)
     steady_seconds: float = 0.0
+    buffers_before_step: list | None = None  # the model's buffers (BatchNorm statistics) before the current step
+    finished: bool = False  # trained, validated, recorded and the LR schedule stepped: only last.pt is left
 
     def carried(self) -> dict:
         """What a checkpoint written inside the epoch carries, to finish the epoch's statistics after a resume."""
@@ -181,10 +183,15 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         state.train_metrics = MetricAccumulator(threshold=cfg.threshold, device=device)
     nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
+    model_buffers = list(model.buffers())
+    state.buffers_before_step = [b.clone() for b in model_buffers]
     for batch in loader:
         clock.before_step()
-        # the augmentation RNG before this batch: a checkpoint written inside the step resumes with its augmentation
+        # what the step changes besides the weights, as it was before it: a checkpoint written inside the step
+        # resumes with this batch's augmentation and without the BatchNorm updates of its interrupted forward
         state.augment_rng, state.in_step = transform.generator.get_state(), True
+        if model_buffers:
+            torch._foreach_copy_(state.buffers_before_step, model_buffers)
         x, y = transform(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

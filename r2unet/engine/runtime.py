@@ -46,6 +46,17 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({cpu_info().label}, {torch.get_num_threads()} threads)"
 
 
+def seed_everything(seed: int) -> None:
+    """Python's, NumPy's and torch's generators, from one seed."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (timing boundaries only; a no-op on the CPU)."""
     if device.type == "cuda":

@@ -9,15 +9,14 @@ The steps themselves (a training step, an epoch, an evaluation) are in ``loop.py
 from __future__ import annotations
 
 import json
-import random
 import shutil
 import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +50,7 @@ from .runtime import (
     resolve_channels_last,
     resolve_compile,
     resolve_device,
+    seed_everything,
 )
 
 
@@ -115,7 +115,7 @@ class TrainingRun:
         self.channels_last = resolve_channels_last(cfg.channels_last, self.precision, cfg.base_channels)
         self.global_batch, self.lr = self._batch_and_lr()
         self._check_run_folder()
-        _seed_everything(cfg.seed + info.rank)
+        seed_everything(cfg.seed + info.rank)
         configure_backends(self.device, cfg.deterministic)
         if cfg.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
@@ -276,6 +276,12 @@ class TrainingRun:
                     self.validate(epoch, row)
                 per_epoch = (time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
                 self.record(epoch, row, eta_s=per_epoch * (self.cfg.num_epochs - epoch - 1))
+                # the schedule steps once the epoch is done: an interruption before this point resumes the epoch
+                # (its last step reached) with its own learning rate
+                with warnings.catch_warnings():  # a run resumed at an epoch's end steps the schedule first
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                    self.scheduler.step()
+                self.state.finished = True
                 self.save_last(epoch + 1, 0)
                 D.barrier()
             if self.bar:
@@ -284,10 +290,13 @@ class TrainingRun:
         except KeyboardInterrupt:
             if self.bar:
                 self.bar.close()
-            state = self.state  # interrupted inside a step: that step is redone on resume, with its augmentation
-            self.save_last(state.epoch, state.steps, state.carried(), state.augment_rng if state.in_step else None)
-            self.log(f"interrupted: saved {self.files.last} (epoch {state.epoch + 1}, step {state.steps}); "
-                     "continue with --resume")
+            state = self.state
+            epoch, step = (state.epoch + 1, 0) if state.finished else (state.epoch, state.steps)
+            if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with
+                torch._foreach_copy_(list(self.model.buffers()), state.buffers_before_step)  # the state before it
+            self.save_last(epoch, step, None if state.finished else state.carried(),
+                           state.augment_rng if state.in_step else None)
+            self.log(f"interrupted: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
             raise
         finally:
             if self.writer:
@@ -316,7 +325,6 @@ class TrainingRun:
                         self.precision, cfg, state, on_step=self._on_step, progress=progress,
                         channels_last=self.channels_last)
         epoch_lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
         epoch_fps, epoch_s = self.throughput.add_epoch(state, state.images - carried_images,
                                                        time.perf_counter() - t0, self.device)
         loss_steps = torch.tensor([state.loss_sum, state.steps], dtype=torch.float64, device=self.device)
@@ -384,7 +392,7 @@ class TrainingRun:
         test, test_spread = self._test_scores()
         fps, train = self.throughput.fps, self.last_train
         if fps is None:  # nothing trained in this session (a finished run resumed): keep what training measured
-            previous = _previous_results(files)
+            previous = files.previous_results()
             fps, train = previous.get("fps"), previous.get("train")
         results = {"test": test, "test_spread": test_spread, "train": train, "best_epoch": self.best_epoch,
                    "best_valid_JS_plus_DC": self.best_score, "fps": fps, "model_type": cfg.model_type, "t": cfg.t,
@@ -422,12 +430,6 @@ class TrainingRun:
 
 
 # ------------------------------------------------------------------------------------------------------- helpers
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _load_on_rank0(path: Path, info: D.DistInfo) -> dict:
     """The checkpoint at ``path`` as rank 0 reads it, on every process (a failure is raised everywhere)."""
     payload = None
@@ -440,10 +442,3 @@ def _load_on_rank0(path: Path, info: D.DistInfo) -> dict:
     if status == "error":
         raise CheckpointError(value)
     return value
-
-
-def _previous_results(run: RunFiles) -> dict:
-    try:
-        return json.loads(run.results.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
