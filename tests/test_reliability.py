@@ -332,3 +332,32 @@ def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(tiny_dat
     rows = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
             for n in ("straight", "interrupted")]
     assert [r["epoch"] for r in rows[1]] == [1, 2, 3] and [r["lr"] for r in rows[1]] == [r["lr"] for r in rows[0]]
+
+
+def test_nonfinite_steps_are_counted_across_short_epochs(tiny_data, tmp_path, monkeypatch):
+    """Epochs shorter than --log_every were never checked, and the count of non-finite steps in a row restarted
+    every epoch: a diverged run with short epochs trained on to the end. Now the count runs across epochs and every
+    epoch's end is a check point."""
+    from r2unet.engine import loop, trainer
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=5,
+                      num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
+                      output_dir=str(tmp_path / "run"), max_nonfinite_steps=10)  # log_every 10 > 7 steps/epoch
+    real_loss, calls = loop.bce_dice_loss, {"n": 0}
+
+    def nan_after_the_first_epoch(logits, target, dice):
+        calls["n"] += 1
+        loss = real_loss(logits, target, dice)
+        return loss * float("nan") if calls["n"] > 7 else loss
+
+    monkeypatch.setattr(loop, "bce_dice_loss", nan_after_the_first_epoch)
+    with pytest.raises(trainer.TrainingError, match=r"14 consecutive steps \(epoch 3, step 7\)"):
+        trainer.fit(cfg, log=lambda *_: None)
+    assert load_file(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_an_infinite_learning_rate_is_refused(tmp_path, capsys):
+    from r2unet.cli import main
+
+    assert main(["train", "--lr", "inf", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--lr: must be a finite number > 0, got inf" in capsys.readouterr().err

@@ -128,6 +128,7 @@ class EpochState:
     steady_images: int = 0  # images and seconds of the steps after the warm-up (throughput)
     steady_seconds: float = 0.0
     buffers_before_step: list | None = None  # the model's buffers (BatchNorm statistics) before the current step
+    nonfinite_run: torch.Tensor | None = None  # consecutive non-finite steps, on the device, across epochs
     finished: bool = False  # trained, validated, recorded and the LR schedule stepped: only last.pt is left
 
     def carried(self) -> dict:
@@ -181,7 +182,8 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
     if state.train_metrics is None:
         state.train_metrics = MetricAccumulator(threshold=cfg.threshold, device=device)
-    nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
+    if state.nonfinite_run is None:  # a run continues the previous epoch's count (see TrainingRun.train_epoch)
+        state.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
     model_buffers = list(model.buffers())
     state.buffers_before_step = [b.clone() for b in model_buffers]
@@ -199,10 +201,10 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
         state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
         state.train_metrics.update(torch.sigmoid(logits.detach().float()), y)
-        nonfinite_run = torch.where(finite, 0, nonfinite_run + 1)
+        state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
         clock.after_step(x.shape[0])
         if state.steps % cfg.log_every == 0:
-            _check_nonfinite(int(nonfinite_run.item()), cfg, state)
+            _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)
             if progress is not None:
                 progress(state, float(loss.detach()))
         if on_step is not None:
@@ -210,6 +212,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         if cfg.max_steps_per_epoch and state.steps >= cfg.max_steps_per_epoch:
             break
     images, seconds = clock.stop()
+    _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)  # epochs shorter than --log_every too
     state.loss_sum += float(state.loss_device.item())
     state.loss_device = None
     state.steady_images += images

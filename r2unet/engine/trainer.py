@@ -309,7 +309,7 @@ class TrainingRun:
         cfg = self.cfg
         skip = self.start_step if epoch == self.start_epoch else 0
         self.train_sampler.set_epoch(epoch, skip)
-        self.state = state = EpochState(epoch, steps=skip)
+        self.state = state = EpochState(epoch, steps=skip, nonfinite_run=self.state.nonfinite_run)
         if skip and self.carried:
             state.images, state.loss_sum = self.carried.get("images", 0), self.carried.get("loss_sum", 0.0)
         total = len(self.train_sampler) + skip
