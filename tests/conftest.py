@@ -45,3 +45,20 @@ def prepared_synthetic(root, num_images: int, seed: int, max_side: int, split_se
 def tiny_data(tmp_path_factory):
     """A small synthetic dataset already split by `prepare` (shared helper for data/engine tests)."""
     return prepared_synthetic(tmp_path_factory.mktemp("data"), 20, seed=3, max_side=200, split_seed=1, name="split")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 256 KiB tmpfs: a full disk for real (needs root and mount; skipped, saying so, elsewhere)."""
+    import subprocess
+
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (root and mount needed): {mounted.stderr.strip()[:120]}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

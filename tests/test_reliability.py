@@ -361,3 +361,13 @@ def test_an_infinite_learning_rate_is_refused(tmp_path, capsys):
 
     assert main(["train", "--lr", "inf", "--output_dir", str(tmp_path / "o")]) == 2
     assert "--lr: must be a finite number > 0, got inf" in capsys.readouterr().err
+
+
+def test_a_full_disk_while_saving_names_the_file_and_the_free_space(small_disk):
+    """torch reports a full disk as a RuntimeError ("unexpected pos ..."), not the OSError a faked failure raises;
+    on a real full disk the message names the file and the free space, and no partial file is left."""
+    model = create_model("U_Net", base_channels=16)  # 8.2 MiB of weights: more than the 256 KiB disk holds
+    path = small_disk / "last.pt"
+    with pytest.raises(CheckpointError, match=r"last\.pt: .*MiB free in .*previous checkpoint"):
+        save_checkpoint(path, model=model, config={}, epoch=1)
+    assert list(small_disk.iterdir()) == []

@@ -56,9 +56,24 @@ def atomic_save(obj, path: str | Path) -> None:
 
     try:
         atomic_write(path, write)
-    except OSError as exc:
-        raise CheckpointError(f"could not write checkpoint {path}: {exc.strerror or exc}; "
+    except (OSError, RuntimeError) as exc:  # torch reports a full disk as a RuntimeError ("unexpected pos ...")
+        raise CheckpointError(f"could not write checkpoint {path}: {_write_failure(exc, Path(path))}; "
                               "the previous checkpoint (if any) is unchanged") from None
+
+
+def _write_failure(exc: Exception, path: Path) -> str:
+    """Why a write failed, in words, with the free space on that disk and the size of the file it replaces."""
+    import shutil
+
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"the write failed ({first_line(exc, 120)})"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        return reason
+    reason += f"; {free / 2**20:.1f} MiB free in {path.parent}"
+    if path.exists():
+        reason += f", the file it replaces takes {path.stat().st_size / 2**20:.1f} MiB"
+    return reason
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -193,8 +208,8 @@ def save_weights_safetensors(model: nn.Module, path: str | Path, config: dict | 
     metadata = {"format": FORMAT, "config": json.dumps(config or {})}
     try:
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    except OSError as exc:
-        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
+        raise CheckpointError(f"could not write {path}: {_write_failure(exc, Path(path))}") from None
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: int, step: int = 0,
