@@ -371,3 +371,23 @@ def test_a_full_disk_while_saving_names_the_file_and_the_free_space(small_disk):
     with pytest.raises(CheckpointError, match=r"last\.pt: .*MiB free in .*previous checkpoint"):
         save_checkpoint(path, model=model, config={}, epoch=1)
     assert list(small_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["bare state_dict", "copy of best.pt"])
+def test_resume_from_a_last_pt_that_is_not_a_training_checkpoint_says_what_it_is(tiny_data, tmp_path, capsys, kind):
+    from r2unet.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--data_path", str(tiny_data), "--output_dir", str(run), "--model_type", "U_Net", "--base_channels", "4",
+             "--image_size", "32", "--batch_size", "2", "--num_epochs", "1", "--num_workers", "0", "--device", "cpu"]
+    assert main(["train", *flags]) == 0
+    last = run / "checkpoints" / "last.pt"
+    if kind == "bare state_dict":
+        torch.save(load_file(last)["model"], last)
+    else:
+        last.write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    capsys.readouterr()
+    assert main(["train", *flags, "--resume", "--num_epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    expected = "a bare state_dict" if kind == "bare state_dict" else "without the optimizer's state"
+    assert expected in err and "needs the last.pt a run writes" in err and "Traceback" not in err

@@ -145,6 +145,18 @@ def is_r2unet_checkpoint(obj: dict) -> bool:
     return obj.get("format") == FORMAT
 
 
+def require_training_state(obj, path) -> dict:
+    """``obj`` (read from ``path``) as --resume needs it: the last.pt of a run, with the optimizer's state."""
+    if not isinstance(obj, dict) or not is_r2unet_checkpoint(obj):
+        what = "a bare state_dict (weights only)" if isinstance(obj, dict) else "not an r2unet checkpoint"
+    elif obj.get("optimizer") is None or "config" not in obj:
+        what = "a model checkpoint without the optimizer's state (a copy of best.pt?)"
+    else:
+        return obj
+    raise CheckpointError(f"--resume: {path} is {what}; resuming needs the last.pt a run writes (weights, optimizer, "
+                          "schedule, epoch). To start a new run from these weights, train into another --output_dir")
+
+
 def model_state(obj: dict) -> dict[str, torch.Tensor]:
     """The model weights of a loaded file: an r2unet checkpoint's ``model`` or a bare state_dict."""
     state = obj["model"] if is_r2unet_checkpoint(obj) else obj

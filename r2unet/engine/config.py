@@ -292,9 +292,10 @@ def train_settings(given: dict, log=print) -> TrainConfig:
         last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
             "last.pt"
         if last.exists():
-            from .checkpoint import load_file
+            from .checkpoint import load_file, require_training_state
 
-            values.update({k: v for k, v in load_file(last)["config"].items() if k != "extra"})
+            saved = require_training_state(load_file(last), last)["config"]
+            values.update({k: v for k, v in saved.items() if k != "extra"})
     values.update(given)
     values["resume"] = bool(resume)
     epochs = values.get("num_epochs", TrainConfig.num_epochs)

@@ -1,10 +1,5 @@
-"""``train``: one training run, read top to bottom in ``TrainingRun.run``: set up (device, data, model, resume), then
-for each epoch train, validate and checkpoint, then score the best checkpoint on the test split and write the
-results.
-
-The steps themselves (a training step, an epoch, an evaluation) are in ``loop.py``; where and how the network runs
-(device, precision, compilation) in ``runtime.py``; multi-process plumbing in ``distributed.py``.
-"""
+"""``train``: a TrainingRun sets up (device, data, model, resume), then ``run`` trains, validates and checkpoints each
+epoch and scores the best checkpoint on the test split. Steps: ``loop.py``; device and precision: ``runtime.py``."""
 
 from __future__ import annotations
 
@@ -30,7 +25,15 @@ from ..messages import first_line
 from ..metrics import METRIC_NAMES, per_image_spread
 from ..models import RECURRENT
 from . import distributed as D
-from .checkpoint import CheckpointError, RunFiles, load_file, load_weights, model_state, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    RunFiles,
+    load_file,
+    load_weights,
+    model_state,
+    require_training_state,
+    save_checkpoint,
+)
 from .config import ConfigError, TrainConfig
 from .loop import (
     EpochState,
@@ -431,11 +434,11 @@ class TrainingRun:
 
 # ------------------------------------------------------------------------------------------------------- helpers
 def _load_on_rank0(path: Path, info: D.DistInfo) -> dict:
-    """The checkpoint at ``path`` as rank 0 reads it, on every process (a failure is raised everywhere)."""
+    """The training checkpoint at ``path`` as rank 0 reads it, on every process (a failure is raised everywhere)."""
     payload = None
     if info.is_main:
         try:
-            payload = ("ok", load_file(path))
+            payload = ("ok", require_training_state(load_file(path), path))
         except CheckpointError as exc:
             payload = ("error", str(exc))
     status, value = D.broadcast_object(payload)
