@@ -185,6 +185,11 @@ def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: i
                 data_path: str | Path | None = None, log=print) -> dict:
     """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured
     in one run, with ratios to the baseline and the fraction of the FLOP bound of this device."""
+    for name, value in (("batch_size", batch_size), ("steps", steps), ("image_size", image_size)):
+        if value < 1:
+            raise ValueError(f"--{name}: must be >= 1, got {value}")
+    if warmup < 0:
+        raise ValueError(f"--warmup: must be >= 0, got {warmup}")
     dev = resolve_device(device)
     use_compile = resolve_compile(compile_model, dev)
     rows = []

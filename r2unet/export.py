@@ -40,6 +40,9 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
     model = model.eval().float().cpu()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    if image_size < SIZE_MULTIPLE or image_size % SIZE_MULTIPLE:
+        raise ExportError(f"--image_size: must be a positive multiple of {SIZE_MULTIPLE} (the networks pool 4 "
+                          f"times), got {image_size}")
     example = torch.randn(1, img_ch, image_size, image_size)
     props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch), "r2unet.image_size": image_size,
              **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}

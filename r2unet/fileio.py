@@ -14,6 +14,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
     in one step, and the rename is made durable too. Every file r2unet writes goes through here."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -22,6 +23,15 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of ``path`` left by writers that were killed (kill -9, power loss): the process that named
+    one is gone from this host. Those of live processes (a concurrent writer) are left alone."""
+    for stale in path.parent.glob(f".{path.name}.tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            stale.unlink(missing_ok=True)
 
 
 def _fsync(path: Path) -> None:

@@ -383,3 +383,12 @@ def test_a_reference_state_dict_needs_no_architecture_flags_but_t(tmp_path):
     assert "do not record t: using t=3" in said[0]
     said.clear()
     assert load_for_inference(tmp_path / "r2u.pkl", t=2, log=said.append)[1].t == 2 and "record t" not in said[0]
+
+
+def test_export_at_a_size_the_networks_cannot_take_is_named(checkpoint, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    path, _ = checkpoint
+    assert main(["export", "--checkpoint", str(path), "--output", str(tmp_path / "m.onnx"), "--image_size", "7"]) == 2
+    err = capsys.readouterr().err
+    assert "--image_size: must be a positive multiple of 16" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -391,3 +391,34 @@ def test_resume_from_a_last_pt_that_is_not_a_training_checkpoint_says_what_it_is
     err = capsys.readouterr().err
     expected = "a bare state_dict" if kind == "bare state_dict" else "without the optimizer's state"
     assert expected in err and "needs the last.pt a run writes" in err and "Traceback" not in err
+
+
+def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path):
+    """A writer killed between its temporary file and the rename (kill -9) left .NAME.tmpPID behind for good; the
+    next write of that file removes those of processes that are gone, and leaves a live writer's alone."""
+    import os
+
+    from r2unet.fileio import atomic_write_text
+
+    path = tmp_path / "results.json"
+    dead = tmp_path / ".results.json.tmp999999999"  # no such process
+    alive = tmp_path / f".results.json.tmp{os.getppid()}"
+    dead.write_text("half")
+    alive.write_text("being written")
+    atomic_write_text(path, "{}")
+    assert path.read_text() == "{}" and not dead.exists() and alive.exists()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "train", "--device", "cpu", "--batch_size", "0"], "--batch_size: must be >= 1, got 0"),
+    (["prepare", "--origin_data_path", "IMG", "--origin_GT_path", "GT", "--data_path", "OUT", "--image_size", "7"],
+     "--image_size: the training size must be a positive multiple of 16"),
+])
+def test_sizes_that_cannot_work_are_named_before_any_work(tmp_path, capsys, argv, message):
+    from r2unet.cli import main
+
+    argv = [str(tmp_path / a) if a in ("IMG", "GT", "OUT") else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "OUT").exists()

@@ -102,6 +102,9 @@ def prepare_split(
     """
     if link not in ("copy", "hardlink", "symlink"):
         raise ValueError(f"--link must be copy, hardlink or symlink, got {link!r}")
+    if cache_size is not None and (cache_size < 16 or cache_size % 16):
+        raise ValueError(f"--image_size: the training size must be a positive multiple of 16 (the networks pool 4 "
+                         f"times), got {cache_size}")
     targets, manifest_path = _targets(data_path, targets, manifest_path)
     _refuse_reading_from_targets(origin_data_path, origin_GT_path, targets)
     ratios = _checked_ratios(train_ratio, valid_ratio, test_ratio, log)
