@@ -14,10 +14,8 @@ from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_train_fl
 from .engine.inference import add_checkpoint_flags, positive_int
 from .engine.loop import TrainingError
 from .export import ExportError
+from .messages import for_user
 from .models import DEFAULT_T, list_models
-
-REF_ORIGIN_DATA = "../ISIC/dataset/ISIC2018_Task1-2_Training_Input"
-REF_ORIGIN_GT = "../ISIC/dataset/ISIC2018_Task1_Training_GroundTruth"
 
 
 # ------------------------------------------------------------------------------------------------------- commands
@@ -40,8 +38,8 @@ def _cmd_synth(args) -> None:
 
 def _prepare(p) -> None:
     """split raw images/masks into train/valid/test and build the cache"""
-    p.add_argument("--origin_data_path", default=REF_ORIGIN_DATA)
-    p.add_argument("--origin_GT_path", default=REF_ORIGIN_GT)
+    for flag, folder in (("data", "Task1-2_Training_Input"), ("GT", "Task1_Training_GroundTruth")):  # the seed's
+        p.add_argument(f"--origin_{flag}_path", default=f"../ISIC/dataset/ISIC2018_{folder}")
     for split in SPLITS:
         p.add_argument(f"--{split}_path", default=f"./dataset/{split}/")
         p.add_argument(f"--{split}_GT_path", default=f"./dataset/{split}_GT/")
@@ -283,10 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (DataError, ValueError, FileNotFoundError, CheckpointError, TrainingError, ExportError) as exc:
+    except (DataError, ValueError, OSError, CheckpointError, TrainingError, ExportError) as exc:
         rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         where = f" [rank {rank}]" if rank is not None else ""
-        print(f"r2unet {args.command}{where}: error: {exc}", file=sys.stderr)
+        print(f"r2unet {args.command}{where}: error: {for_user(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): whatever was running has saved its state
         terminated = type(exc).__name__ == "Terminated"

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .data.augment import MEAN, STD
-from .fileio import atomic_write
+from .fileio import atomic_write, check_writable
 from .models import SIZE_MULTIPLE
 
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
@@ -39,6 +39,7 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
         raise ExportError("export needs onnx and onnxruntime: pip install 'r2unet[export]'") from None
     model = model.eval().float().cpu()
     output = Path(output)
+    check_writable(output)  # a read-only or full destination, before the exporter's seconds of work
     output.parent.mkdir(parents=True, exist_ok=True)
     if image_size < SIZE_MULTIPLE or image_size % SIZE_MULTIPLE:
         raise ExportError(f"--image_size: must be a positive multiple of {SIZE_MULTIPLE} (the networks pool 4 "
@@ -87,6 +88,8 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     try:
         torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                           opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=False)
+    except OSError:  # the destination (a full disk, a read-only folder): the other exporter cannot help
+        raise
     except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter
         try:
             torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],

@@ -20,9 +20,53 @@ def atomic_write(path: str | Path, write: Callable[[Path], Any]) -> None:
         write(tmp)
         _fsync(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise naming(exc, path) from None
     finally:
         tmp.unlink(missing_ok=True)
     _fsync(path.parent)
+
+
+def check_writable(path: str | Path) -> None:
+    """Raise the OSError (naming ``path``) that writing ``path`` would meet, before slow work that ends in it."""
+    path = Path(path)
+    probe = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise naming(exc, path) from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with the file it was about (a full disk's error names none), and the free space when the disk is
+    full."""
+    import errno
+    import shutil
+
+    if exc.filename and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return exc
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        try:
+            reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there)"
+        except OSError:
+            pass
+    return OSError(exc.errno, reason, str(path))
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Add one line to a log-like file (metrics.jsonl); a failure names the file."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError as exc:
+        raise naming(exc, Path(path)) from None
 
 
 def _remove_stale_temporaries(path: Path) -> None:
@@ -95,8 +139,12 @@ class FolderLock:
                         f"process is gone, delete {self.path})")
             except OSError as exc:  # a read-only file system, no permission
                 return f"cannot write to {self.folder}: {exc.strerror or exc}"
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(me, f)
+            except OSError as exc:  # a full disk
+                self.path.unlink(missing_ok=True)
+                return f"cannot write to {self.folder}: {naming(exc, self.path).strerror}"
             self._held = True
             return None
         return f"could not take {self.path}"

@@ -16,7 +16,7 @@ import random
 import shutil
 from pathlib import Path
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write, atomic_write_text
 from .io import DataError
 from .pairs import SPLITS, checked_pairs, pair_files, report_problems
 
@@ -55,8 +55,8 @@ def _place(src: Path, dst: Path, link: str) -> None:
             os.link(src, dst)
         except OSError as exc:
             raise DataError(f"{dst}: cannot hard-link from {src} ({exc}); use --link copy or symlink") from None
-    else:
-        shutil.copy2(src, dst)
+    else:  # whole or not at all: a full disk or a kill mid-copy leaves no truncated file under dst's name
+        atomic_write(dst, lambda tmp: shutil.copy2(src, tmp))
 
 
 def _load_manifest(path: Path) -> dict | None:

@@ -20,7 +20,7 @@ from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
 from ..data.pairs import SPLITS
-from ..fileio import FolderLock, atomic_write, atomic_write_text
+from ..fileio import FolderLock, append_line, atomic_write, atomic_write_text
 from ..messages import first_line
 from ..metrics import METRIC_NAMES, per_image_spread
 from ..models import RECURRENT
@@ -366,8 +366,7 @@ class TrainingRun:
         """The epoch's line in metrics.jsonl and the log, TensorBoard, curves.png and (every few epochs) samples."""
         if not self.info.is_main:
             return
-        with open(self.files.metrics, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_line(self.files.metrics, json.dumps(row))
         progress_lines.log_epoch(self.log, row, self.cfg.num_epochs, eta_s)
         if self.writer:
             progress_lines.tensorboard_row(self.writer, row)
