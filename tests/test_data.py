@@ -156,6 +156,34 @@ def test_synth_refuses_to_overwrite_files_of_the_same_names(tmp_path, capsys):
     assert "--max_side must be >= 32" in capsys.readouterr().err
 
 
+def test_prepare_killed_mid_copy_leaves_no_truncated_file_and_the_rerun_completes(tmp_path, monkeypatch):
+    """A kill during prepare's copy left an empty file under its final name, and the rerun refused it even with
+    --overwrite ("not written by r2unet"). Copies are now whole or absent, and the rerun finishes the split."""
+    import shutil
+
+    from r2unet.data import prepare as prepare_mod
+
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    real_copy, calls = shutil.copy2, {"n": 0}
+
+    def killed_on_the_fifth_file(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            Path(dst).write_bytes(b"")  # the copy had started
+            raise KeyboardInterrupt
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(prepare_mod.shutil, "copy2", killed_on_the_fifth_file)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_split(img_dir, mask_dir, data_path=tmp_path / "out", log=lambda *_: None)
+    monkeypatch.setattr(prepare_mod.shutil, "copy2", real_copy)
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert written and all(p.stat().st_size > 0 for p in written)
+    manifest = prepare_split(img_dir, mask_dir, data_path=tmp_path / "out", overwrite=True, log=lambda *_: None)
+    assert manifest["complete"] and len(manifest["written"]) == 20
+    assert all(Path(p).stat().st_size > 0 for p in manifest["written"])
+
+
 @pytest.mark.parametrize("link", ["hardlink", "symlink"])
 def test_prepare_links_instead_of_copying(tmp_path, link):
     img_dir, mask_dir = _raw(tmp_path, 10)
