@@ -12,7 +12,7 @@ from .data.pairs import SPLITS
 from .engine.checkpoint import CheckpointError
 from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_train_flags, train_settings
 from .engine.inference import add_checkpoint_flags, positive_int
-from .engine.loop import TrainingError
+from .engine.loop import Terminated, TrainingError
 from .export import ExportError
 from .messages import for_user
 from .models import DEFAULT_T, list_models
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"r2unet {args.command}{where}: error: {for_user(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): whatever was running has saved its state
-        terminated = type(exc).__name__ == "Terminated"
+        terminated = isinstance(exc, Terminated)
         print(f"r2unet {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     return 0

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..fileio import atomic_write
 from ..messages import first_line
+from .runtime import CompileWithFallback
 
 
 class RunFiles:
@@ -79,7 +80,7 @@ def _write_failure(exc: Exception, path: Path) -> str:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP (``.module``), torch.compile (``._orig_mod``) and compile-fallback wrappers."""
     while True:
-        if type(model).__name__ == "CompileWithFallback":
+        if isinstance(model, CompileWithFallback):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod

@@ -27,6 +27,11 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says where and what was kept."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (save, then exit). A subclass on purpose: CPython kills itself with SIGINT at
+    exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
+
+
 # ------------------------------------------------------------------------------------------------- model and step
 def build_model(cfg: TrainConfig) -> nn.Module:
     return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=cfg.output_ch, t=cfg.t,

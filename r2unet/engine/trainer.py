@@ -38,6 +38,7 @@ from .config import ConfigError, TrainConfig
 from .loop import (
     EpochState,
     JobThroughput,
+    Terminated,
     TrainingError,
     build_training,
     draw_samples,
@@ -55,11 +56,6 @@ from .runtime import (
     resolve_device,
     seed_everything,
 )
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (save, then exit). A subclass on purpose: CPython kills itself with SIGINT at
-    exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
 
 
 def _terminate_as_interrupt(signum, frame):
