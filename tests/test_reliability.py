@@ -360,7 +360,7 @@ def test_an_infinite_learning_rate_is_refused(tmp_path, capsys):
     from r2unet.cli import main
 
     assert main(["train", "--lr", "inf", "--output_dir", str(tmp_path / "o")]) == 2
-    assert "--lr: must be a finite number > 0, got inf" in capsys.readouterr().err
+    assert "--lr: must be > 0 and finite, got inf" in capsys.readouterr().err
 
 
 def test_a_full_disk_while_saving_names_the_file_and_the_free_space(small_disk):

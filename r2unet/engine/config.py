@@ -118,7 +118,7 @@ class TrainConfig:
             bad("num_epochs_decay", f"must be between 0 and --num_epochs ({self.num_epochs}), "
                 f"got {self.num_epochs_decay}")
         if not 0 < self.lr < float("inf"):
-            bad("lr", f"must be a finite number > 0, got {self.lr}")
+            bad("lr", f"must be > 0 and finite, got {self.lr}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 bad(name, f"must be in [0, 1), got {getattr(self, name)}")
