@@ -184,6 +184,23 @@ def test_prepare_killed_mid_copy_leaves_no_truncated_file_and_the_rerun_complete
     assert all(Path(p).stat().st_size > 0 for p in manifest["written"])
 
 
+def test_prepare_names_an_image_over_the_decompression_bomb_limit_and_skips_it_when_asked(tmp_path, monkeypatch,
+                                                                                        capsys):
+    from r2unet.cli import main
+
+    img_dir, mask_dir = _raw(tmp_path, 6)
+    Image.new("RGB", (200, 200)).save(img_dir / "ISIC_0000009.jpg")
+    Image.new("L", (200, 200)).save(mask_dir / "ISIC_0000009_segmentation.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # the raw images are small; 200 x 200 is over twice it
+    argv = ["prepare", "--origin_data_path", str(img_dir), "--origin_GT_path", str(mask_dir), "--no_cache"]
+    assert main([*argv, "--data_path", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    assert "ISIC_0000009.jpg: too large to decode safely" in err and "Traceback" not in err
+    assert main([*argv, "--data_path", str(tmp_path / "skipped"), "--skip_bad"]) == 0
+    manifest = json.loads((tmp_path / "skipped" / "r2unet_manifest.json").read_text())
+    assert sum(len(v) for v in manifest["splits"].values()) == 6 and "ISIC_0000009.jpg" in manifest["skipped"][0]
+
+
 @pytest.mark.parametrize("link", ["hardlink", "symlink"])
 def test_prepare_links_instead_of_copying(tmp_path, link):
     img_dir, mask_dir = _raw(tmp_path, 10)

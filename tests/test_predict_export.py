@@ -174,6 +174,23 @@ def test_unreadable_images_are_skipped_named_and_the_rest_written(checkpoint, tm
     assert "truncated.jpg" in printed.err
 
 
+def test_an_image_over_the_decompression_bomb_limit_is_skipped_named_and_the_rest_written(checkpoint, tmp_path,
+                                                                                           capsys, monkeypatch):
+    """Pillow refuses images over twice Image.MAX_IMAGE_PIXELS (a "decompression bomb"): predict stopped with a
+    traceback and wrote nothing for the good images. The limit is lowered here instead of making a huge file."""
+    path, _ = checkpoint
+    src = _random_photos(tmp_path / "in", [(40, 60), (42, 60)], "ok", seed=1, ext=".jpg")
+    Image.fromarray(np.zeros((200, 200, 3), np.uint8)).save(src / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # 40 000 pixels is over twice the limit
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(out),
+                 "--device", "cpu"]) == 2
+    printed = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["ok0_segmentation.png", "ok1_segmentation.png"]
+    assert "huge.png" in printed.err and "too large to decode safely" in printed.err
+    assert "Traceback" not in printed.err
+
+
 def test_inputs_that_would_overwrite_each_other_are_refused_and_outputs_are_not_inputs(checkpoint, tmp_path,
                                                                                          capsys):
     path, _ = checkpoint

@@ -54,8 +54,11 @@ _TO_SHOWN = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 
 def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndarray:
     """``array`` (H, W[, C]), laid on the *stored* pixels of the photo at ``image_path``, turned the way the photo's
     EXIF orientation shows it (e.g. a mask drawn by a tool that ignored the tag). Unchanged for unturned photos."""
-    with Image.open(image_path) as img:
-        orientation = _orientation(img)
+    try:
+        with Image.open(image_path) as img:
+            orientation = _orientation(img)
+    except Image.DecompressionBombError as exc:
+        raise DataError(_too_large(image_path, exc)) from None
     if orientation == 1:
         return array
     turned = np.asarray(Image.fromarray(array.astype(np.uint8)).transpose(_TO_SHOWN[orientation]))
@@ -76,7 +79,7 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool 
     except (OSError, SyntaxError, ValueError) as exc:  # PIL raises OSError for truncated / corrupt data
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: image too large to decode safely ({exc})") from None
+        raise DataError(_too_large(path, exc)) from None
     if oriented and (orientation := _orientation(img)) != 1:
         img = img.transpose(_TO_SHOWN[orientation])
     return img
@@ -93,6 +96,13 @@ def image_size(path: str | os.PathLike, oriented: bool = True) -> tuple[int, int
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc})") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(_too_large(path, exc)) from None
+
+
+def _too_large(path, exc: Exception) -> str:
+    return (f"{path}: too large to decode safely ({exc}); Pillow's limit is PIL.Image.MAX_IMAGE_PIXELS = "
+            f"{Image.MAX_IMAGE_PIXELS} pixels (raise it in your own script only for files you trust)")
 
 
 def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None, oriented: bool = True) -> np.ndarray:
