@@ -409,3 +409,19 @@ def test_export_at_a_size_the_networks_cannot_take_is_named(checkpoint, tmp_path
     err = capsys.readouterr().err
     assert "--image_size: must be a positive multiple of 16" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_safetensors_file_with_damaged_settings_is_named_not_guessed(checkpoint, tmp_path, capsys):
+    """An exported .safetensors whose settings metadata is damaged was silently read as a bare state_dict (its t,
+    threshold and image size then guessed)."""
+    from safetensors.torch import load_file, save_file
+
+    path, _ = checkpoint
+    good = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(path), "--output", str(good)]) == 0
+    bad = tmp_path / "damaged.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata={"format": "r2unet", "config": '{"model_type": "R2U'})
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "again.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "damaged.safetensors was written by r2unet export but its settings" in err and "Traceback" not in err

@@ -133,13 +133,17 @@ def _load_safetensors(path: Path) -> dict:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        return state
     try:
-        config = json.loads(metadata.get("config", "{}")) if metadata.get("format") == FORMAT else {}
-    except json.JSONDecodeError:
-        config = {}
-    if isinstance(config, dict) and config:
-        return {"format": FORMAT, "model": state, "config": config}
-    return state
+        config = json.loads(metadata.get("config", "{}"))
+    except json.JSONDecodeError as exc:
+        config = exc
+    if not isinstance(config, dict):  # not silently a bare state_dict: its t and threshold would be guessed
+        raise CheckpointError(f"{path} was written by r2unet export but its settings (metadata 'config') are "
+                              f"damaged ({config if isinstance(config, Exception) else type(config).__name__}); "
+                              "export it again from its checkpoint")
+    return {"format": FORMAT, "model": state, "config": config} if config else state
 
 
 def is_r2unet_checkpoint(obj: dict) -> bool:
