@@ -70,3 +70,21 @@ def test_8p_launcher_runs_torchrun_with_the_given_process_count(workdir):
     assert results["world_size"] == 2 and results["global_batch_size"] == 4
     assert "lr 0.0004" in done.stdout  # --scale_lr: 2 processes x 2e-4
     assert done.stdout.count("Final Performance images/sec") == 1
+
+
+def test_the_seeds_split_command_works_as_typed(tmp_path):
+    """'python3 dataset.py' with the seed's eleven flags, from the caller's folder: the 70/10/20 split into the six
+    folders, as the README describes."""
+    from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+
+    generate_dataset(tmp_path / "raw", num_images=20, seed=3, max_side=120)
+    flags = ["--origin_data_path", f"raw/{IMAGE_DIR}", "--origin_GT_path", f"raw/{MASK_DIR}",
+             "--train_ratio", "0.7", "--valid_ratio", "0.1", "--test_ratio", "0.2"]
+    for split in ("train", "valid", "test"):
+        flags += [f"--{split}_path", f"./dataset/{split}/", f"--{split}_GT_path", f"./dataset/{split}_GT/"]
+    done = subprocess.run([sys.executable, str(REPO / "dataset.py"), *flags], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    counts = {s: len(list((tmp_path / "dataset" / s).iterdir())) for s in ("train", "valid", "test")}
+    assert counts == {"train": 14, "valid": 2, "test": 4}
+    assert all(len(list((tmp_path / "dataset" / f"{s}_GT").iterdir())) == n for s, n in counts.items())
