@@ -544,3 +544,24 @@ def test_a_checkpoint_written_mid_epoch_carries_the_loss_still_on_the_device():
     assert state.carried() == {"epoch_state": {"images": 10, "loss_sum": 1.75}}
     state.loss_device = None
     assert state.carried()["epoch_state"]["loss_sum"] == 1.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for machines without a CUDA GPU")
+def test_a_gpu_index_on_a_machine_without_a_gpu_is_said_not_ignored(tiny_data, tmp_path, capsys):
+    assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(tmp_path / "run"), "--npu_idx", "0",
+                 "--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
+                 "--num_epochs", "1", "--num_workers", "0"]) == 0
+    assert "--npu_idx 0: there is no CUDA GPU here, so training runs on the CPU" in capsys.readouterr().out
+
+
+def test_the_decay_note_comes_once_per_job_and_not_before_an_error(monkeypatch, capsys):
+    from r2unet.engine.config import train_settings
+
+    train_settings({"num_epochs": 3})
+    assert "decaying over all 3 epochs" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--lr"):
+        train_settings({"num_epochs": 3, "lr": -1.0})
+    assert capsys.readouterr().out == ""  # an unrelated error is not preceded by the note
+    monkeypatch.setenv("RANK", "1")
+    train_settings({"num_epochs": 3})
+    assert capsys.readouterr().out == ""  # the other processes of a torchrun job stay quiet

@@ -300,8 +300,11 @@ def train_settings(given: dict, log=print) -> TrainConfig:
     values["resume"] = bool(resume)
     epochs = values.get("num_epochs", TrainConfig.num_epochs)
     decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
-    if "num_epochs_decay" not in values and decay > epochs:
+    shorter = "num_epochs_decay" not in values and decay > epochs
+    if shorter:
         values["num_epochs_decay"] = epochs
+    cfg = TrainConfig.from_dict(values).validate()
+    if shorter and int(os.environ.get("RANK", "0")) == 0:  # once per job, and only for settings that are valid
         log(f"note: --num_epochs_decay defaults to {decay} > --num_epochs {epochs}; decaying over all {epochs} "
             "epochs")
-    return TrainConfig.from_dict(values).validate()
+    return cfg

@@ -250,6 +250,8 @@ class TrainingRun:
                  f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
         if precision_note:
             self.log(precision_note)
+        if cfg.device_index is not None and self.device.type == "cpu":
+            self.log(f"note: --npu_idx {cfg.device_index}: there is no CUDA GPU here, so training runs on the CPU")
 
     def _tensorboard_writer(self):
         if not (self.cfg.tensorboard and self.info.is_main):
