@@ -17,8 +17,15 @@ def _pyplot():
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401 - every plot uses it; loaded with pyplot (see load)
 
     return plt
+
+
+def load() -> None:
+    """Import the plotting libraries now (a training run does this before it takes over SIGTERM, so that a signal
+    never lands inside their first import, which turns it into an ImportError)."""
+    _pyplot()
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -422,3 +422,26 @@ def test_sizes_that_cannot_work_are_named_before_any_work(tmp_path, capsys, argv
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "OUT").exists()
+
+
+def test_a_signal_inside_a_first_import_is_still_an_interrupt(tiny_data, tmp_path, monkeypatch, capsys):
+    """SIGTERM landing inside a module's first import (it happened in matplotlib's, drawing curves.png) surfaces as
+    an ImportError raised from the interrupt; it used to end in a traceback and exit 1 with nothing saved."""
+    from r2unet import plots
+    from r2unet.cli import main
+    from r2unet.engine.loop import Terminated
+
+    def import_interrupted(*args, **kwargs):
+        try:
+            raise Terminated("signal 15")
+        except Terminated as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(plots, "plot_curves", import_interrupted)
+    run = tmp_path / "run"
+    assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(run), "--model_type", "U_Net",
+                 "--base_channels", "4", "--image_size", "32", "--batch_size", "2", "--num_epochs", "2",
+                 "--num_workers", "0", "--device", "cpu"]) == 143
+    captured = capsys.readouterr()
+    assert "terminated" in captured.err and "continue with --resume" in captured.out
+    assert load_file(run / "checkpoints" / "last.pt")["step"] == 7  # the epoch's last step, before its end

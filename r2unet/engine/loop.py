@@ -32,6 +32,14 @@ class Terminated(KeyboardInterrupt):
     exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
 
 
+def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
+    """``exc`` if it is an interrupt, else the interrupt it was raised from (None if none): a signal that lands
+    inside a module's first import surfaces as an ImportError ("initialization failed") raised from it."""
+    while exc is not None and not isinstance(exc, KeyboardInterrupt):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
 # ------------------------------------------------------------------------------------------------- model and step
 def build_model(cfg: TrainConfig) -> nn.Module:
     return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=cfg.output_ch, t=cfg.t,

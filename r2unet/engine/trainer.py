@@ -43,6 +43,7 @@ from .loop import (
     build_training,
     draw_samples,
     evaluate,
+    interrupt_behind,
     lr_factor,
     train_one_epoch,
 )
@@ -267,6 +268,7 @@ class TrainingRun:
     def run(self) -> dict:
         """Train the remaining epochs, then score the best checkpoint on the test split. Ctrl-C / SIGTERM saves
         ``last.pt`` (the step reached) and re-raises."""
+        plots.load()  # now, not inside an epoch, where a signal could land in the import
         old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) \
             if threading.current_thread() is threading.main_thread() else None
         session_start = time.perf_counter()  # for the run's ETA: wall time per epoch in this session, all included
@@ -288,7 +290,10 @@ class TrainingRun:
             if self.bar:
                 self.bar.close()
             return self.finish()
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, ImportError) as exc:  # an interrupt inside a module's first import comes
+            interrupt = interrupt_behind(exc)  # wrapped in an ImportError ("initialization failed")
+            if interrupt is None:
+                raise
             if self.bar:
                 self.bar.close()
             state = self.state
@@ -298,7 +303,7 @@ class TrainingRun:
             self.save_last(epoch, step, None if state.finished else state.carried(),
                            state.augment_rng if state.in_step else None)
             self.log(f"interrupted: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
-            raise
+            raise interrupt from None
         finally:
             if self.writer:
                 self.writer.close()
