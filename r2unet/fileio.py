@@ -47,17 +47,23 @@ def naming(exc: OSError, path: Path) -> OSError:
     """``exc`` with the file it was about (a full disk's error names none), and the free space when the disk is
     full."""
     import errno
-    import shutil
 
     if exc.filename and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
     reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            reason += f" ({shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there)"
-        except OSError:
-            pass
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and (free := free_space(path.parent)):
+        reason += f" ({free})"
     return OSError(exc.errno, reason, str(path))
+
+
+def free_space(folder: Path) -> str:
+    """"N MiB free in FOLDER", for messages about a full disk ("" when the file system will not say)."""
+    import shutil
+
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
+    except OSError:
+        return ""
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, free_space, naming
 from ..messages import first_line
 from .runtime import CompileWithFallback
 
@@ -63,17 +63,15 @@ def atomic_save(obj, path: str | Path) -> None:
 
 
 def _write_failure(exc: Exception, path: Path) -> str:
-    """Why a write failed, in words, with the free space on that disk and the size of the file it replaces."""
-    import shutil
-
-    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"the write failed ({first_line(exc, 120)})"
-    try:
-        free = shutil.disk_usage(path.parent).free
-    except OSError:
-        return reason
-    reason += f"; {free / 2**20:.1f} MiB free in {path.parent}"
+    """Why a write failed, in words: an OS error as ``atomic_write`` names it (with the free space on a full disk),
+    anything else (torch's "unexpected pos" on a full disk) with the free space; and the size of the file it
+    replaces."""
+    if isinstance(exc, OSError):
+        reason = naming(exc, path).strerror
+    else:
+        reason = "; ".join(filter(None, (f"the write failed ({first_line(exc, 120)})", free_space(path.parent))))
     if path.exists():
-        reason += f", the file it replaces takes {path.stat().st_size / 2**20:.1f} MiB"
+        reason += f"; the file it replaces takes {path.stat().st_size / 2**20:.1f} MiB"
     return reason
 
 

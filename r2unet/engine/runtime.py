@@ -21,12 +21,17 @@ from .config import AMP_CHOICES, ConfigError
 
 
 # ------------------------------------------------------------------------------------------------------------ device
+def device_type(want: str) -> str:
+    """"cuda" or "cpu": the kind of device ``--device`` asks for (``auto``: the GPU if there is one)."""
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if want.startswith("cuda") else "cpu"
+
+
 def resolve_device(want: str = "auto", index: int | None = None, local_rank: int | None = None) -> torch.device:
     """``auto``: the GPU if there is one, else the CPU. ``cuda`` / ``cuda:N``: that GPU (``index``, the seed's
     ``--npu_idx``, wins over ``:N``; in a multi-process run ``local_rank`` picks it)."""
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if not want.startswith("cuda"):
+    if device_type(want) == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError("--device: cuda was asked for but no CUDA GPU is available (use --device cpu)")

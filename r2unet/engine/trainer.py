@@ -51,6 +51,7 @@ from .runtime import (
     CompileWithFallback,
     configure_backends,
     describe_device,
+    device_type,
     resolve_amp,
     resolve_channels_last,
     resolve_compile,
@@ -71,9 +72,7 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
     """Train as configured; return the results (also written to ``results.json``), and with ``return_model`` the
     trained model of this process too (the best checkpoint's weights)."""
     cfg.validate()
-    probe = "cuda" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) \
-        else "cpu"
-    info = D.init_distributed(probe, timeout_s=cfg.dist_timeout_s)
+    info = D.init_distributed(device_type(cfg.device), timeout_s=cfg.dist_timeout_s)
     try:
         if info.distributed:  # one run: rank 0's settings everywhere (on --resume, those of its last.pt)
             own = cfg.to_dict()
