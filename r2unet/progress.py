@@ -87,8 +87,11 @@ def training_bar(is_main: bool, total: int, images_per_batch: int):
 
 
 def log_epoch(log, row: dict, num_epochs: int, eta_s: float = 0.0) -> None:
-    msg = (f"epoch {row['epoch']}/{num_epochs}  loss {row['train_loss']:.4f}  lr {row['lr']:.2e}  "
-           f"{row['train_img_per_s']:.1f} img/s")
+    loss, skipped = row["train_loss"], row.get("skipped_steps", 0)
+    msg = f"epoch {row['epoch']}/{num_epochs}  loss {'NaN/Inf' if loss is None else f'{loss:.4f}'}"
+    if skipped:
+        msg += f" ({skipped} step{'s' if skipped > 1 else ''} skipped: NaN/Inf)"
+    msg += f"  lr {row['lr']:.2e}  {row['train_img_per_s']:.1f} img/s"
     if row.get("valid"):
         v = row["valid"]
         msg += f"  valid JS {v['JS']:.4f} DC {v['DC']:.4f} ACC {v['ACC']:.4f}" + ("  (best)" if row.get("best") else "")
@@ -99,7 +102,8 @@ def log_epoch(log, row: dict, num_epochs: int, eta_s: float = 0.0) -> None:
 
 def tensorboard_row(writer, row: dict) -> None:
     step = row["epoch"]
-    writer.add_scalar("train/loss", row["train_loss"], step)
+    if row["train_loss"] is not None:
+        writer.add_scalar("train/loss", row["train_loss"], step)
     writer.add_scalar("train/lr", row["lr"], step)
     writer.add_scalar("train/img_per_s", row["train_img_per_s"], step)
     for k, v in (row.get("valid") or {}).items():

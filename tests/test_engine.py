@@ -541,9 +541,10 @@ def test_a_checkpoint_written_mid_epoch_carries_the_loss_still_on_the_device():
 
     state = EpochState(epoch=2, steps=5, images=10, loss_sum=1.5)
     state.loss_device = torch.tensor(0.25, dtype=torch.float64)
-    assert state.carried() == {"epoch_state": {"images": 10, "loss_sum": 1.75}}
-    state.loss_device = None
-    assert state.carried()["epoch_state"]["loss_sum"] == 1.5
+    state.skipped, state.skipped_device = 1, torch.tensor(2)
+    assert state.carried() == {"epoch_state": {"images": 10, "loss_sum": 1.75, "skipped": 3}}
+    state.loss_device = state.skipped_device = None
+    assert state.carried()["epoch_state"]["loss_sum"] == 1.5 and state.carried()["epoch_state"]["skipped"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the note is for machines without a CUDA GPU")

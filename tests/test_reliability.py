@@ -145,6 +145,75 @@ def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatc
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
 
 
+class _NaNOnBatches:
+    """A training transform whose images turn NaN on the given batches (0-based): a NaN forward pass, which moves
+    BatchNorm's running statistics to NaN before any loss or gradient is seen."""
+
+    def __init__(self, transform, bad):
+        self.transform, self.bad, self.calls = transform, set(bad), 0
+        self.generator = transform.generator
+
+    def __call__(self, batch):
+        x, y = self.transform(batch)
+        self.calls += 1
+        return (x * float("nan") if self.calls - 1 in self.bad else x), y
+
+
+def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were():
+    """Skipping a non-finite step protected the weights, but the forward pass had already moved BatchNorm's running
+    statistics to NaN, and they stayed NaN for the rest of the run (and in best.pt). Now a skipped step leaves the
+    model exactly as a run without that batch would."""
+    from r2unet.data.dataset import DeviceTransform
+    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.runtime import Precision
+
+    cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=4, image_size=32, batch_size=2, device="cpu",
+                      amp="off", log_every=100)
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    batches = [{"images": torch.randint(0, 255, (2, 40, 40, 3), dtype=torch.uint8, generator=g),
+                "masks": torch.randint(0, 2, (2, 40, 40), dtype=torch.uint8, generator=g),
+                "aspect": torch.ones(2)} for _ in range(3)]
+    models, skipped = [], []
+    for loader, bad in ((batches, {1}), (batches[:1] + batches[2:], set())):
+        torch.manual_seed(0)
+        model, optimizer, scaler = build_training(cfg, device, Precision(None, device), cfg.lr, channels_last=False)
+        transform = DeviceTransform(32, device, None)  # no augmentation: both runs see the same pixels
+        state = train_one_epoch(model, loader, _NaNOnBatches(transform, bad), optimizer, scaler,
+                                Precision(None, device), cfg, EpochState(0))
+        models.append(model)
+        skipped.append(getattr(state, "skipped", None))
+    with_nan, without = (dict(m.state_dict()) for m in models)
+    assert all(torch.isfinite(v).all() for v in with_nan.values()), "a NaN forward pass poisoned the statistics"
+    assert all(torch.equal(with_nan[k], without[k]) for k in with_nan), "the skipped step left a trace"
+    assert skipped == [1, 0]
+
+
+def test_an_epoch_of_only_skipped_steps_is_logged_as_such_and_changes_nothing(tiny_data, tmp_path, monkeypatch):
+    """An epoch whose every step was NaN was logged as "loss 0.0000" (the sum of no losses over the step count)."""
+    from r2unet.engine import loop, trainer
+
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=2,
+                      num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data), amp="off",
+                      output_dir=str(tmp_path / "run"), log_every=1)
+    real_step, steps_per_epoch, calls = loop.train_step, 14 // 2, {"n": 0}
+
+    def nan_input_in_epoch_2(model, x, *args, **kwargs):
+        calls["n"] += 1
+        return real_step(model, x * float("nan") if calls["n"] > steps_per_epoch else x, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", nan_input_in_epoch_2)
+    lines = []
+    trainer.fit(cfg, log=lines.append)
+    assert any(f"epoch 2/2  loss NaN/Inf ({steps_per_epoch} steps skipped: NaN/Inf)" in line for line in lines), lines
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] is None and rows[1]["skipped_steps"] == steps_per_epoch
+    assert rows[0]["skipped_steps"] == 0 and rows[0]["train_loss"] > 0
+    assert rows[1]["valid"] == rows[0]["valid"], "an epoch of skipped steps changed the model"
+    last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_nonfinite_gradient_skips_the_whole_optimizer_step(fused):
     from r2unet.engine.runtime import skip_nonfinite_step

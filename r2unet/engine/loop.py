@@ -125,6 +125,33 @@ def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice
     raise AssertionError("unreachable")
 
 
+class BufferSnapshot:
+    """The model's buffers (BatchNorm running statistics and counts) as they were before a step, kept in one flat
+    tensor per dtype so that taking, restoring and choosing cost a few kernels, not one per buffer."""
+
+    def __init__(self, model: nn.Module):
+        self.groups = []  # (the model's buffers of one dtype, a flat copy, views of that copy shaped like them)
+        for dtype in dict.fromkeys(b.dtype for b in model.buffers()):
+            live = [b for b in model.buffers() if b.dtype == dtype]
+            flat = torch.cat([b.detach().reshape(-1) for b in live])
+            self.groups.append((live, flat, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in live]), live)]))
+
+    def take(self) -> None:
+        for live, _, saved in self.groups:
+            torch._foreach_copy_(saved, live)
+
+    def restore(self) -> None:
+        for live, _, saved in self.groups:
+            torch._foreach_copy_(live, saved)
+
+    def keep_if(self, ok: torch.Tensor) -> None:
+        """Keep the step's changes where the device bool ``ok`` is set, else go back to the snapshot (decided on the
+        device: a NaN forward pass leaves no NaN/Inf in the running statistics, and no host synchronisation)."""
+        for live, flat, _ in self.groups:
+            chosen = torch.where(ok, torch.cat([b.detach().reshape(-1) for b in live]), flat)
+            torch._foreach_copy_(live, [v.view_as(b) for v, b in zip(chosen.split([b.numel() for b in live]), live)])
+
+
 # -------------------------------------------------------------------------------------------------------- an epoch
 @dataclass
 class EpochState:
@@ -135,19 +162,23 @@ class EpochState:
     images: int = 0  # images trained in this epoch, including those before a resume
     loss_sum: float = 0.0  # sum of finite step losses, on the host
     loss_device: torch.Tensor | None = None  # the part of the sum still on the device (during the loop)
+    skipped: int = 0  # steps skipped for a NaN/Inf loss or gradient, on the host
+    skipped_device: torch.Tensor | None = None  # the part of that count still on the device (during the loop)
     in_step: bool = False  # inside a step: an interruption redoes it on resume
     augment_rng: torch.Tensor | None = None  # the augmentation RNG before the current step
     train_metrics: MetricAccumulator | None = None  # training-batch scores (after augmentation)
     steady_images: int = 0  # images and seconds of the steps after the warm-up (throughput)
     steady_seconds: float = 0.0
-    buffers_before_step: list | None = None  # the model's buffers (BatchNorm statistics) before the current step
+    buffers_before_step: BufferSnapshot | None = None  # the model's buffers (BatchNorm statistics) before the step
     nonfinite_run: torch.Tensor | None = None  # consecutive non-finite steps, on the device, across epochs
     finished: bool = False  # trained, validated, recorded and the LR schedule stepped: only last.pt is left
 
     def carried(self) -> dict:
         """What a checkpoint written inside the epoch carries, to finish the epoch's statistics after a resume."""
-        device_part = float(self.loss_device.item()) if self.loss_device is not None else 0.0
-        return {"epoch_state": {"images": self.images, "loss_sum": self.loss_sum + device_part}}
+        on_device = self.loss_device is not None
+        return {"epoch_state": {"images": self.images,
+                                "loss_sum": self.loss_sum + (float(self.loss_device.item()) if on_device else 0.0),
+                                "skipped": self.skipped + (int(self.skipped_device.item()) if on_device else 0)}}
 
 
 class SteadyClock:
@@ -193,26 +224,27 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     model.train()
     device = precision.device
     state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
+    state.skipped_device = torch.zeros((), dtype=torch.int64, device=device)
     if state.train_metrics is None:
         state.train_metrics = MetricAccumulator(threshold=cfg.threshold, device=device)
     if state.nonfinite_run is None:  # a run continues the previous epoch's count (see TrainingRun.train_epoch)
         state.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
-    model_buffers = list(model.buffers())
-    state.buffers_before_step = [b.clone() for b in model_buffers]
+    state.buffers_before_step = snapshot = BufferSnapshot(model)
     for batch in loader:
         clock.before_step()
         # what the step changes besides the weights, as it was before it: a checkpoint written inside the step
         # resumes with this batch's augmentation and without the BatchNorm updates of its interrupted forward
         state.augment_rng, state.in_step = transform.generator.get_state(), True
-        if model_buffers:
-            torch._foreach_copy_(state.buffers_before_step, model_buffers)
+        snapshot.take()
         x, y = transform(batch)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         logits, loss, finite = train_step(model, x, y, precision, scaler, optimizer, buffers, cfg.loss == "dice_bce")
         state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
+        snapshot.keep_if(finite)  # a skipped step leaves no trace: neither in the weights nor in the statistics
         state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
+        state.skipped_device += (~finite).long()
         state.train_metrics.update(torch.sigmoid(logits.detach().float()), y)
         state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
         clock.after_step(x.shape[0])
@@ -227,7 +259,8 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     images, seconds = clock.stop()
     _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)  # epochs shorter than --log_every too
     state.loss_sum += float(state.loss_device.item())
-    state.loss_device = None
+    state.skipped += int(state.skipped_device.item())
+    state.loss_device = state.skipped_device = None
     state.steady_images += images
     state.steady_seconds += seconds
     return state

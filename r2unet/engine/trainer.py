@@ -298,7 +298,7 @@ class TrainingRun:
             state = self.state
             epoch, step = (state.epoch + 1, 0) if state.finished else (state.epoch, state.steps)
             if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with
-                torch._foreach_copy_(list(self.model.buffers()), state.buffers_before_step)  # the state before it
+                state.buffers_before_step.restore()  # the BatchNorm statistics from before it
             self.save_last(epoch, step, None if state.finished else state.carried(),
                            state.augment_rng if state.in_step else None)
             self.log(f"interrupted: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
@@ -316,7 +316,8 @@ class TrainingRun:
         self.train_sampler.set_epoch(epoch, skip)
         self.state = state = EpochState(epoch, steps=skip, nonfinite_run=self.state.nonfinite_run)
         if skip and self.carried:
-            state.images, state.loss_sum = self.carried.get("images", 0), self.carried.get("loss_sum", 0.0)
+            state.images, state.loss_sum, state.skipped = (self.carried.get(k, 0) for k in ("images", "loss_sum",
+                                                                                            "skipped"))
         total = len(self.train_sampler) + skip
         if self.bar:
             self.bar.reset(total=total)
@@ -332,15 +333,15 @@ class TrainingRun:
         epoch_lr = self.optimizer.param_groups[0]["lr"]
         epoch_fps, epoch_s = self.throughput.add_epoch(state, state.images - carried_images,
                                                        time.perf_counter() - t0, self.device)
-        loss_steps = torch.tensor([state.loss_sum, state.steps], dtype=torch.float64, device=self.device)
-        D.all_reduce_sum(loss_steps)
-        loss_total, steps = loss_steps.tolist()
+        sums = torch.tensor([state.loss_sum, state.steps - state.skipped, state.skipped], dtype=torch.float64)
+        loss_total, taken, skipped = D.all_reduce_sum(sums.to(self.device)).tolist()
         state.train_metrics.all_reduce()
         # none when a resume landed after the epoch's last step (killed before the epoch-end save)
         train_scores = state.train_metrics.compute() if state.train_metrics.num_images else None
         self.last_train = train_scores or self.last_train
-        return {"epoch": epoch + 1, "train_loss": loss_total / max(1.0, steps), "lr": epoch_lr,
-                "train_img_per_s": epoch_fps, "epoch_seconds": epoch_s, "train": train_scores}
+        return {"epoch": epoch + 1, "train_loss": loss_total / taken if taken else None,  # None: every step skipped
+                "skipped_steps": int(skipped), "lr": epoch_lr, "train_img_per_s": epoch_fps, "epoch_seconds": epoch_s,
+                "train": train_scores}
 
     def _on_step(self, state: EpochState) -> None:
         if self.cfg.save_every_steps and state.steps % self.cfg.save_every_steps == 0:
