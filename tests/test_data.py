@@ -497,14 +497,16 @@ def test_16_bit_and_grayscale_images_are_scaled_not_clipped(tmp_path):
     assert (read_image(tmp_path / "g.bmp") == 77).all()
 
 
-def _rotated_photo(path):
-    """A JPEG stored 60x40 (w x h) with a red block, tagged EXIF orientation 6 (shown turned 90 degrees: 40x60)."""
+def _rotated_photo(path, size=(60, 40), orientation=6):
+    """A JPEG stored ``size`` (w x h, default 60x40) with a red block in its top-left part, tagged EXIF
+    ``orientation`` (6: shown turned 90 degrees, 40x60)."""
     from PIL import ImageOps
 
-    stored = np.full((40, 60, 3), 60, np.uint8)
-    stored[5:15, 5:25] = (230, 20, 20)
+    w, h = size
+    stored = np.full((h, w, 3), 60, np.uint8)
+    stored[h // 8:h * 3 // 8, w // 12:w * 5 // 12] = (230, 20, 20)
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     Image.fromarray(stored).save(path, exif=exif, quality=95)
     with Image.open(path) as img:
         shown = np.asarray(ImageOps.exif_transpose(img))
@@ -532,6 +534,47 @@ def test_exif_rotated_photos_pair_with_masks_drawn_on_either_frame(tmp_path, fra
     assert cache.aspect[row] == pytest.approx(60 / 40 if frame == "displayed" else 40 / 60)
     red = image[..., 0] - image[..., 1]
     assert mask.any() and red[mask].mean() > 100 > red[~mask].mean(), "image and mask are in different frames"
+
+
+def _cached_overlap(tmp_path, size, orientation, frame, image_size=32):
+    """Prepare a dataset whose first photo is EXIF-turned with its mask drawn on ``frame`` ("stored" / "shown");
+    (how red the photo is under its cached mask minus elsewhere, the log lines)."""
+    img_dir, mask_dir = tmp_path / "img", tmp_path / "gt"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    stored, shown = _rotated_photo(img_dir / "ISIC_0000001.jpg", size, orientation)
+    Image.fromarray(((stored if frame == "stored" else shown)[..., 0] > 150).astype(np.uint8) * 255).save(
+        mask_dir / "ISIC_0000001_segmentation.png")
+    for i in range(2, 5):
+        _write_pair(img_dir, mask_dir, f"ISIC_{i:07d}")
+    lines = []
+    prepare_split(img_dir, mask_dir, data_path=tmp_path / "data", train_ratio=1, valid_ratio=0, test_ratio=0,
+                  cache_size=image_size, log=lines.append)
+    cache = split_cache(tmp_path / "data", "train", image_size, progress=False, log=lines.append)
+    row = cache.names.index("ISIC_0000001.jpg")
+    image, mask = cache.images[row].astype(float), cache.masks[row].astype(bool)
+    red = image[..., 0] - image[..., 1]
+    return red[mask].mean() - red[~mask].mean(), lines
+
+
+def test_a_near_square_turned_photo_keeps_its_mask_drawn_on_the_stored_pixels(tmp_path):
+    """A 400x398 photo with orientation 6 and its mask drawn on the stored pixels: the aspect ratios of the two
+    frames differ by 1 %, so the old check took the mask for one drawn on the shown photo (overlap 0, no warning).
+    The frame is now told by the exact header sizes."""
+    contrast, lines = _cached_overlap(tmp_path, (400, 398), 6, "stored", image_size=64)  # JPEG draft-decoded
+    assert contrast > 100, "the photo and its mask were cached in different frames"
+    assert not any("warning" in line for line in lines), "the sizes tell the frames apart: nothing is ambiguous"
+
+
+@pytest.mark.parametrize("size,orientation", [((48, 48), 6), ((60, 40), 3), ((60, 40), 2)])
+def test_a_turned_photo_whose_frames_have_one_size_is_taken_as_shown_and_named(tmp_path, size, orientation):
+    """A square photo turned 90 degrees, or any photo turned 180 degrees or mirrored: a mask fits either frame. The
+    rule takes it as drawn on the photo as shown, and the run names the photo and the rule."""
+    contrast, lines = _cached_overlap(tmp_path, size, orientation, "shown")
+    assert contrast > 100
+    warning = [line for line in lines if line.startswith("warning:")]
+    assert len(warning) == 1 and "1 photo(s)" in warning[0] and "ISIC_0000001.jpg" in warning[0], lines
+    assert "taken as the latter" in warning[0] and "Orientation tag" in warning[0]
 
 
 def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_path):

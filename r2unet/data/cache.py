@@ -29,8 +29,8 @@ from PIL import Image
 
 from ..fileio import atomic_write_text
 from ..progress import track
-from .io import DataError, read_image, read_mask
-from .pairs import checked_pairs, report_problems
+from .io import DataError, mask_frame, read_image, read_mask
+from .pairs import checked_pairs, note_ambiguous, report_problems
 
 CACHE_VERSION = 1
 
@@ -49,16 +49,10 @@ def decode_pair(image: str, mask: str, side: int) -> tuple[np.ndarray, np.ndarra
     """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8 0/1, original (h, w))."""
     m = read_mask(mask)
     h, w = m.shape
-
-    def fits(img):  # a draft-decoded JPEG is smaller than the mask by a power of two: compare aspect, not pixels
-        return abs(img.shape[0] / img.shape[1] - h / w) <= 0.02 and img.shape[0] <= h and img.shape[1] <= w
-
-    img = read_image(image, min_size=(side, side))
-    if not fits(img):  # a mask drawn on the stored pixels of a photo whose EXIF orientation turns it
-        stored = read_image(image, min_size=(side, side), oriented=False)
-        if not fits(stored):
-            raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
-        img = stored
+    oriented, _ = mask_frame(image, (w, h))  # the photo as shown, or its stored pixels (an EXIF-unaware mask)
+    if oriented is None:
+        raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
+    img = read_image(image, min_size=(side, side), oriented=oriented)
     small = np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR))
     small_mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((side, side), Image.BOX)) >= 128
     return small, small_mask.astype(np.uint8), (h, w)
@@ -221,6 +215,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
     if todo:
         workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
         log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
+        note_ambiguous([pairs[i] for i in todo], log)
         jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side) for i in todo]
         with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
             results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)

@@ -10,8 +10,8 @@ Masks arrive in many encodings. ``read_mask`` normalises all of them to a boolea
   near 0 and 255) at 127.5; larger values (16-bit 0/65535) at 32767.5.
 
 Orientation: a photo's EXIF Orientation tag is applied (``oriented=True``, the default), so pixels are used as every
-image viewer and annotation tool shows them; ``oriented=False`` gives the stored pixels. Pairing code accepts a mask
-drawn on either frame (see ``data.cache.decode_pair``).
+image viewer and annotation tool shows them; ``oriented=False`` gives the stored pixels. A mask may be drawn on either
+frame; ``mask_frame`` decides which from the sizes alone, by one rule for every shape (see there).
 """
 
 from __future__ import annotations
@@ -87,11 +87,31 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool 
 
 def image_size(path: str | os.PathLike, oriented: bool = True) -> tuple[int, int]:
     """(width, height) from the header only, without decoding the pixels; as displayed unless ``oriented=False``."""
-    path = Path(path)
+    w, h, orientation = _header(Path(path))
+    return (h, w) if oriented and orientation in _TRANSPOSED else (w, h)
+
+
+def mask_frame(image_path: str | os.PathLike, mask_size: tuple[int, int]) -> tuple[bool | None, bool]:
+    """Which frame of the photo a mask of ``mask_size`` (w, h) was drawn on: (oriented, ambiguous).
+
+    One rule for every shape, from the header sizes only: the photo as shown when the mask has its size (what
+    viewers and annotation tools show), else the stored pixels when the mask has theirs; ``oriented`` None when it
+    has neither. ``ambiguous``: the photo carries an EXIF orientation that leaves its size unchanged (flipped or
+    turned 180 degrees, or a square photo turned 90), so a mask drawn on the stored pixels cannot be told apart; it
+    is taken as drawn on the photo as shown. (Comparing aspect ratios instead took a near-square photo turned 90
+    degrees, 400x398, for its unturned self.)"""
+    w, h, orientation = _header(Path(image_path))
+    stored, shown = (w, h), ((h, w) if orientation in _TRANSPOSED else (w, h))
+    if tuple(mask_size) == shown:
+        return True, orientation != 1 and shown == stored
+    return (False if tuple(mask_size) == stored else None), False
+
+
+def _header(path: Path) -> tuple[int, int, int]:
+    """(stored width, stored height, EXIF orientation) from the header only."""
     try:
         with Image.open(path) as img:
-            w, h = img.size
-            return (h, w) if oriented and _orientation(img) in _TRANSPOSED else (w, h)
+            return (*img.size, _orientation(img))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:

@@ -2,7 +2,8 @@
 names of the three splits.
 
 - ``ISIC_x.jpg`` <-> ``ISIC_x_segmentation.<ext>`` (ISIC 2018), else ``x.<ext>`` <-> ``x.<ext>`` (same stem).
-- A pair is checked at the header level: both files are readable images of the same size.
+- A pair is checked at the header level: both files are readable images of the same size (the mask may fit the
+  photo as shown or its stored pixels: ``io.mask_frame``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError, image_size, is_image_file
+from .io import DataError, image_size, is_image_file, mask_frame
 
 SPLITS = ("train", "valid", "test")
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
@@ -20,6 +21,7 @@ _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 class Pair:
     image: Path
     mask: Path
+    ambiguous: bool = False  # an EXIF-turned photo whose mask fits either frame (set by check_pair)
 
     @property
     def name(self) -> str:
@@ -80,13 +82,26 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path) -> PairingReport:
 
 
 def check_pair(pair: Pair) -> None:
-    """Header-level check: both files are readable images of the same size (the photo as shown or as stored)."""
-    img_size, mask_size = image_size(pair.image), image_size(pair.mask)
-    if img_size != mask_size and image_size(pair.image, oriented=False) != mask_size:  # either frame of a photo
+    """Header-level check: both files are readable images of the same size (the photo as shown or as stored); marks
+    the pair ``ambiguous`` when the mask fits both frames of an EXIF-turned photo."""
+    img_size, mask_size = image_size(pair.image), image_size(pair.mask)  # a bad image is named before its mask
+    oriented, pair.ambiguous = mask_frame(pair.image, mask_size)
+    if oriented is None:
         raise DataError(
             f"{pair.mask}: mask size {mask_size[0]}x{mask_size[1]} differs from image {pair.image.name} "
             f"size {img_size[0]}x{img_size[1]}"
         )
+
+
+def note_ambiguous(pairs: list[Pair], log) -> None:
+    """One line naming the EXIF-turned photos whose mask could be on either frame, and the rule applied."""
+    ambiguous = [p.image.name for p in pairs if p.ambiguous]
+    if ambiguous:
+        shown = ", ".join(ambiguous[:5]) + (f" and {len(ambiguous) - 5} more" if len(ambiguous) > 5 else "")
+        log(f"warning: {len(ambiguous)} photo(s) carry an EXIF orientation that keeps their size ({shown}): a mask "
+            "drawn on their stored pixels cannot be told from one drawn on the photo as viewers show it, and is taken "
+            "as the latter. If yours were drawn on the stored pixels (a tool that ignores the tag), remove the "
+            "photos' Orientation tag or turn the masks the same way")
 
 
 def checked_pairs(image_dir: str | Path, mask_dir: str | Path) -> tuple[list[Pair], list[str], list[Path]]:

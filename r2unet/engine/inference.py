@@ -216,7 +216,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
 def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, accumulator, batch_size: int,
                             tta: bool, precision: Precision, channels_last: bool, log) -> list[str]:
     """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
-    from ..data.pairs import checked_pairs, report_problems
+    from ..data.pairs import checked_pairs, note_ambiguous, report_problems
     from ..predict import score_at_original_resolution
 
     image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
@@ -224,6 +224,7 @@ def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfi
         raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
     report_problems(problems, skip_bad=False, log=log)
+    note_ambiguous(pairs, log)
     score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, accumulator, batch_size=batch_size,
                                  tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
                                  channels_last=channels_last, log=log)
