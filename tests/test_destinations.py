@@ -69,6 +69,11 @@ def _commands(root, data, run, dest):
         "evaluate --per_image": ["evaluate", "--checkpoint", ckpt, "--data_path", str(data), "--per_image",
                                  str(dest / "scores.csv"), "--device", "cpu"],
         "compare": ["compare", str(run), "--output", str(dest / "compare.png")],
+        "train --cache_dir": ["train", "--data_path", str(data), "--cache_dir", str(dest / "cache"), "--output_dir",
+                              str(dest.parent / "run"), "--model_type", "U_Net", "--base_channels", "4",
+                              "--image_size", "32", "--batch_size", "2", "--num_epochs", "1", "--num_workers", "2",
+                              "--device", "cpu"],
+        "demo": ["demo", "--output", str(dest / "demo"), "--num_images", "20", "--num_epochs", "1"],
     }
 
 
@@ -92,7 +97,7 @@ def _whole(path) -> bool:
 
 
 COMMANDS = ["synth", "prepare", "train", "predict", "export onnx", "export safetensors", "evaluate --per_image",
-            "compare"]
+            "compare", "train --cache_dir", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -105,3 +110,32 @@ def test_a_read_only_or_full_destination_is_named_without_a_traceback(trained, d
     assert str(destination) in err or "dest" in err, err  # the message names where
     partial = [p for p in destination.rglob("*") if p.is_file() and p.name != "filler" and not _whole(p)]
     assert not partial, partial
+
+
+@pytest.mark.parametrize("state", ["read-only", "full"])
+def test_plot_into_a_read_only_or_full_run_folder_keeps_the_pictures_whole(trained, tmp_path, state, capsys):
+    """``plot`` redraws the pictures inside the run folder itself: that folder goes read-only or full after the run."""
+    import shutil
+
+    _, _, run = trained
+    folder = tmp_path / "run"
+    _mount(folder, "size=16m")
+    try:
+        shutil.copytree(run, folder, dirs_exist_ok=True)
+        before = {p.name: p.read_bytes() for p in folder.glob("*.png")}
+        if state == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        else:
+            with open(folder / "filler", "wb", buffering=0) as f:
+                try:
+                    while True:
+                        f.write(b"\0" * 4096)
+                except OSError:
+                    pass
+        assert main(["plot", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and "Traceback" not in err and str(folder) in err, err
+        assert {p.name: p.read_bytes() for p in folder.glob("*.png")} == before  # the old pictures, whole
+        assert not [p for p in folder.rglob("*") if p.is_file() and p.name != "filler" and not _whole(p)]
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

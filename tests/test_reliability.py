@@ -514,3 +514,69 @@ def test_a_signal_inside_a_first_import_is_still_an_interrupt(tiny_data, tmp_pat
     captured = capsys.readouterr()
     assert "terminated" in captured.err and "continue with --resume" in captured.out
     assert load_file(run / "checkpoints" / "last.pt")["step"] == 7  # the epoch's last step, before its end
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(stat))
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_a_cache_larger_than_the_free_space_is_refused_before_any_row_is_written(tiny_data, small_disk):
+    """Rows were written into sparse memory-mapped files: on a disk that fills up, that is a SIGBUS ("Bus error",
+    exit 135) that leaves the decoding workers running. The blocks are now claimed first; a disk without room is
+    named with the space needed. In a subprocess: on the old code the SIGBUS would kill the test run itself."""
+    done = subprocess.run([sys.executable, "-m", "r2unet.cli", "train", "--data_path", str(tiny_data), "--cache_dir",
+                           str(small_disk / "cache"), "--output_dir", str(small_disk.parent / "run"), *TINY,
+                           "--image_size", "128", "--num_workers", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    assert f"cannot write the cache in {small_disk / 'cache' / 'train-176'}: it needs" in done.stderr
+    assert "MiB free in" in done.stderr
+    assert [p for p in small_disk.rglob("*") if p.is_file()] == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads processes from /proc")
+def test_decoding_workers_exit_when_the_cache_build_is_killed(tiny_data, tmp_path):
+    """``kill -9`` during caching left the decoding workers waiting on their queue for good (30+ minutes seen)."""
+    script = (
+        "import sys, time\n"
+        "from r2unet.data import cache\n"
+        "def _decode_row(args):\n"
+        "    time.sleep(120)\n"
+        "cache._decode_row = _decode_row  # a decode that takes long enough to kill the build in the middle\n"
+        f"cache.build_cache({str(tiny_data / 'train')!r}, {str(tiny_data / 'train_GT')!r}, {str(tmp_path / 'c')!r},"
+        " image_size=32, num_workers=2, progress=False, log=lambda m: print(m, flush=True))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        assert "caching" in proc.stdout.readline()
+        assert _wait_for(lambda: len(_children(proc.pid)) >= 2, timeout=60)
+        workers = _children(proc.pid)
+        time.sleep(0.5)
+        assert all(_running(w) for w in workers)
+        proc.kill()
+        proc.wait()
+        assert _wait_for(lambda: not any(_running(w) for w in workers), timeout=10), "workers outlived the build"
+    finally:
+        proc.kill()
+        for w in workers:
+            try:
+                os.kill(w, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -18,8 +18,10 @@ are added and removed ones dropped, so a dataset folder that changes under a cac
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, free_space
 from ..progress import track
 from .io import DataError, mask_frame, read_image, read_mask
 from .pairs import checked_pairs, note_ambiguous, report_problems
@@ -56,6 +58,43 @@ def decode_pair(image: str, mask: str, side: int) -> tuple[np.ndarray, np.ndarra
     small = np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR))
     small_mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((side, side), Image.BOX)) >= 128
     return small, small_mask.astype(np.uint8), (h, w)
+
+
+def _exit_with(parent: int) -> None:
+    """In each decoding worker: exit when the process that started the pool is gone (``kill -9``, a crash) instead
+    of waiting on its queue forever. A forked worker on Linux asks the kernel for the signal; otherwise (forkserver,
+    spawn, other systems) a thread checks every second that the process is still there."""
+    import signal
+    import sys
+    import threading
+    import time
+
+    if sys.platform.startswith("linux") and os.getppid() == parent:
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+        else:
+            if os.getppid() == parent:  # else it died before the request took effect
+                return
+
+    def alive() -> bool:
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+    def watch():
+        while alive():
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _decode_row(args):
@@ -177,6 +216,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
     shapes = {"images.npy": (n, side, side, 3), "masks.npy": (n, side, side), "done.npy": (n,)}
     dtypes = {"images.npy": np.uint8, "masks.npy": np.uint8, "done.npy": np.bool_}
     if same_layout and all((cache_dir / f).exists() for f in shapes):
+        _reserve(cache_dir, list(shapes))  # a cache from before blocks were claimed up front may be sparse
         arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
         done = arrays["done.npy"]
         for i, e in enumerate(entries):
@@ -186,8 +226,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
             else:
                 done[i] = False
     else:
-        arrays = {f: np.lib.format.open_memmap(cache_dir / f"{f}.new", mode="w+", dtype=dtypes[f], shape=shapes[f])
-                  for f in shapes}
+        arrays = _new_arrays(cache_dir, shapes, dtypes)
         arrays["done.npy"][:] = False
         if old:  # carry over rows that are still valid (files renamed, added or removed elsewhere)
             try:
@@ -217,7 +256,8 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
         log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
         note_ambiguous([pairs[i] for i in todo], log)
         jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side) for i in todo]
-        with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        pool = ProcessPoolExecutor(workers, initializer=_exit_with, initargs=(os.getpid(),)) if workers > 1 else None
+        with pool or nullcontext():
             results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
             results = track(results, len(jobs), f"cache {Path(image_dir).name}", log=log, terminal=progress)
             for k, (i, img, mask, hw, err) in enumerate(results):
@@ -238,6 +278,44 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
     del arrays
     report_problems(problems + [err for _, err in failed], skip_bad, log)
     return open_cache(cache_dir, side)
+
+
+def _new_arrays(cache_dir: Path, shapes: dict, dtypes: dict) -> dict:
+    """The arrays as ``<name>.new`` memory maps, their disk blocks claimed before any row is written; on a disk
+    without room for them, a DataError and no file left behind."""
+    try:
+        for f in shapes:  # created, then closed: nothing is written into them before the blocks are claimed
+            np.lib.format.open_memmap(cache_dir / f"{f}.new", mode="w+", dtype=dtypes[f], shape=shapes[f])
+        _reserve(cache_dir, [f"{f}.new" for f in shapes])
+    except BaseException:
+        for f in shapes:
+            (cache_dir / f"{f}.new").unlink(missing_ok=True)
+        raise
+    return {f: np.load(cache_dir / f"{f}.new", mmap_mode="r+") for f in shapes}
+
+
+def _reserve(cache_dir: Path, names: list[str]) -> None:
+    """Claim the disk blocks of memory-mapped files before rows are written into them: a write into a sparse file on
+    a full disk is no exception but a SIGBUS, which kills the process at once and leaves its workers running."""
+    paths = [cache_dir / name for name in names]
+    missing = sum(max(0, p.stat().st_size - getattr(p.stat(), "st_blocks", 0) * 512) for p in paths)
+    free = shutil.disk_usage(cache_dir).free
+    if missing > free:
+        raise DataError(f"cannot write the cache in {cache_dir}: it needs {missing / 2**20:.1f} MiB more and "
+                        f"{free_space(cache_dir)}; free some space or choose another folder with --cache_dir "
+                        "(train, evaluate)")
+    for p in paths if hasattr(os, "posix_fallocate") else ():  # the check above can race other writers
+        fd = os.open(p, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, p.stat().st_size)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise DataError(f"cannot write the cache in {cache_dir}: no space left for {p.name} "
+                                f"({p.stat().st_size / 2**20:.1f} MiB; {free_space(cache_dir)}); free some space "
+                                "or choose another folder with --cache_dir (train, evaluate)") from None
+            # EINVAL / EOPNOTSUPP: a file system without fallocate; the free-space check stands
+        finally:
+            os.close(fd)
 
 
 def open_cache(cache_dir: str | Path, side: int) -> SplitCache:
