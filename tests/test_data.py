@@ -201,6 +201,29 @@ def test_prepare_names_an_image_over_the_decompression_bomb_limit_and_skips_it_w
     assert sum(len(v) for v in manifest["splits"].values()) == 6 and "ISIC_0000009.jpg" in manifest["skipped"][0]
 
 
+def test_prepare_skip_bad_takes_a_file_that_only_fails_to_decode_out_of_the_split(tmp_path):
+    """A truncated JPEG passes the header check; the cache build skipped it, but its copy stayed in the split, so
+    everything that read the split folder later met it again and named the copy, not the source."""
+    img_dir, mask_dir = _raw(tmp_path, 10)
+    bad = img_dir / "ISIC_0000003.jpg"
+    bad.write_bytes(bad.read_bytes()[:-300])  # the header survives, the last pixels do not
+    logs = []
+    manifest = prepare_split(img_dir, mask_dir, data_path=tmp_path / "o", skip_bad=True, cache_size=32,
+                             log=logs.append)
+    placed = {p.name for p in (tmp_path / "o").rglob("*") if p.is_file() and p.suffix in (".jpg", ".png")}
+    assert "ISIC_0000003.jpg" not in placed and "ISIC_0000003_segmentation.png" not in placed
+    assert len(placed) == 18 and sum(len(v) for v in manifest["splits"].values()) == 9
+    assert not any("ISIC_0000003" in f for f in manifest["written"])
+    assert any(str(bad) in line for line in manifest["skipped"])
+    assert any("removed 1 pair(s)" in line and str(bad) in line for line in logs), logs
+    assert json.loads((tmp_path / "o" / "r2unet_manifest.json").read_text()) == manifest
+    later = []
+    for split in ("train", "valid", "test"):  # the caches match the folders: nothing to decode, nothing to skip
+        if manifest["splits"][split]:
+            split_cache(tmp_path / "o", split, 32, progress=False, log=later.append)
+    assert later == []
+
+
 @pytest.mark.parametrize("link", ["hardlink", "symlink"])
 def test_prepare_links_instead_of_copying(tmp_path, link):
     img_dir, mask_dir = _raw(tmp_path, 10)

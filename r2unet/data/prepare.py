@@ -138,11 +138,40 @@ def prepare_split(
     log(f"split {len(pairs)} pairs -> train {n_train}, valid {n_valid}, test {len(assignment['test'])}; "
         f"manifest {manifest_path}")
     if data_path is not None and cache_size is not None:
-        from .dataset import split_cache
+        manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log)
+    return manifest
 
-        for split in SPLITS:
-            if manifest["splits"][split]:
-                split_cache(data_path, split, cache_size, num_workers=cache_workers, skip_bad=skip_bad, log=log)
+
+def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_size: int, workers: int | None,
+                  skip_bad: bool, log) -> dict:
+    """Decode every split into its cache. With ``skip_bad``, a pair whose headers were fine but whose pixels do not
+    decode (a truncated JPEG) leaves the split too: its placed files are removed, the manifest names its source
+    among the skipped, and the cache is brought in line. Nothing that later reads the split meets it again."""
+    from .dataset import split_cache
+
+    for split in SPLITS:
+        if not manifest["splits"][split]:
+            continue
+        cache = split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log)
+        usable = set(cache.names)
+        bad = [e for e in manifest["splits"][split] if e["image"] not in usable]
+        if not bad:
+            continue
+        removed = set()
+        for e in bad:
+            for folder, name in ((data_path / split, e["image"]), (data_path / f"{split}_GT", e["mask"])):
+                (folder / name).unlink(missing_ok=True)
+                removed.add(str((folder / name).absolute()))
+        sources = [str(Path(manifest["source"]["images"]) / e["image"]) for e in bad]
+        manifest = {**manifest, "splits": {**manifest["splits"], split: [e for e in manifest["splits"][split]
+                                                                          if e["image"] in usable]},
+                    "skipped": manifest["skipped"] + [f"{src}: does not decode (left out of {split})"
+                                                      for src in sources],
+                    "written": [f for f in manifest["written"] if f not in removed]}
+        _write_manifest(manifest_path, manifest)
+        log(f"{split}: removed {len(bad)} pair(s) whose image or mask does not decode; their sources: "
+            + ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else ""))
+        split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log)
     return manifest
 
 
