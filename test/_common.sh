@@ -13,21 +13,37 @@ fi
 
 # parse_args DEFAULT_RUN_NAME "$@": sets data_path, output_dir (default runs/DEFAULT_RUN_NAME in the repository),
 # nproc and extra_args; adds --resume when output_dir already holds a run (a relaunch after a crash continues it).
+# The launcher's own flags take --flag=value or --flag value; every other flag goes to 'r2unet train' as it is.
+usage() {
+    echo "usage: bash $0 --data_path=DIR [--output_dir=DIR] [r2unet train flags]" >&2
+    echo "  DIR: a dataset split by 'r2unet prepare' (it holds train/, train_GT/, valid/ ...)" >&2
+    [ -n "${1:-}" ] && echo "$0: $1" >&2
+    exit 2
+}
+
 parse_args() {
     local default_name="$1"
     shift
     data_path="" output_dir="" nproc="" extra_args=()
-    for arg in "$@"; do
-        case "$arg" in
-            --data_path=*) data_path="${arg#*=}" ;;
-            --output_dir=*) output_dir="${arg#*=}" ;;
-            --nproc=*) nproc="${arg#*=}" ;;
-            *) extra_args+=("$arg") ;;
+    while [ $# -gt 0 ]; do
+        case "$1" in
+            --data_path=*) data_path="${1#*=}" ;;
+            --output_dir=*) output_dir="${1#*=}" ;;
+            --nproc=*) nproc="${1#*=}" ;;
+            --data_path|--output_dir|--nproc)
+                if [ $# -lt 2 ] || [[ "$2" == --* ]]; then usage "$1 needs a value (e.g. $1=VALUE)"; fi
+                case "$1" in
+                    --data_path) data_path="$2" ;;
+                    --output_dir) output_dir="$2" ;;
+                    --nproc) nproc="$2" ;;
+                esac
+                shift ;;
+            *) extra_args+=("$1") ;;
         esac
+        shift
     done
     if [ -z "$data_path" ]; then
-        echo "usage: bash $0 --data_path=/path/to/prepared_dataset [--output_dir=DIR] [r2unet train flags]" >&2
-        exit 2
+        usage "--data_path is required"
     fi
     output_dir="${output_dir:-$repo/runs/$default_name}"
     if [ -e "$output_dir/checkpoints/last.pt" ]; then
@@ -44,11 +60,17 @@ run_and_report() {
     log="$output_dir/train.log"
     start=$(date +%s)
     set +e
-    "$@" 2>&1 | tee -a "$log"
+    # Ctrl-C and SIGTERM reach every process of the pipe: tee ignores them and writes to the end, so the trainer's
+    # last words ("saved last.pt ... continue with --resume") reach the screen and the log, and its exit status
+    # (130 after Ctrl-C, 143 after SIGTERM) is the script's.
+    "$@" 2>&1 | (trap '' INT TERM; exec tee -a "$log")
     status=${PIPESTATUS[0]}
     set -e
     end=$(date +%s)
-    if [ "$status" -ne 0 ]; then
+    if [ "$status" -eq 130 ] || [ "$status" -eq 143 ]; then
+        echo "training interrupted; run the same command again to continue it; log: $log" >&2
+        exit "$status"
+    elif [ "$status" -ne 0 ]; then
         echo "training stopped (exit status $status); log: $log" >&2
         exit "$status"
     fi

@@ -88,3 +88,48 @@ def test_the_seeds_split_command_works_as_typed(tmp_path):
     counts = {s: len(list((tmp_path / "dataset" / s).iterdir())) for s in ("train", "valid", "test")}
     assert counts == {"train": 14, "valid": 2, "test": 4}
     assert all(len(list((tmp_path / "dataset" / f"{s}_GT").iterdir())) == n for s, n in counts.items())
+
+
+def test_ctrl_c_on_a_launcher_saves_says_so_exits_130_and_a_shorter_rerun_continues(workdir):
+    """Ctrl-C reaches every process of the terminal's foreground group: the tee of the launcher's pipe died first,
+    the trainer's "continue with --resume" line was lost and the script exited 1. A rerun with fewer epochs then
+    failed on a decay length the user never typed (the first run's 50)."""
+    import signal
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    flags = [*TINY, "--num_epochs", "50"]  # long enough to be interrupted
+    proc = subprocess.Popen(["bash", str(REPO / "test" / "train_full_1p.sh"), "--data_path=data",
+                             "--output_dir=runs/ctrl_c", *flags], cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own group, as a terminal
+    log = workdir / "runs" / "ctrl_c" / "train.log"
+    try:
+        end = time.time() + 240
+        while time.time() < end and proc.poll() is None and not (log.exists() and "epoch 2/50" in log.read_text()):
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out + err
+    assert "continue with --resume" in out and "continue with --resume" in log.read_text()
+    assert "training interrupted; run the same command again to continue it" in err and "Traceback" not in out + err
+    again = _launch("train_full_1p.sh", workdir, "--data_path=data", "--output_dir=runs/ctrl_c", *TINY,
+                    "--num_epochs", "3")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "note: --num_epochs_decay was 50 in the resumed run > --num_epochs 3; decaying over all 3" in again.stdout
+    assert json.loads((workdir / "runs" / "ctrl_c" / "results.json").read_text())["epochs"] == 3
+
+
+def test_launcher_flags_take_a_space_too_and_a_missing_value_is_named(workdir):
+    done = _launch("train_performance_1p.sh", workdir, "--data_path", "data", "--output_dir", "runs/spaced", *TINY)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (workdir / "runs" / "spaced" / "results.json").is_file()
+    for args, said in ((["--output_dir=runs/x", "--data_path"], "--data_path needs a value"),
+                       (["--data_path", "--output_dir=runs/x"], "--data_path needs a value"),
+                       (["--output_dir=runs/x"], "--data_path is required")):
+        done = _launch("train_full_1p.sh", workdir, *args)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "a dataset split by 'r2unet prepare'" in done.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -288,6 +289,8 @@ def train_settings(given: dict, log=print) -> TrainConfig:
         raise ConfigError(f"--world-size {world}: launch the processes with torchrun, e.g. "
                           f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
     resume = given.get("resume", values.get("resume", False))
+    typed = "num_epochs_decay" in given or "num_epochs_decay" in values  # on this command line or in --config
+    decay_from = "defaults to {}"  # else a decay nobody typed now (the default, or the resumed run's) adapts
     if resume:
         last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
             "last.pt"
@@ -296,15 +299,59 @@ def train_settings(given: dict, log=print) -> TrainConfig:
 
             saved = require_training_state(load_file(last), last)["config"]
             values.update({k: v for k, v in saved.items() if k != "extra"})
+            if "num_epochs_decay" in saved:
+                decay_from = "was {} in the resumed run"
     values.update(given)
     values["resume"] = bool(resume)
     epochs = values.get("num_epochs", TrainConfig.num_epochs)
     decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
-    shorter = "num_epochs_decay" not in values and decay > epochs
+    shorter = not typed and decay > epochs
     if shorter:
         values["num_epochs_decay"] = epochs
     cfg = TrainConfig.from_dict(values).validate()
     if shorter and int(os.environ.get("RANK", "0")) == 0:  # once per job, and only for settings that are valid
-        log(f"note: --num_epochs_decay defaults to {decay} > --num_epochs {epochs}; decaying over all {epochs} "
-            "epochs")
+        log(f"note: --num_epochs_decay {decay_from.format(decay)} > --num_epochs {epochs}; decaying over all "
+            f"{epochs} epochs")
     return cfg
+
+
+# ------------------------------------------------------------------ flags of the commands that use a trained model
+def probability(text: str) -> float:
+    """argparse type of a --threshold: a probability strictly between 0 and 1."""
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count that must be at least 1 (--batch_size)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
+    """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
+    overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
+    p.add_argument("--checkpoint", required=True,
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+    p.add_argument("--model_type", choices=list_models(), default=None,
+                   help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
+    p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
+                   "record them (default: the reference's training default, 3); overrides the checkpoint's")
+    p.add_argument("--base_channels", type=int, default=None, help="overrides the checkpoint's (a bare "
+                   "state_dict's is read from its weights)")
+    p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
+    if batch_size is None:
+        return
+    p.add_argument("--batch_size", type=positive_int, default=batch_size)
+    p.add_argument("--threshold", type=probability, default=None, help="default: the checkpoint's (0.5)")
+    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
+                   help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
+                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
+                        "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
+                        "uses it); off: float32")
