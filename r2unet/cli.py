@@ -7,14 +7,20 @@ import json
 import os
 import sys
 
+from . import __version__
 from .data.io import DataError
 from .data.pairs import SPLITS
-from .engine.checkpoint import CheckpointError
-from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_train_flags, train_settings
-from .engine.inference import add_checkpoint_flags, positive_int
-from .engine.loop import Terminated, TrainingError
-from .export import ExportError
-from .messages import for_user
+from .engine.config import (
+    COMPILE_MODES,
+    ConfigError,
+    TrainConfig,
+    add_checkpoint_flags,
+    add_train_flags,
+    positive_int,
+    train_settings,
+)
+from .errors import CheckpointError, ExportError, Terminated, TrainingError
+from .messages import for_user, parse_command_line
 from .models import DEFAULT_T, list_models
 
 
@@ -74,7 +80,7 @@ def _train(p) -> None:
 
 def _train_config(args) -> TrainConfig:
     """The run's settings from the flags given (precedence and the reference's flags: ``train_settings``)."""
-    return train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command")})
+    return train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command", "parser")})
 
 
 def _cmd_train(args) -> None:
@@ -247,8 +253,6 @@ COMMANDS = {"synth": (_synth, _cmd_synth), "prepare": (_prepare, _cmd_prepare), 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     parser = argparse.ArgumentParser(
         prog="r2unet",
         description="Train and run R2U-Net, U-Net, Attention U-Net and Attention R2U-Net for medical image "
@@ -258,10 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"r2unet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (add_flags, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=add_flags.__doc__,
-                           argument_default=argparse.SUPPRESS if name == "train" else None)
+        train = name == "train"  # its 60 flags: a usage line, not a page
+        p = sub.add_parser(name, help=add_flags.__doc__, argument_default=argparse.SUPPRESS if train else None,
+                           usage="%(prog)s [-h] --data_path DIR [--output_dir DIR] [FLAGS]" if train else None)
         add_flags(p)
-        p.set_defaults(func=run)
+        p.set_defaults(func=run, parser=p)
         _show_defaults(p)
     return parser
 
@@ -270,20 +275,18 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
     """'(default: X)' after every flag whose help does not already say its default."""
     for action in parser._actions:
         default = action.default
-        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS:
-            continue
-        if action.help is argparse.SUPPRESS or "default" in (action.help or ""):
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
+                or action.help is argparse.SUPPRESS or "default" in (action.help or ""):
             continue
         action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except (DataError, ValueError, OSError, CheckpointError, TrainingError, ExportError) as exc:
-        rank = os.environ.get("RANK") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
-        where = f" [rank {rank}]" if rank is not None else ""
+        where = f" [rank {os.environ.get('RANK')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"r2unet {args.command}{where}: error: {for_user(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C (130) or SIGTERM (143): whatever was running has saved its state

@@ -8,14 +8,11 @@ import numpy as np
 import torch
 
 from .data.augment import MEAN, STD
+from .errors import ExportError
 from .fileio import atomic_write, check_writable
 from .models import SIZE_MULTIPLE
 
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
-
-
-class ExportError(RuntimeError):
-    pass
 
 
 def preprocessing_note(image_size: int, img_ch: int = 3) -> str:

@@ -566,3 +566,28 @@ def test_the_decay_note_comes_once_per_job_and_not_before_an_error(monkeypatch, 
     monkeypatch.setenv("RANK", "1")
     train_settings({"num_epochs": 3})
     assert capsys.readouterr().out == ""  # the other processes of a torchrun job stay quiet
+
+
+def test_samples_png_from_train_is_what_plot_redraws_the_kept_model(tiny_data, tmp_path):
+    """samples.png meant the last epoch after train and the best checkpoint after `r2unet plot`: now both draw the
+    kept model (best.pt), so the file is the same whichever wrote it last."""
+    out = tmp_path / "run"
+    assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(out), "--model_type", "U_Net",
+                 "--base_channels", "4", "--image_size", "32", "--batch_size", "2", "--num_epochs", "2",
+                 "--num_workers", "0", "--device", "cpu", "--amp", "off"]) == 0
+    from_train = (out / "samples.png").read_bytes()
+    assert main(["plot", str(out)]) == 0
+    assert (out / "samples.png").read_bytes() == from_train
+
+
+def test_a_global_batch_larger_than_the_training_split_is_said_at_the_start(tiny_data, tmp_path, capsys):
+    """8 processes x 16 on 84 training images is one partial step per epoch: the run says so before it starts."""
+    argv = ["train", "--data_path", str(tiny_data), "--model_type", "U_Net", "--base_channels", "4", "--image_size",
+            "32", "--num_epochs", "1", "--num_workers", "0", "--device", "cpu"]
+    assert main([*argv, "--batch_size", "16", "--output_dir", str(tmp_path / "big")]) == 0
+    out = capsys.readouterr().out
+    assert "note: the global batch 16 is larger than the 14 training images: every epoch is a single partial step" \
+        in out
+    assert out.index("every epoch is a single partial step") < out.index("epoch 1/1")
+    assert main([*argv, "--batch_size", "14", "--output_dir", str(tmp_path / "fits")]) == 0
+    assert "partial step" not in capsys.readouterr().out

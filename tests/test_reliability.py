@@ -498,7 +498,7 @@ def test_a_signal_inside_a_first_import_is_still_an_interrupt(tiny_data, tmp_pat
     an ImportError raised from the interrupt; it used to end in a traceback and exit 1 with nothing saved."""
     from r2unet import plots
     from r2unet.cli import main
-    from r2unet.engine.loop import Terminated
+    from r2unet.errors import Terminated
 
     def import_interrupted(*args, **kwargs):
         try:

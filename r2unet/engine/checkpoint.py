@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
 from ..fileio import atomic_write, free_space, naming
 from ..messages import first_line
 from .runtime import CompileWithFallback
@@ -43,10 +44,6 @@ class RunFiles:
 
 FORMAT = "r2unet"
 VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message says which file and why."""
 
 
 def atomic_save(obj, path: str | Path) -> None:

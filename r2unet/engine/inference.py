@@ -7,7 +7,6 @@ did.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from .checkpoint import (
     load_weights,
     model_state,
 )
-from .config import AMP_CHOICES, ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig
 from .loop import build_model, draw_samples, evaluate
 from .runtime import Precision, place_model, resolve_amp, resolve_channels_last, resolve_device
 
@@ -71,47 +70,6 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
     model = build_model(cfg)
     load_weights(model, model_state(obj), str(checkpoint))
     return model.eval(), cfg
-
-
-def probability(text: str) -> float:
-    """argparse type of a --threshold: a probability strictly between 0 and 1."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (--batch_size)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
-    """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
-    overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
-    p.add_argument("--model_type", choices=list_models(), default=None,
-                   help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
-    p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
-                   "record them (default: the reference's training default, 3); overrides the checkpoint's")
-    p.add_argument("--base_channels", type=int, default=None, help="overrides the checkpoint's (a bare "
-                   "state_dict's is read from its weights)")
-    p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
-    if batch_size is None:
-        return
-    p.add_argument("--batch_size", type=positive_int, default=batch_size)
-    p.add_argument("--threshold", type=probability, default=None, help="default: the checkpoint's (0.5)")
-    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
-                   help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
-                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
-                        "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
-                        "uses it); off: float32")
 
 
 RESOLUTIONS = ("training", "original")

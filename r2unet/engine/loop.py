@@ -16,20 +16,12 @@ from torch import nn
 
 from .. import plots
 from ..data.augment import MEAN, STD
+from ..errors import TrainingError
 from ..metrics import MetricAccumulator
 from ..models import create_model
 from . import distributed as D
 from .config import TrainConfig
 from .runtime import CompileWithFallback, Precision, place_model, skip_nonfinite_step, synchronize
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says where and what was kept."""
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (save, then exit). A subclass on purpose: CPython kills itself with SIGINT at
-    exit when a *plain* KeyboardInterrupt passed through certain C-level frames, even if it was caught later."""
 
 
 def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
@@ -134,7 +126,7 @@ class BufferSnapshot:
         for dtype in dict.fromkeys(b.dtype for b in model.buffers()):
             live = [b for b in model.buffers() if b.dtype == dtype]
             flat = torch.cat([b.detach().reshape(-1) for b in live])
-            self.groups.append((live, flat, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in live]), live)]))
+            self.groups.append((live, flat, _views(flat, live)))
 
     def take(self) -> None:
         for live, _, saved in self.groups:
@@ -149,7 +141,12 @@ class BufferSnapshot:
         device: a NaN forward pass leaves no NaN/Inf in the running statistics, and no host synchronisation)."""
         for live, flat, _ in self.groups:
             chosen = torch.where(ok, torch.cat([b.detach().reshape(-1) for b in live]), flat)
-            torch._foreach_copy_(live, [v.view_as(b) for v, b in zip(chosen.split([b.numel() for b in live]), live)])
+            torch._foreach_copy_(live, _views(chosen, live))
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``flat`` cut into views shaped like the tensors ``like`` (laid end to end)."""
+    return [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in like]), like)]
 
 
 # -------------------------------------------------------------------------------------------------------- an epoch

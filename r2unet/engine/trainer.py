@@ -4,7 +4,6 @@ epoch and scores the best checkpoint on the test split. Steps: ``loop.py``; devi
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import sys
 import threading
@@ -20,13 +19,13 @@ from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
 from ..data.pairs import SPLITS
-from ..fileio import FolderLock, append_line, atomic_write, atomic_write_text
+from ..errors import CheckpointError, Terminated, TrainingError
+from ..fileio import FolderLock, append_line, atomic_write_text
 from ..messages import first_line
 from ..metrics import METRIC_NAMES, per_image_spread
 from ..models import RECURRENT
 from . import distributed as D
 from .checkpoint import (
-    CheckpointError,
     RunFiles,
     load_file,
     load_weights,
@@ -38,8 +37,6 @@ from .config import ConfigError, TrainConfig
 from .loop import (
     EpochState,
     JobThroughput,
-    Terminated,
-    TrainingError,
     build_training,
     draw_samples,
     evaluate,
@@ -122,8 +119,7 @@ class TrainingRun:
         self.model, self.optimizer, self.scaler = build_training(
             cfg, self.device, self.precision, self.lr, self.channels_last, sync_bn=cfg.sync_bn and info.distributed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
-        self.start_epoch, self.start_step, self.carried = 0, 0, {}
-        self.best_score, self.best_epoch = float("-inf"), -1
+        self.start_epoch, self.start_step, self.carried, self.best_score, self.best_epoch = 0, 0, {}, float("-inf"), -1
         if cfg.resume:
             self._resume()
         for group in self.optimizer.param_groups:  # the decay schedule follows the (possibly extended) num_epochs
@@ -135,8 +131,7 @@ class TrainingRun:
         self._log_header(precision_note)
         self.writer = self._tensorboard_writer()
         self.sample_idx = list(range(min(6, len(self.caches["valid"]))))
-        self.state = EpochState(self.start_epoch)
-        self.throughput = JobThroughput()
+        self.state, self.throughput = EpochState(self.start_epoch), JobThroughput()
         self.last_train = None  # training-batch scores of the last epoch trained in this session
 
     # ------------------------------------------------------------------------------------------------------ set-up
@@ -250,6 +245,10 @@ class TrainingRun:
                  f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
         if precision_note:
             self.log(precision_note)
+        if len(caches["train"]) < self.global_batch:  # say it before hours of one update per epoch
+            self.log(f"note: the global batch {self.global_batch} is larger than the {len(caches['train'])} training "
+                     "images: every epoch is a single partial step; a smaller --batch_size or fewer processes "
+                     "updates the model more often")
         if cfg.device_index is not None and self.device.type == "cpu":
             self.log(f"note: --npu_idx {cfg.device_index}: there is no CUDA GPU here, so training runs on the CPU")
 
@@ -422,9 +421,9 @@ class TrainingRun:
     def _write_results(self, results: dict) -> None:
         files, test, spread = self.files, results["test"], results["test_spread"]
         atomic_write_text(files.results, json.dumps(results, indent=2) + "\n")
-        final = files.samples / f"epoch_{self.cfg.num_epochs:03d}.png"
-        if self.sample_idx and final.exists():
-            atomic_write(files.dir / "samples.png", lambda tmp: shutil.copyfile(final, tmp))
+        if self.sample_idx:  # the kept model, as 'r2unet plot' redraws it (samples/ holds the epochs)
+            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision,
+                         self.cfg.threshold, files.dir / "samples.png", f"best checkpoint (epoch {self.best_epoch})")
         if test:
             self.log(f"test (best epoch {results['best_epoch']}): "
                      + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))

@@ -1,8 +1,18 @@
-from .blocks import DEFAULT_T, AttentionGate, ConvBlock, RecurrentBlock, RRCNNBlock, UpConv
-from .registry import MODELS, RECURRENT, create_model, list_models
-from .unet import SIZE_MULTIPLE, AttU_Net, R2AttU_Net, R2U_Net, U_Net, UNetFamily
+"""The networks. The names, the recurrence default and the size multiple (``spec``) import without torch; the
+modules themselves load on first use, so the command line's help answers without importing torch."""
 
-__all__ = [
-    "DEFAULT_T", "AttU_Net", "AttentionGate", "ConvBlock", "MODELS", "R2AttU_Net", "R2U_Net", "RECURRENT", "RRCNNBlock",
-    "RecurrentBlock", "SIZE_MULTIPLE", "U_Net", "UNetFamily", "UpConv", "create_model", "list_models",
-]
+from importlib import import_module
+
+from .spec import DEFAULT_T, MODEL_NAMES, RECURRENT, SIZE_MULTIPLE, list_models
+
+_LAZY = {"AttentionGate": "blocks", "ConvBlock": "blocks", "RecurrentBlock": "blocks", "RRCNNBlock": "blocks",
+         "UpConv": "blocks", "MODELS": "registry", "create_model": "registry", "AttU_Net": "unet",
+         "R2AttU_Net": "unet", "R2U_Net": "unet", "U_Net": "unet", "UNetFamily": "unet"}
+
+__all__ = ["DEFAULT_T", "MODEL_NAMES", "RECURRENT", "SIZE_MULTIPLE", "list_models", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,10 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Recurrence steps of R2U-Net and Attention R2U-Net unless given: 3, the reference's training default (its main.py
-# --t), which trained the reference checkpoints users bring. (Its network constructors default to 2, as the R2U-Net
-# paper used; pass t=2 / --t 2 for that.)
-DEFAULT_T = 3
+from .spec import DEFAULT_T
 
 
 def _conv_bn_relu(ch_in: int, ch_out: int) -> list[nn.Module]:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .blocks import DEFAULT_T
+from .spec import DEFAULT_T, MODEL_NAMES, RECURRENT
 from .unet import AttU_Net, R2AttU_Net, R2U_Net, U_Net
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -15,11 +15,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "AttU_Net": AttU_Net,
     "R2AttU_Net": R2AttU_Net,
 }
-RECURRENT = frozenset({"R2U_Net", "R2AttU_Net"})
-
-
-def list_models() -> list[str]:
-    return list(MODELS)
+assert tuple(MODELS) == MODEL_NAMES, "spec.MODEL_NAMES lists the networks, in this order"
 
 
 def create_model(

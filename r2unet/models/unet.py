@@ -14,10 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .blocks import DEFAULT_T, AttentionGate, ConvBlock, RRCNNBlock, UpConv
-
-DEPTH = 5  # encoder stages; the input side must be divisible by 2 ** (DEPTH - 1) = 16
-SIZE_MULTIPLE = 2 ** (DEPTH - 1)
+from .blocks import AttentionGate, ConvBlock, RRCNNBlock, UpConv
+from .spec import DEFAULT_T, DEPTH, SIZE_MULTIPLE
 
 
 class UNetFamily(nn.Module):
