@@ -46,10 +46,9 @@ def _prepare(p) -> None:
     """split raw images/masks into train/valid/test and build the cache"""
     for flag, folder in (("data", "Task1-2_Training_Input"), ("GT", "Task1_Training_GroundTruth")):  # the seed's
         p.add_argument(f"--origin_{flag}_path", default=f"../ISIC/dataset/ISIC2018_{folder}")
-    for split in SPLITS:
+    for split, ratio in zip(SPLITS, (0.7, 0.1, 0.2)):
         p.add_argument(f"--{split}_path", default=f"./dataset/{split}/")
         p.add_argument(f"--{split}_GT_path", default=f"./dataset/{split}_GT/")
-    for split, ratio in zip(SPLITS, (0.7, 0.1, 0.2)):
         p.add_argument(f"--{split}_ratio", type=float, default=ratio)
     p.add_argument("--data_path", help="write DIR/train, DIR/train_GT, ... instead of the six folder flags")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (the split is deterministic for a seed)")
@@ -59,6 +58,8 @@ def _prepare(p) -> None:
     p.add_argument("--image_size", type=int, default=224, help="training size the cache is built for")
     p.add_argument("--num_workers", type=int, default=None, help="processes decoding images (default: all cores)")
     p.add_argument("--no_cache", action="store_true", help="only split; the cache is built when training starts")
+    p.add_argument("--mask_suffix", help="masks are named <image stem>SUFFIX.<ext> (default: found, see README)")
+    p.add_argument("--recursive", action="store_true", help="one folder per case: pair the files in subfolders")
 
 
 def _cmd_prepare(args) -> None:
@@ -70,7 +71,7 @@ def _cmd_prepare(args) -> None:
                   train_ratio=args.train_ratio, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio,
                   seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
                   progress=sys.stderr.isatty(), cache_size=None if args.no_cache else args.image_size,
-                  cache_workers=args.num_workers)
+                  cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive)
 
 
 def _train(p) -> None:
@@ -173,10 +174,8 @@ def _cmd_plot(args) -> None:
     from .engine.inference import redraw_samples
     from .plots import redraw
 
-    for path in redraw(args.run_dir):
-        print(f"wrote {path}")
-    if not args.curves_only and (path := redraw_samples(args.run_dir)) is not None:
-        print(f"wrote {path}")
+    paths = [*redraw(args.run_dir), *([] if args.curves_only else [redraw_samples(args.run_dir)])]
+    print("\n".join(f"wrote {path}" for path in paths if path is not None))
 
 
 def _compare(p) -> None:
@@ -219,8 +218,7 @@ def _bench(p) -> None:
                                                                         "warmup": "untimed steps first"}.get(name))
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile mode of the '+ torch.compile' row and the default step (default: "
-                        "'default')")
+                   help="torch.compile mode of the compiled rows")
     p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
                    "channels_last, fused, compile, cudagraphs, default (the baseline always runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

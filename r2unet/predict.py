@@ -183,12 +183,14 @@ def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int,
         accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
 
 
-def find_gt(gt_dir: Path, image: Path) -> Path | None:
-    for stem in mask_stem_for(image.stem):
-        for p in sorted(gt_dir.glob(f"{stem}.*")):
-            if is_image_file(p):
-                return p
-    return None
+def find_gt(masks: dict[str, Path], image: Path) -> Path | None:
+    """``image``'s mask among ``masks`` (lower-cased stem -> file, see ``gt_masks``), by the pairing rules."""
+    return next((masks[s.lower()] for s in mask_stem_for(image.stem) if s.lower() in masks), None)
+
+
+def gt_masks(gt_dir: Path) -> dict[str, Path]:
+    """The mask files of a --gt_dir by lower-cased stem (the pairing rules compare names so)."""
+    return {p.stem.lower(): p for p in sorted(gt_dir.iterdir(), reverse=True) if p.is_file() and is_image_file(p)}
 
 
 def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
@@ -218,6 +220,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     gt_dir = Path(gt_dir) if gt_dir else None
     if gt_dir is not None and not gt_dir.is_dir():
         raise DataError(f"--gt_dir: {gt_dir} does not exist")
+    gt_index = gt_masks(gt_dir) if gt_dir is not None else {}
     failed: list[str] = []
     results = predict_images(model, paths, image_size, device, batch_size, tta, img_ch,
                              on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
@@ -237,7 +240,7 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
             # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
             base = image if image.shape[:2] == (h, w) else read_image(path)
             gt = None
-            if gt_dir is not None and (gt_path := find_gt(gt_dir, path)) is not None:
+            if (gt_path := find_gt(gt_index, path)) is not None:
                 gt = read_gt_for(gt_path, path, mask.shape)
             pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
             atomic_save_image(Image.fromarray(pic), output / f"{path.stem}{overlay_suffix}", quality=92)

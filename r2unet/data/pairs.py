@@ -1,13 +1,22 @@
-"""Which mask belongs to which image: the pairing rules that ``prepare``, the cache and ``predict`` share, and the
-names of the three splits.
+"""Which mask belongs to which image: the pairing rules that ``prepare``, the cache, ``evaluate`` and ``predict``
+share, and the names of the three splits.
 
-- ``ISIC_x.jpg`` <-> ``ISIC_x_segmentation.<ext>`` (ISIC 2018), else ``x.<ext>`` <-> ``x.<ext>`` (same stem).
+- An image ``x.<ext>`` pairs with the mask whose stem is ``x`` plus one of ``MASK_SUFFIXES``, tried in that order:
+  the exact stem first, then ISIC 2018's ``_segmentation``, then ``_mask``, ``_gt``, ``_label``, ``_seg``,
+  ``_lesion``, ``_anno`` and their kin (the suffix in any case: ``x_Mask.png``, ``x_GT.png``). Image and mask may
+  have different extensions, in any case. ``mask_suffix`` names the one suffix to use instead.
+- Two masks that both match an image are a problem naming both (``mask_suffix`` chooses), never a silent pick.
+- ``recursive``: one folder per case (``case1/images/x.png`` + ``case1/masks/x_mask.png``, or both files in
+  ``case1/``): pairs are made within a case; a case of one image and one mask pairs them whatever their names. Image
+  and mask folders may then be the same folder: files under a mask-like folder (``masks/``, ``gt/``, ``labels/`` ...)
+  or named like a mask of a file beside them are masks.
 - A pair is checked at the header level: both files are readable images of the same size (the mask may fit the
   photo as shown or its stored pixels: ``io.mask_frame``).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +24,12 @@ from .io import DataError, image_size, is_image_file, mask_frame
 
 SPLITS = ("train", "valid", "test")
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
+MASK_SUFFIXES = ("", "_segmentation", "_mask", "_masks", "_gt", "_groundtruth", "_label", "_labels", "_seg",
+                 "_lesion", "_anno", "_annotation", "-mask", "-gt", "-label", "-seg")
+CASE_RULE = "one image and one mask in a case folder"
+_MASK_FOLDERS = {"mask", "masks", "gt", "ground_truth", "groundtruth", "label", "labels", "annotation", "annotations",
+                 "segmentation", "segmentations", "seg"}
+_IMAGE_FOLDERS = {"image", "images", "img", "imgs", "input", "inputs"}
 
 
 @dataclass
@@ -22,10 +37,21 @@ class Pair:
     image: Path
     mask: Path
     ambiguous: bool = False  # an EXIF-turned photo whose mask fits either frame (set by check_pair)
+    rule: str = ""  # the suffix that matched ("" the exact stem), or CASE_RULE
+    case: str = ""  # the case folder, relative to the image folder (recursive pairing), else ""
+    out_stem: str = ""  # the stem prepare gives the copies (unique over the dataset); default the image's stem
 
     @property
     def name(self) -> str:
         return self.image.stem
+
+    def out_names(self) -> tuple[str, str]:
+        """(image, mask) file names of the copies ``prepare`` writes: the files' own names where they pair again
+        by the default rules, else the mask is named after the image (the exact-stem rule)."""
+        stem = self.out_stem or self.image.stem
+        if stem == self.image.stem and not self.case and self.rule in MASK_SUFFIXES:
+            return self.image.name, self.mask.name
+        return stem + self.image.suffix, stem + self.mask.suffix
 
 
 @dataclass
@@ -34,51 +60,117 @@ class PairingReport:
     missing_masks: list[Path] = field(default_factory=list)  # images with no mask
     extra_masks: list[Path] = field(default_factory=list)  # masks with no image
     ignored: list[Path] = field(default_factory=list)  # non-image files (LICENSE.txt, ...)
+    ambiguous: list[tuple[Path, list[Path]]] = field(default_factory=list)  # images with several mask candidates
+
+    def summary(self) -> dict:
+        """How many pairs each rule made (stored in prepare's manifest)."""
+        return {"pairs": len(self.pairs), "rules": dict(Counter(_rule_name(p.rule) for p in self.pairs))}
 
 
-def mask_stem_for(image_stem: str) -> list[str]:
-    """Mask stems accepted for an image stem, ISIC convention first."""
-    return [f"{image_stem}_segmentation", image_stem]
+def _rule_name(rule: str) -> str:
+    return rule if rule == CASE_RULE else f"<stem>{rule}"
 
 
-def _listdir(folder: Path, flag: str) -> list[Path]:
+def mask_stem_for(image_stem: str, mask_suffix: str | None = None) -> list[str]:
+    """Mask stems accepted for an image stem, in the order they are tried (compare them lower-cased)."""
+    return [image_stem + s for s in (MASK_SUFFIXES if mask_suffix is None else (mask_suffix,))]
+
+
+def _files(folder: Path, flag: str, recursive: bool) -> tuple[list[Path], list[Path]]:
+    """(image files, other files) in ``folder`` (and below, ``recursive``), hidden ones left out."""
     if not folder.is_dir():
         raise DataError(f"{flag}: folder {folder} does not exist")
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in found if p.is_file() and not any(part.startswith(".")
+                                                                for part in p.relative_to(folder).parts))
+    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
 
 
-def pair_files(image_dir: str | Path, mask_dir: str | Path) -> PairingReport:
-    """Pair every image in ``image_dir`` with its mask in ``mask_dir``; report what did not pair."""
+def _case(path: Path, root: Path) -> str:
+    """The case folder of a file: its folder relative to the root, less a last images/masks-like folder."""
+    parts = list(path.parent.relative_to(root).parts)
+    if parts and parts[-1].lower() in _MASK_FOLDERS | _IMAGE_FOLDERS:
+        parts.pop()
+    return "/".join(parts)
+
+
+def _split_one_folder(files: list[Path], root: Path) -> tuple[list[Path], list[Path]]:
+    """Images and masks of a folder that holds both: a mask lies under a mask-like folder, is named like one
+    (``mask.png``, ``label.png``), or its stem is another file's stem plus a mask suffix (``x_mask.png`` beside
+    ``x.png``)."""
+    stems = {(_case(p, root), p.stem.lower()) for p in files}
+
+    def is_mask(p: Path) -> bool:
+        low = p.stem.lower()
+        if low in _MASK_FOLDERS or any(part.lower() in _MASK_FOLDERS for part in p.parent.relative_to(root).parts):
+            return True
+        return any(s and low.endswith(s) and (_case(p, root), low[:-len(s)]) in stems for s in MASK_SUFFIXES)
+    masks = [p for p in files if is_mask(p)]
+    return [p for p in files if not is_mask(p)], masks
+
+
+def pair_files(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str | None = None,
+               recursive: bool = False) -> PairingReport:
+    """Pair every image in ``image_dir`` with its mask in ``mask_dir`` by the rules of the module docstring; report
+    what did not pair and what paired more than one way."""
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
-    images, ignored = [], []
-    for p in _listdir(image_dir, "images"):
-        (images if is_image_file(p) else ignored).append(p)
-    masks: dict[str, Path] = {}
-    for p in _listdir(mask_dir, "masks"):
-        if not is_image_file(p):
-            ignored.append(p)
-        elif p.stem in masks:
-            raise DataError(f"{p}: two masks share the stem {p.stem!r} ({masks[p.stem].name} and {p.name})")
-        else:
-            masks[p.stem] = p
-    ignored = [p for p in ignored if p.name not in _IGNORED_NAMES]
+    images, ignored = _files(image_dir, "images", recursive)
+    if image_dir.resolve() == mask_dir.resolve():
+        images, masks = _split_one_folder(images, image_dir)
+    else:
+        masks, other = _files(mask_dir, "masks", recursive)
+        ignored += other
+    report = PairingReport(pairs=[], ignored=[p for p in ignored if p.name not in _IGNORED_NAMES])
     if not images:
-        raise DataError(f"{image_dir}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
-    report = PairingReport(pairs=[], ignored=ignored)
-    used: set[str] = set()
-    seen_stems: dict[str, Path] = {}
+        raise DataError(f"{image_dir}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff"
+                        + (", in every subfolder)" if recursive else "; --recursive looks in subfolders)"))
+    by_case: dict[str, dict[str, Path]] = {}
+    for m in masks:
+        named = by_case.setdefault(_case(m, mask_dir) if recursive else "", {})
+        if m.stem.lower() in named:
+            raise DataError(f"{m}: two masks share the stem {m.stem!r} ({named[m.stem.lower()].name} and {m.name})")
+        named[m.stem.lower()] = m
+    cases: dict[str, list[Path]] = {}
     for img in images:
-        if img.stem in seen_stems:
-            raise DataError(f"{img}: two images share the stem {img.stem!r} ({seen_stems[img.stem].name})")
-        seen_stems[img.stem] = img
-        stem = next((s for s in mask_stem_for(img.stem) if s in masks), None)
-        if stem is None:
-            report.missing_masks.append(img)
-        else:
-            used.add(stem)
-            report.pairs.append(Pair(img, masks[stem]))
-    report.extra_masks = [m for s, m in sorted(masks.items()) if s not in used]
+        cases.setdefault(_case(img, image_dir) if recursive else "", []).append(img)
+    used: set[Path] = set()
+    for case, imgs in cases.items():
+        _pair_case(case, imgs, by_case.get(case, {}), mask_suffix, recursive, report, used)
+    report.extra_masks = [m for m in masks if m not in used]
+    _unique_out_stems(report.pairs)
     return report
+
+
+def _pair_case(case: str, imgs: list[Path], masks: dict[str, Path], mask_suffix: str | None, recursive: bool,
+               report: PairingReport, used: set[Path]) -> None:
+    seen: dict[str, Path] = {}
+    for img in imgs:
+        if img.stem in seen:
+            raise DataError(f"{img}: two images share the stem {img.stem!r} ({seen[img.stem].name})")
+        seen[img.stem] = img
+        hits = [(s, masks[(img.stem + s).lower()]) for s in (MASK_SUFFIXES if mask_suffix is None else (mask_suffix,))
+                if (img.stem + s).lower() in masks]
+        if len(hits) > 1 or (hits and hits[0][1] in used):
+            report.ambiguous.append((img, [m for _, m in hits]))
+        elif hits:
+            used.add(hits[0][1])
+            report.pairs.append(Pair(img, hits[0][1], rule=hits[0][0], case=case))
+        else:
+            report.missing_masks.append(img)
+    if recursive and len(imgs) == 1 and len(masks) == 1 and report.missing_masks[-1:] == imgs:
+        mask = next(iter(masks.values()))  # a case of one image and one mask: theirs, whatever the names
+        report.missing_masks.pop()
+        used.add(mask)
+        report.pairs.append(Pair(imgs[0], mask, rule=CASE_RULE, case=case))
+
+
+def _unique_out_stems(pairs: list[Pair]) -> None:
+    """Stems for the copies: the image's own, or, where cases repeat a stem (``case1/image.png``,
+    ``case2/image.png``), the case folder's path joined with ``_`` before it."""
+    counts = Counter(p.image.stem for p in pairs)
+    for p in pairs:
+        p.out_stem = p.image.stem if counts[p.image.stem] == 1 or not p.case else \
+            f"{p.case.replace('/', '_')}_{p.image.stem}"
 
 
 def check_pair(pair: Pair) -> None:
@@ -104,11 +196,19 @@ def note_ambiguous(pairs: list[Pair], log) -> None:
             "photos' Orientation tag or turn the masks the same way")
 
 
-def checked_pairs(image_dir: str | Path, mask_dir: str | Path) -> tuple[list[Pair], list[str], list[Path]]:
-    """Pair the folders and check each pair's headers: (good pairs, problems naming files, ignored non-images)."""
-    report = pair_files(image_dir, mask_dir)
-    problems = [f"{p}: no mask found in {mask_dir} (expected {p.stem}_segmentation.<ext> or {p.stem}.<ext>)"
-                for p in report.missing_masks]
+def checked_pairs(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str | None = None,
+                  recursive: bool = False, report: PairingReport | None = None
+                  ) -> tuple[list[Pair], list[str], list[Path]]:
+    """Pair the folders and check each pair's headers: (good pairs, problems naming files, ignored non-images).
+    Nothing paired at all is a DataError that shows what was looked for and what the mask folder holds."""
+    report = report or pair_files(image_dir, mask_dir, mask_suffix, recursive)
+    if not report.pairs and not report.ambiguous:
+        raise DataError(no_pairs_message(report, image_dir, mask_dir, mask_suffix, recursive))
+    looked = "a mask named <stem>" + (mask_suffix or "") + ".<ext>" if mask_suffix is not None else \
+        "<stem>.<ext>, <stem>_segmentation.<ext>, <stem>_mask.<ext> ... (see --mask_suffix)"
+    problems = [f"{p}: no mask found in {mask_dir} (looked for {looked})" for p in report.missing_masks]
+    problems += [f"{img}: more than one mask matches: {', '.join(m.name for m in found)}; choose one naming with "
+                 "--mask_suffix" for img, found in report.ambiguous]
     problems += [f"{p}: mask has no matching image in {image_dir}" for p in report.extra_masks]
     pairs = []
     for pair in report.pairs:
@@ -118,6 +218,26 @@ def checked_pairs(image_dir: str | Path, mask_dir: str | Path) -> tuple[list[Pai
         except DataError as exc:
             problems.append(str(exc))
     return pairs, problems, report.ignored
+
+
+def no_pairs_message(report: PairingReport, image_dir, mask_dir, mask_suffix: str | None, recursive: bool) -> str:
+    """No image paired: one image's name, the mask names looked for, and the first mask names present."""
+    img = report.missing_masks[0]
+    looked = ", ".join(f"{s}.*" for s in mask_stem_for(img.stem, mask_suffix))
+    present = [m.name for m in report.extra_masks]
+    shown = ", ".join(present[:8]) + (f" ... ({len(present)} in all)" if len(present) > 8 else "")
+    return (f"no image in {image_dir} has a mask in {mask_dir}: for {img.name} these were looked for: {looked} "
+            f"(any extension, the suffix in any case); the mask folder holds "
+            + (shown if present else "no image files")
+            + ". Name the masks' suffix with --mask_suffix (e.g. --mask_suffix _contour)"
+            + ("" if recursive else ", or pass --recursive for one folder per case"))
+
+
+def log_pairing(report_or_summary, log) -> None:
+    """One line: how many pairs, made by which rule."""
+    summary = report_or_summary.summary() if isinstance(report_or_summary, PairingReport) else report_or_summary
+    log(f"paired {summary['pairs']} image(s) with masks: "
+        + ", ".join(f"{n} as {rule}" for rule, n in sorted(summary["rules"].items(), key=lambda kv: -kv[1])))
 
 
 def report_problems(problems: list[str], skip_bad: bool, log) -> None:

@@ -1,6 +1,7 @@
 """Split a folder of images and masks into train/valid/test folders, as the reference's ``dataset.py`` does, safely.
 
-- Pairing: ``pairs.py`` (``ISIC_x.jpg`` <-> ``ISIC_x_segmentation.png``, or the same stem).
+- Pairing: ``pairs.py`` (the exact stem, ISIC's ``_segmentation``, ``_mask``, ``_gt`` ... or ``--mask_suffix``;
+  ``--recursive`` for one folder per case).
 - Arithmetic as the reference: train = int(r_train / sum(r) * N), valid = int(r_valid / sum(r) * N), test = the rest.
 - Deterministic for a seed; a manifest records which file went where and a fingerprint of the sources.
 - Never deletes or overwrites user files: a non-empty target folder is refused unless ``overwrite``, and even then only
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
 from .io import DataError
-from .pairs import SPLITS, checked_pairs, pair_files, report_problems
+from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems
 
 MANIFEST_NAME = "r2unet_manifest.json"
 MANIFEST_VERSION = 1
@@ -93,6 +94,8 @@ def prepare_split(
     progress: bool = False,
     cache_size: int | None = None,
     cache_workers: int | None = None,
+    mask_suffix: str | None = None,
+    recursive: bool = False,
 ) -> dict:
     """Split and copy (or link) the pairs; return the manifest (also written to disk).
 
@@ -108,7 +111,8 @@ def prepare_split(
     targets, manifest_path = _targets(data_path, targets, manifest_path)
     _refuse_reading_from_targets(origin_data_path, origin_GT_path, targets)
     ratios = _checked_ratios(train_ratio, valid_ratio, test_ratio, log)
-    pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path)
+    report = pair_files(origin_data_path, origin_GT_path, mask_suffix, recursive)
+    pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path, report=report)
     if ignored:
         log(f"ignoring {len(ignored)} non-image file(s): " + ", ".join(p.name for p in ignored[:5])
             + (" ..." if len(ignored) > 5 else ""))
@@ -116,7 +120,7 @@ def prepare_split(
     if not pairs:
         raise DataError(f"{origin_data_path}: no usable image/mask pairs")
     ours = _files_we_wrote(manifest_path, targets, overwrite, log)
-    order = sorted(pairs, key=lambda p: p.name)
+    order = sorted(pairs, key=lambda p: p.out_stem or p.name)
     random.Random(seed).shuffle(order)
     n_train, n_valid, _ = split_counts(len(order), *ratios)
     assignment = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
@@ -130,11 +134,12 @@ def prepare_split(
         "source": {"images": str(Path(origin_data_path).absolute()), "masks": str(Path(origin_GT_path).absolute()),
                    "fingerprint": fingerprint([p for pair in pairs for p in (pair.image, pair.mask)])},
         "targets": {s: [str(a.absolute()), str(b.absolute())] for s, (a, b) in targets.items()},
-        "splits": {s: [{"image": p.image.name, "mask": p.mask.name} for p in items]
-                   for s, items in assignment.items()},
+        "splits": {s: [_entry(p, origin_data_path, origin_GT_path) for p in items] for s, items in assignment.items()},
+        "pairing": {**report.summary(), "mask_suffix": mask_suffix, "recursive": recursive},
         "skipped": bad,
     }
     manifest = _place_all(plan, ours, targets, link, manifest_path, manifest_base, progress)
+    log_pairing(report, log)
     log(f"split {len(pairs)} pairs -> train {n_train}, valid {n_valid}, test {len(assignment['test'])}; "
         f"manifest {manifest_path}")
     if data_path is not None and cache_size is not None:
@@ -162,7 +167,7 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
             for folder, name in ((data_path / split, e["image"]), (data_path / f"{split}_GT", e["mask"])):
                 (folder / name).unlink(missing_ok=True)
                 removed.add(str((folder / name).absolute()))
-        sources = [str(Path(manifest["source"]["images"]) / e["image"]) for e in bad]
+        sources = [str(Path(manifest["source"]["images"]) / e.get("from", [e["image"]])[0]) for e in bad]
         manifest = {**manifest, "splits": {**manifest["splits"], split: [e for e in manifest["splits"][split]
                                                                           if e["image"] in usable]},
                     "skipped": manifest["skipped"] + [f"{src}: does not decode (left out of {split})"
@@ -227,6 +232,15 @@ def _files_we_wrote(manifest_path: Path, targets: dict, overwrite: bool, log) ->
     return ours
 
 
+def _entry(pair, origin_data_path, origin_GT_path) -> dict:
+    """A pair's line in the manifest: the names of its copies, and where they came from when those differ."""
+    image, mask = pair.out_names()
+    entry = {"image": image, "mask": mask}
+    if (image, mask) != (pair.image.name, pair.mask.name) or pair.case:
+        entry["from"] = [str(pair.image.relative_to(origin_data_path)), str(pair.mask.relative_to(origin_GT_path))]
+    return entry
+
+
 def _plan(assignment: dict, targets: dict, ours: set[Path]) -> list[tuple[Path, Path]]:
     """Every (source, destination), planned first, so that a collision with a user file stops before anything is
     written."""
@@ -234,8 +248,8 @@ def _plan(assignment: dict, targets: dict, ours: set[Path]) -> list[tuple[Path, 
     for split, items in assignment.items():
         img_dir, gt_dir = targets[split]
         for pair in items:
-            for src, dst_dir in ((pair.image, img_dir), (pair.mask, gt_dir)):
-                dst = dst_dir / src.name
+            for src, dst_dir, name in zip((pair.image, pair.mask), (img_dir, gt_dir), pair.out_names()):
+                dst = dst_dir / name
                 if (dst.exists() or dst.is_symlink()) and dst.absolute() not in ours and dst.resolve() not in ours:
                     raise DataError(f"{dst}: exists and was not written by r2unet; refusing to overwrite it")
                 plan.append((src, dst))
