@@ -32,13 +32,14 @@ def _synth(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max_side", type=int, default=2400, help="longest side of the largest images")
     p.add_argument("--overwrite", action="store_true", help="replace files of the same names (ISIC's) in --output")
+    p.add_argument("--num_classes", type=int, choices=[1, 3], default=1, help="3: label maps of lesion and core")
 
 
 def _cmd_synth(args) -> None:
     from .data.synth import generate_dataset
 
     out = generate_dataset(args.output, num_images=args.num_images, seed=args.seed, max_side=args.max_side,
-                           progress=sys.stderr.isatty(), overwrite=args.overwrite)
+                           progress=sys.stderr.isatty(), overwrite=args.overwrite, num_classes=args.num_classes)
     print(f"wrote {args.num_images} image/mask pairs under {out}")
 
 

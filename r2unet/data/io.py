@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..fileio import atomic_save_image
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
 
 
@@ -167,3 +169,52 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     if values.ndim not in (2, 3):
         raise DataError(f"{path}: mask has unexpected shape {values.shape}")
     return mask_to_bool(values)
+
+
+# Colours of classes 0, 1, 2, ... in label maps r2unet writes (palette PNGs) and in its pictures: background black,
+# then colours that stay apart for colour-blind eyes too; more classes repeat the list.
+CLASS_COLORS = ((0, 0, 0), (230, 25, 75), (0, 130, 200), (255, 225, 25), (60, 180, 75), (145, 30, 180),
+                (70, 240, 240), (245, 130, 48), (240, 50, 230), (128, 128, 128))
+
+
+def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
+    return [CLASS_COLORS[k % len(CLASS_COLORS)] for k in range(num_classes)]
+
+
+def read_label_map(path: str | os.PathLike, num_classes: int,
+                   colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+    """Class labels (H, W) uint8 in 0..num_classes-1 from a label map: a palette PNG's indices, a grayscale image's
+    values (8 or 16 bit), or, for an RGB(A) image, each pixel's colour looked up in ``colors`` (class k has colour
+    ``colors[k]``). A value or colour outside the classes is a DataError naming the file and the value."""
+    path = Path(path)
+    img = _open(path)
+    if img.mode in ("P", "1", "L", "I", "I;16", "I;16B", "I;16L"):
+        values = np.asarray(img).astype(np.int64)
+        top = int(values.max()) if values.size else 0
+        if top >= num_classes:
+            raise DataError(f"{path}: label {top} outside the {num_classes} classes 0..{num_classes - 1} "
+                            "(--num_classes counts the background too)")
+        return values.astype(np.uint8)
+    if colors is None:
+        raise DataError(f"{path}: an RGB label map needs the colour of each class (--class_colors FILE)")
+    rgb = np.asarray(img.convert("RGB")).astype(np.int64)
+    keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+    table = {(r << 16) | (g << 8) | b: k for k, (r, g, b) in enumerate(colors[:num_classes])}
+    found = np.unique(keys)
+    unknown = [int(c) for c in found if int(c) not in table]
+    if unknown:
+        c = unknown[0]
+        raise DataError(f"{path}: colour ({c >> 16}, {(c >> 8) & 255}, {c & 255}) is none of the {num_classes} "
+                        f"classes' colours {[tuple(x) for x in colors[:num_classes]]}")
+    labels = np.zeros(keys.shape, np.uint8)
+    for c in found:  # one pass per colour present (a handful)
+        labels[keys == c] = table[int(c)]
+    return labels
+
+
+def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
+    """A palette PNG whose indices are the classes and whose palette is ``class_colors``: viewers show the colours,
+    ``read_label_map`` reads the classes back."""
+    img = Image.fromarray(labels.astype(np.uint8), mode="P")
+    img.putpalette([v for c in class_colors(num_classes) for v in c])
+    atomic_save_image(img, Path(path))

@@ -2,7 +2,8 @@
 
 Each image is skin-coloured, textured background with an irregular lesion (varied size, colour, contrast and border
 sharpness), sometimes hairs and vignetting, at varied sizes and aspect ratios. Deterministic for a given seed.
-Used by the demo and the tests; lesions of low contrast make the task non-trivial.
+Used by the demo and the tests; lesions of low contrast make the task non-trivial. With ``num_classes`` 3, a second
+structure, the lesion's dark core, is class 2 (the lesion's rim class 1), written as palette PNG label maps.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import atomic_save_image
-from .io import DataError
+from .io import DataError, save_label_map
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
@@ -26,8 +27,11 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC)).clip(-1, 1)
 
 
-def synth_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """One (image uint8 (H, W, 3), mask bool (H, W)) pair."""
+def synth_pair(rng: np.random.Generator, width: int, height: int, num_classes: int = 1
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """One (image uint8 (H, W, 3), mask bool (H, W)) pair; with ``num_classes`` 3, the mask is a label map (H, W)
+    uint8: 1 the lesion, 2 its dark core (drawn without drawing more random numbers: the image and lesion of a
+    seed are those of the binary set, but for the core)."""
     h, w = height, width
     skin = rng.uniform(175, 240) * np.array([1.0, 0.78, 0.66]) * rng.uniform(0.94, 1.06, 3)
     img = np.empty((h, w, 3), np.float32)
@@ -53,6 +57,9 @@ def synth_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.nd
     edge = rng.uniform(0.01, 0.08) * base_r  # soft or sharp border
     weight = np.clip((radius - dist) / edge + 0.5, 0, 1)[..., None] * contrast
     img = img * (1 - weight) + lesion * texture * weight
+    core = dist < radius * 0.5
+    if num_classes == 3:
+        img[core] *= 0.55
     if rng.random() < 0.5:  # darker blotches inside the lesion
         blot = (_smooth_noise(rng, h, w, 10) > 0.4) & mask
         img[blot] *= rng.uniform(0.6, 0.85)
@@ -71,6 +78,8 @@ def synth_pair(rng: np.random.Generator, width: int, height: int) -> tuple[np.nd
         r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
         img *= np.clip(1.25 - 0.55 * r**2, 0.15, 1)[..., None]
     img += rng.normal(0, 3, img.shape)
+    if num_classes == 3:
+        mask = mask.astype(np.uint8) + (core & mask).astype(np.uint8)
     return img.clip(0, 255).astype(np.uint8), mask
 
 
@@ -83,7 +92,7 @@ def _name(seed: int, i: int) -> str:
 
 def generate_dataset(
     output: str | Path, num_images: int = 100, seed: int = 0, max_side: int = 2400, progress: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, num_classes: int = 1,
 ) -> Path:
     """Write ``num_images`` pairs under ``output`` in the raw ISIC layout; return ``output``.
 
@@ -93,6 +102,8 @@ def generate_dataset(
     output = Path(output)
     if num_images < 1:
         raise ValueError(f"--num_images must be >= 1, got {num_images}")
+    if num_classes not in (1, 3):
+        raise ValueError(f"--num_classes: synth makes binary masks (1) or three classes (3), got {num_classes}")
     if max_side < MIN_SIDE:
         raise ValueError(f"--max_side must be >= {MIN_SIDE} pixels, got {max_side}")
     img_dir, mask_dir = output / IMAGE_DIR, output / MASK_DIR
@@ -117,8 +128,11 @@ def generate_dataset(
             long_side = int(rng.integers(min(256, max_side // 2), min(640, max_side) + 1))
         aspect = _ASPECTS[rng.integers(len(_ASPECTS))]
         w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
-        image, mask = synth_pair(rng, w, h)
+        image, mask = synth_pair(rng, w, h, num_classes)
         name = names[i]
         atomic_save_image(Image.fromarray(image), img_dir / f"{name}.jpg", quality=90)
-        atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), mask_dir / f"{name}_segmentation.png")
+        if num_classes == 3:
+            save_label_map(mask, mask_dir / f"{name}_segmentation.png", num_classes)
+        else:
+            atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), mask_dir / f"{name}_segmentation.png")
     return output
