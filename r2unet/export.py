@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .data.augment import MEAN, STD
+from .data.io import class_colors
 from .errors import ExportError
 from .fileio import atomic_write, check_writable
 from .models import SIZE_MULTIPLE
@@ -15,12 +17,14 @@ from .models import SIZE_MULTIPLE
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
 
 
-def preprocessing_note(image_size: int, img_ch: int = 3) -> str:
+def preprocessing_note(image_size: int, img_ch: int = 3, num_classes: int = 1) -> str:
     """How an image becomes the network's input, in words (for deployers of the exported model)."""
     channels = "RGB" if img_ch == 3 else "grayscale (the mean of R, G and B)"
+    output = "mask = sigmoid(logits) > threshold" if num_classes == 1 else \
+        f"class map = argmax over the {num_classes} logits (class 0 the background)"
     return (f"{channels}, float in [0, 1] (uint8 / 255), resized to {image_size}x{image_size} (bilinear, "
             f"antialiased, aspect ratio not kept), normalised as (x - {MEAN}) / {STD}, layout NCHW; "
-            "mask = sigmoid(logits) > threshold, resized back to the image's size")
+            f"{output}, resized back to the image's size")
 
 
 def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 224, img_ch: int = 3,
@@ -42,7 +46,8 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
         raise ExportError(f"--image_size: must be a positive multiple of {SIZE_MULTIPLE} (the networks pool 4 "
                           f"times), got {image_size}")
     example = torch.randn(1, img_ch, image_size, image_size)
-    props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch), "r2unet.image_size": image_size,
+    classes = int((metadata or {}).get("num_classes", 1))
+    props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch, classes), "r2unet.image_size": image_size,
              **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}
     try:
         atomic_write(output, lambda tmp: (_export(model, example, tmp), _add_metadata(tmp, props)))
@@ -97,6 +102,16 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
             raise ExportError(f"ONNX export failed: {exc}; fallback exporter: {exc2}") from None
 
 
+def _class_metadata(cfg) -> dict:
+    """A model of label maps: its class count and the colours its class maps are drawn in."""
+    if cfg.num_classes <= 1:
+        return {}
+    from .engine.config import load_class_colors
+
+    colors = load_class_colors(cfg.class_colors, cfg.num_classes) or class_colors(cfg.num_classes)
+    return {"num_classes": cfg.num_classes, "class_colors": json.dumps([list(c) for c in colors])}
+
+
 def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overrides: dict | None = None,
                       image_size: int | None = None, check: bool = True, log=print) -> str:
     """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime) or, for a ``.safetensors`` output, its
@@ -112,5 +127,5 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overr
                 "holds no code and no optimizer state)")
     report = export_onnx(model, output, image_size=image_size or cfg.image_size, img_ch=cfg.img_ch, check=check,
                          metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
-                                   "threshold": cfg.threshold}, log=log)
+                                   "threshold": cfg.threshold, **_class_metadata(cfg)}, log=log)
     return f"wrote {report['path']} (opset {report['opset']})"

@@ -149,6 +149,84 @@ class MetricAccumulator:
         return out
 
 
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The network's logits as probabilities: sigmoid for one channel (binary), softmax over the classes else."""
+    logits = logits.float()
+    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+
+
+def accumulator_for(num_classes: int, threshold: float = 0.5, device: torch.device | str = "cpu",
+                    keep_per_image: bool = False):
+    """The metric accumulator of a run: binary (``MetricAccumulator``) or of ``num_classes`` classes."""
+    if num_classes > 1:
+        return ClassAccumulator(num_classes, device, keep_per_image)
+    return MetricAccumulator(threshold=threshold, device=device, keep_per_image=keep_per_image)
+
+
+class ClassAccumulator:
+    """Metrics of label maps with ``num_classes`` classes (0 the background), accumulated on the device like
+    ``MetricAccumulator``: per image and class, ``DC_k`` and ``JS_k`` from the pixels predicted (argmax) and labelled
+    k (an image where class k is neither labelled nor predicted scores 1 for k, as an empty binary mask does);
+    ``DC`` and ``JS`` are the means over the foreground classes 1..K-1, ``ACC`` the share of pixels of the right
+    class. Every score is averaged over images."""
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", keep_per_image: bool = False):
+        self.num_classes, self.device, self.keep_per_image = num_classes, torch.device(device), keep_per_image
+        fg = range(1, num_classes)
+        self.names = ["ACC", "JS", "DC"] + [f"{m}_{k}" for k in fg for m in ("JS", "DC")]
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)  # scores + count
+        self._per_image: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        """``probs`` (B, K, H, W) (softmax), ``target`` (B, 1, H, W) class indices (floats or ints)."""
+        pred = probs.detach().argmax(1)
+        true = target.detach()[:, 0].long()
+        k = torch.arange(1, self.num_classes, device=pred.device).view(1, -1, 1, 1)
+        p, t = pred.unsqueeze(1) == k, true.unsqueeze(1) == k  # (B, K-1, H, W)
+        tp = (p & t).flatten(2).sum(2).double()
+        wrong = (p ^ t).flatten(2).sum(2).double()  # fp + fn
+        empty = (tp + wrong) == 0
+        dc = torch.where(empty, 1.0, 2 * tp / (2 * tp + wrong).clamp_min(1))
+        js = torch.where(empty, 1.0, tp / (tp + wrong).clamp_min(1))
+        acc = (pred == true).flatten(1).double().mean(1)
+        per_class = torch.stack((js, dc), dim=2).flatten(1)  # JS_1, DC_1, JS_2, DC_2, ...
+        rows = torch.cat((acc[:, None], js.mean(1, keepdim=True), dc.mean(1, keepdim=True), per_class), dim=1)
+        rows = rows.to(self.device)
+        if self.keep_per_image:
+            self._per_image.append(rows)
+        count = torch.full((1,), float(len(rows)), dtype=torch.float64, device=self.device)
+        self.sums += torch.cat((rows.sum(0), count))
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(self.sums)
+
+    def per_image(self) -> dict[str, list[float]]:
+        if not self.keep_per_image:
+            raise ValueError("per_image() needs keep_per_image=True")
+        rows = torch.cat(self._per_image).cpu() if self._per_image else torch.zeros(0, len(self.names))
+        return {k: rows[:, i].tolist() for i, k in enumerate(self.names)}
+
+    @property
+    def num_images(self) -> int:
+        return int(self.sums[-1].item())
+
+    def compute(self, reduction: str = "image") -> dict[str, float]:
+        if reduction != "image":
+            raise ValueError("label maps are scored per image (reduction='image')")
+        sums = self.sums.cpu()
+        n = sums[-1].item()
+        if n == 0:
+            raise ValueError("no images were accumulated; cannot compute metrics")
+        return {k: (sums[i] / n).item() for i, k in enumerate(self.names)}
+
+
 class Accumulators:
     """Several accumulators fed the same probabilities: ``update`` and ``all_reduce`` go to each (e.g. a split's
     scores at its threshold and at every threshold of a sweep, from one forward pass)."""

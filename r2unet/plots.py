@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .data.io import class_colors
 from .fileio import atomic_write
 from .models import RECURRENT
 
@@ -108,18 +109,38 @@ def overlay(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None = None, w
     return out
 
 
+def color_labels(labels: np.ndarray, num_classes: int, colors=None) -> np.ndarray:
+    """Class indices (H, W) as an RGB picture in the class colours (default ``class_colors``)."""
+    return np.asarray(colors or class_colors(num_classes), np.uint8)[labels]
+
+
+def blend(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float = 0.45, colors=None) -> np.ndarray:
+    """The image with each foreground class laid over it in its colour."""
+    out = image.copy()
+    fg = labels > 0
+    out[fg] = (image[fg] * (1 - alpha) + color_labels(labels, num_classes, colors)[fg] * alpha).astype(np.uint8)
+    return out
+
+
 def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str | Path, title: str = "",
-                row_titles: list[str] | None = None) -> Path:
+                row_titles: list[str] | None = None, num_classes: int = 1) -> Path:
     """Rows of image | ground truth | prediction (with contours on the image). images (N, H, W, 3) uint8,
-    gts/preds (N, H, W) bool; ``row_titles``: a label per row (e.g. the file name) above its image."""
+    gts/preds (N, H, W) bool, or class indices with ``num_classes`` > 1 (drawn in the class colours);
+    ``row_titles``: a label per row (e.g. the file name) above its image."""
     plt = _pyplot()
     n = len(images)
     fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
     for i in range(n):
-        js = _jaccard(preds[i], gts[i])
-        first = row_titles[i] if row_titles else "image (green: pred, blue: truth)"
-        panels = ((overlay(images[i], preds[i], gts[i]), first),
-                  (gts[i], "ground truth"), (preds[i], f"prediction  JS={js:.2f}"))
+        if num_classes > 1:
+            js = float(np.mean([_jaccard(preds[i] == k, gts[i] == k) for k in range(1, num_classes)]))
+            panels = ((blend(images[i], preds[i], num_classes), row_titles[i] if row_titles else "image + prediction"),
+                      (color_labels(gts[i], num_classes), "ground truth"),
+                      (color_labels(preds[i], num_classes), f"prediction  mean JS={js:.2f}"))
+        else:
+            js = _jaccard(preds[i], gts[i])
+            first = row_titles[i] if row_titles else "image (green: pred, blue: truth)"
+            panels = ((overlay(images[i], preds[i], gts[i]), first),
+                      (gts[i], "ground truth"), (preds[i], f"prediction  JS={js:.2f}"))
         for ax, (pic, label) in zip(axes[i], panels):
             ax.imshow(pic, cmap="gray", vmin=0, vmax=1) if pic.ndim == 2 else ax.imshow(pic)
             ax.set_title(label, fontsize=8)

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.augment import eval_images
-from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask
+from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask, save_label_map
 from .data.io import image_size as image_size_of
 from .data.pairs import mask_stem_for
 from .fileio import atomic_save_image
-from .plots import overlay
+from .plots import blend, overlay
 from .progress import track
 
 OUTPUT_SUFFIXES = ("_segmentation.png", "_prob.png", "_overlay.jpg")  # what run_predict writes per image
@@ -59,15 +59,17 @@ def _to_input(image: np.ndarray, image_size: int, img_ch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x: torch.Tensor, tta: bool = False) -> torch.Tensor:
-    """Logits (B, 1, S, S). With ``tta``, the probabilities of the identity, horizontal and vertical flips are
-    averaged (each flipped back) and returned as logits of that mean."""
+    """Logits (B, C, S, S). With ``tta``, the probabilities (sigmoid, or softmax over classes) of the identity,
+    horizontal and vertical flips are averaged (each flipped back) and returned as logits of that mean."""
     if not tta:
         return model(x).float()
-    probs = torch.sigmoid(model(x).float())
+    logits = model(x).float()
+    act = torch.sigmoid if logits.shape[1] == 1 else (lambda z: torch.softmax(z, dim=1))
+    probs = act(logits)
     for dims in ((3,), (2,)):
-        probs += torch.sigmoid(model(x.flip(dims)).float()).flip(dims)
+        probs += act(model(x.flip(dims)).float()).flip(dims)
     probs /= 3
-    return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
+    return torch.logit(probs.clamp(1e-7, 1 - 1e-7)) if logits.shape[1] == 1 else probs.clamp_min(1e-7).log()
 
 
 def _decode(path: Path, image_size: int, img_ch: int) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
@@ -132,12 +134,14 @@ def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: in
 
 
 def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**24) -> np.ndarray:
-    """Bilinear resize of (1, S, S) logits to (h, w), then sigmoid; done in row bands for very large images."""
+    """Bilinear resize of (1, S, S) logits to (h, w), then sigmoid; done in row bands for very large images. Logits
+    of several classes (K, S, S) give the class map (h, w) uint8 (the argmax of the resized logits)."""
     full = logits.unsqueeze(0).float().cpu()
-    if h * w <= max_pixels:  # up to 16 MP in one go (64 MB): 3x faster than bands for a 12 MP photo
-        return F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False).sigmoid_()[0, 0].numpy()
-    out = np.empty((h, w), np.float32)
-    band = max(1, max_pixels // max(1, w))
+    finish = (lambda up: up.sigmoid()[0, 0]) if full.shape[1] == 1 else (lambda up: up.argmax(1)[0].byte())
+    if h * w * full.shape[1] <= max_pixels:  # up to 16 MP in one go (64 MB): 3x faster than bands for a 12 MP photo
+        return finish(F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)).numpy()
+    out = np.empty((h, w), np.float32 if full.shape[1] == 1 else np.uint8)
+    band = max(1, max_pixels // max(1, w * full.shape[1]))
     # Bands: compute source rows for each band with the same sampling grid as one big interpolate.
     s = full.shape[-2]
     for y0 in range(0, h, band):
@@ -148,7 +152,7 @@ def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**2
         xn = (xs + 0.5) / full.shape[-1] * 2 - 1
         grid = torch.stack(torch.meshgrid(yn, xn, indexing="ij")[::-1], -1).unsqueeze(0)
         up = F.grid_sample(full, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out[y0:y1] = torch.sigmoid(up)[0, 0].numpy()
+        out[y0:y1] = finish(up).numpy()
     return out
 
 
@@ -197,14 +201,20 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                 device: torch.device, batch_size: int = 8, tta: bool = False, threshold: float = 0.5,
                 save_probs: bool = False, save_overlay: bool = False, gt_dir: str | Path | None = None,
                 img_ch: int = 3, progress: bool | None = None, autocast: Callable | None = None,
-                channels_last: bool = False, skip_existing: bool = False, log=print) -> list[Path]:
+                channels_last: bool = False, skip_existing: bool = False, num_classes: int = 1,
+                class_colors: list | None = None, log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` (0/255) for each input, plus probability maps and overlays on request.
+    ``num_classes`` > 1: a model of label maps: the mask is a palette PNG of the classes (in the class colours) and
+    the overlay lays the classes over the photo.
     ``autocast``, ``channels_last``: see ``predict_images``; ``progress``: a bar (default: on a terminal), else a
     ``log`` line once a minute. Every file is written whole or not at all; ``skip_existing`` leaves out the images
     whose requested outputs are all there already (to continue an interrupted run). Returns the masks written.
 
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
+    if num_classes > 1 and (save_probs or gt_dir):
+        raise DataError(f"{'--save_probs' if save_probs else '--gt_dir'}: for binary masks only; this model segments "
+                        f"{num_classes} classes")
     paths = list_inputs(input_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -230,6 +240,8 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
 
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
+        if num_classes > 1:  # a class map
+            return _write_label_map(path, image, probs, output, num_classes, save_overlay, class_colors)
         mask = probs > threshold
         dst = output / f"{path.stem}{mask_suffix}"
         if save_probs:
@@ -267,6 +279,19 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     return written
 
 
+def _write_label_map(path: Path, image: np.ndarray, labels: np.ndarray, output: Path, num_classes: int,
+                     save_overlay: bool, colors=None) -> Path:
+    """One image's class map (palette PNG in the training colours) and, on request, the photo with the classes laid
+    over it."""
+    if save_overlay:
+        base = image if image.shape[:2] == labels.shape else read_image(path)
+        atomic_save_image(Image.fromarray(blend(base, labels, num_classes, colors=colors)),
+                          output / f"{path.stem}{OUTPUT_SUFFIXES[2]}", quality=92)
+    dst = output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
+    save_label_map(labels, dst, num_classes, colors)  # last: the mask marks the image done
+    return dst
+
+
 class PartialPrediction(DataError):
     """Some inputs could not be read: the others were written (``written``); ``failed`` names each skipped file."""
 
@@ -283,6 +308,7 @@ def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: s
                        **options) -> list[Path]:
     """``r2unet predict``: load ``checkpoint`` and run ``run_predict`` on the device, in the precision and at the
     size and threshold the checkpoint was trained with unless given. ``options``: ``run_predict``'s."""
+    from .engine.config import load_class_colors
     from .engine.inference import load_for_inference, ready_for_inference
     from .engine.runtime import resolve_device
 
@@ -296,4 +322,5 @@ def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: s
         return run_predict(model, input_path, output, image_size or cfg.image_size, dev,
                            threshold=threshold if threshold is not None else cfg.threshold,
                            autocast=precision.autocast, channels_last=channels_last, img_ch=cfg.img_ch, log=log,
-                           **options)
+                           num_classes=cfg.num_classes, class_colors=load_class_colors(cfg.class_colors,
+                                                                                       cfg.num_classes), **options)

@@ -13,7 +13,8 @@ then (every image, augmented or not) resize to ``image_size`` x ``image_size`` a
 
 Steps 1-5 and the final resize are all affine, so they are composed into *one* 2x3 matrix per image and applied to the
 whole batch with a single ``grid_sample`` (bilinear for images; masks are sampled bilinearly and thresholded at 0.5,
-so they stay binary and follow the image exactly). Image and mask share the matrix, so they move together.
+so they stay binary and follow the image exactly; label maps of several classes are sampled by nearest neighbour, so
+every pixel keeps a class of its own). Image and mask share the matrix, so they move together.
 Differences from the reference, on purpose: a 90-degree turn rotates the frame (the reference rotates inside an
 unexpanded canvas, cutting the corners of non-square images), and the hue shift is a rotation of the chroma plane in
 YIQ space (the same as an HSV hue shift to first order for these +-0.02 turns), which makes colour jitter a per-image
@@ -127,8 +128,10 @@ def train_batch(
     image_size: int,
     cfg: AugmentConfig,
     g: torch.Generator,
+    labels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augment a batch on the tensors' device: normalised images (B, 3, H, W) and binary masks (B, 1, H, W)."""
+    """Augment a batch on the tensors' device: normalised images (B, 3, H, W) and binary masks (B, 1, H, W), or with
+    ``labels`` class indices (B, 1, H, W) (as floats)."""
     device = images_u8.device
     x, y = to_float_nchw(images_u8, masks_u8)
     b = x.shape[0]
@@ -143,7 +146,10 @@ def train_batch(
     bright, contrast = params[:, 6], params[:, 7]
     grid = F.affine_grid(theta, [b, 1, image_size, image_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
+    if labels:
+        y = F.grid_sample(y, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    else:
+        y = (F.grid_sample(y, grid, mode="bilinear", padding_mode="zeros", align_corners=False) > 0.5).float()
     if bool(apply.any()):  # a CPU tensor: no device synchronisation
         x = x * bright.view(b, 1, 1, 1)
         gray_mean = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean((1, 2))
@@ -160,10 +166,13 @@ def eval_images(images_u8: torch.Tensor, image_size: int) -> torch.Tensor:
     return (x - MEAN) / STD
 
 
-def eval_batch(images_u8: torch.Tensor, masks_u8: torch.Tensor, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Resize + normalise only (validation / test)."""
+def eval_batch(images_u8: torch.Tensor, masks_u8: torch.Tensor, image_size: int, labels: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Resize + normalise only (validation / test); ``labels``: class indices, resized by nearest neighbour."""
     y = masks_u8.unsqueeze(1).float()
-    if y.shape[-2:] != (image_size, image_size):
+    if labels and y.shape[-2:] != (image_size, image_size):
+        y = F.interpolate(y, size=(image_size, image_size), mode="nearest-exact")
+    elif y.shape[-2:] != (image_size, image_size):
         y = (F.interpolate(y, size=(image_size, image_size), mode="bilinear", antialias=True,
                            align_corners=False) > 0.5).float()
     return eval_images(images_u8, image_size), y

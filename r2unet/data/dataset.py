@@ -40,9 +40,10 @@ class CachedBatches(Dataset):
         }
 
 
-def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None) -> Path:
+def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None,
+                  classes: int = 1) -> Path:
     root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
-    return root / f"{split}-{cache_side(image_size)}"
+    return root / (f"{split}-{cache_side(image_size)}" + (f"-{classes}classes" if classes > 1 else ""))
 
 
 def require_split(data_path: str | Path, split: str) -> None:
@@ -55,17 +56,21 @@ def require_split(data_path: str | Path, split: str) -> None:
 
 
 def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
-                **build_kwargs) -> SplitCache:
-    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it."""
+                labels: tuple | None = None, **build_kwargs) -> SplitCache:
+    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it.
+    ``labels``: (num_classes, class colours or None) when the masks are label maps."""
     data_path = Path(data_path)
     require_split(data_path, split)
-    return build_cache(data_path / split, data_path / f"{split}_GT",
-                       _cache_folder(data_path, split, image_size, cache_dir), image_size=image_size, **build_kwargs)
+    folder = _cache_folder(data_path, split, image_size, cache_dir, labels[0] if labels else 1)
+    return build_cache(data_path / split, data_path / f"{split}_GT", folder, image_size=image_size, labels=labels,
+                       **build_kwargs)
 
 
-def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None) -> SplitCache:
+def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None,
+                     classes: int = 1) -> SplitCache:
     """Open an existing cache (built by another process) without revalidating it."""
-    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir), cache_side(image_size))
+    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, classes), cache_side(image_size),
+                      classes)
 
 
 def make_loader(
@@ -105,17 +110,19 @@ class DeviceTransform:
     """Moves a uint8 batch to the device (non-blocking from pinned memory) and finishes it there."""
 
     def __init__(self, image_size: int, device: torch.device, augment: AugmentConfig | None, seed: int = 0,
-                 img_ch: int = 3):
+                 img_ch: int = 3, labels: bool = False):
         self.image_size, self.device, self.augment, self.img_ch = image_size, device, augment, img_ch
+        self.labels = labels  # masks are label maps of several classes
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images = batch["images"].to(self.device, non_blocking=True)
         masks = batch["masks"].to(self.device, non_blocking=True)
         if self.augment is not None:
-            x, y = train_batch(images, masks, batch["aspect"], self.image_size, self.augment, self.generator)
+            x, y = train_batch(images, masks, batch["aspect"], self.image_size, self.augment, self.generator,
+                               self.labels)
         else:
-            x, y = eval_batch(images, masks, self.image_size)
+            x, y = eval_batch(images, masks, self.image_size, self.labels)
         if self.img_ch == 1:
             x = x.mean(1, keepdim=True)
         elif self.img_ch != 3:

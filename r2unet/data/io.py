@@ -212,9 +212,10 @@ def read_label_map(path: str | os.PathLike, num_classes: int,
     return labels
 
 
-def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int) -> None:
-    """A palette PNG whose indices are the classes and whose palette is ``class_colors``: viewers show the colours,
-    ``read_label_map`` reads the classes back."""
+def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int,
+                   colors: list[tuple[int, int, int]] | None = None) -> None:
+    """A palette PNG whose indices are the classes and whose palette is ``colors`` (default ``class_colors``):
+    viewers show the colours, ``read_label_map`` reads the classes back."""
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
-    img.putpalette([v for c in class_colors(num_classes) for v in c])
+    img.putpalette([v for c in (colors or class_colors(num_classes)) for v in c])
     atomic_save_image(img, Path(path))

@@ -39,7 +39,11 @@ class TrainConfig:
                      seed=True)
     image_size: int = setting(224, "square training size, a multiple of 16", seed=True)
     img_ch: int = setting(3, "input channels: 3 (RGB) or 1 (grayscale)", seed=True)
-    output_ch: int = setting(1, "output channels", seed=True)
+    output_ch: int = setting(1, "output channels (set to --num_classes when that is 2 or more)", seed=True)
+    num_classes: int = setting(1, "1: binary masks (sigmoid, the reference's); K >= 2: label maps of K classes, the "
+                                  "background included (softmax)")
+    class_colors: str | None = setting(None, "JSON/YAML list of [r, g, b] per class, for label maps stored as RGB "
+                                             "colours (palette and grayscale maps hold the class indices)")
     base_channels: int = setting(64, "width of the first stage (the reference's networks: 64)")
     # optimisation (the reference's defaults: Adam lr 2e-4, betas 0.5/0.999, linear decay over the last epochs)
     num_epochs: int = setting(100, "epochs", seed=True)
@@ -111,6 +115,14 @@ class TrainConfig:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.img_ch not in (1, 3):
             bad("img_ch", f"must be 1 (grayscale) or 3 (RGB), got {self.img_ch}")
+        if not 1 <= self.num_classes <= 255:
+            bad("num_classes", f"must be 1 (binary) or 2..255 classes, got {self.num_classes}")
+        if self.num_classes > 1 and self.output_ch == 1:
+            self.output_ch = self.num_classes  # one logit per class
+        elif self.output_ch != max(1, self.num_classes) and self.num_classes > 1:
+            bad("output_ch", f"must be --num_classes ({self.num_classes}) for label maps, got {self.output_ch}")
+        if self.num_classes > 1 and self.class_colors and not self.class_colors.lstrip().startswith("["):
+            self.class_colors = json.dumps(load_class_colors(self.class_colors, self.num_classes))  # a file's colours
         if self.lr_batch_size is not None and self.lr_batch_size < 1:
             bad("lr_batch_size", f"must be >= 1, got {self.lr_batch_size}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
@@ -130,7 +142,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and f.name != "model_type":
-                bad(name, f"must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+                bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.num_workers < 0:
@@ -355,3 +367,30 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
                         "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
                         "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
                         "uses it); off: float32")
+
+
+def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[int, int, int]] | None:
+    """The ``--class_colors`` file (or its list itself, as a run's config keeps it): a list of [r, g, b], one per
+    class, the background's first."""
+    if path is None:
+        return None
+    import yaml  # JSON is YAML too
+
+    try:
+        values = yaml.safe_load(path if str(path).lstrip().startswith("[") else Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--class_colors: cannot read {path}: {exc}") from None
+    if isinstance(values, dict) and "class_colors" in values:
+        values = values["class_colors"]
+    if not (isinstance(values, list) and len(values) == num_classes
+            and all(isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
+                    for c in values)):
+        raise ConfigError(f"--class_colors {path}: must be a list of {num_classes} [r, g, b] colours (0-255), one "
+                          "per class, the background's first")
+    return [tuple(c) for c in values]
+
+
+def label_spec(cfg: TrainConfig) -> tuple | None:
+    """(num_classes, class colours or None) of a run on label maps, what the cache and the transforms take; None for
+    binary masks."""
+    return (cfg.num_classes, load_class_colors(cfg.class_colors, cfg.num_classes)) if cfg.num_classes > 1 else None

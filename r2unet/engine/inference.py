@@ -16,7 +16,7 @@ from torch import nn
 from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..data.pairs import SPLITS
 from ..fileio import atomic_write_text
-from ..metrics import Accumulators, MetricAccumulator, per_image_spread
+from ..metrics import Accumulators, MetricAccumulator, accumulator_for, per_image_spread
 from ..models import RECURRENT, list_models
 from .checkpoint import (
     CheckpointError,
@@ -27,7 +27,7 @@ from .checkpoint import (
     load_weights,
     model_state,
 )
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, label_spec
 from .loop import build_model, draw_samples, evaluate
 from .runtime import Precision, place_model, resolve_amp, resolve_channels_last, resolve_device
 
@@ -133,8 +133,9 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     dev = resolve_device(cfg.device, cfg.device_index)
     model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
     threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
+    labels = _label_maps_can(cfg, resolution, thresholds, tta)
     scored = FlipAveraged(model) if tta else model
-    acc = MetricAccumulator(threshold=threshold, device=dev, keep_per_image=True)
+    acc = accumulator_for(cfg.num_classes, threshold, dev, keep_per_image=True)
     sweep = [MetricAccumulator(threshold=t, device=dev) for t in thresholds or ()]
     if sweep and split == "test":
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
@@ -145,14 +146,16 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
                                         accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
                                         channels_last=channels_last, log=log)
     else:
-        cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)
+        cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, labels=labels, log=log)
         names = cache.names
         loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), precision,
+        evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch,
+                                                 labels=labels is not None), precision,
                  threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
                  accumulator=fed)
     out = acc.compute("image")
-    out["pooled"] = acc.compute("pooled")
+    if labels is None:
+        out["pooled"] = acc.compute("pooled")
     out["num_images"] = acc.num_images
     # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
     out["spread"] = per_image_spread(acc.per_image())
@@ -164,11 +167,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         out.update(_per_image_report(acc.per_image(), names, per_image_csv, split, resolution, log=log,
                                      draw=lambda cache, rows, picture, title, row_titles: draw_samples(
                                          scored, cache, rows, DeviceTransform(cfg.image_size, dev, None,
-                                                                              img_ch=cfg.img_ch),
+                                                                              img_ch=cfg.img_ch,
+                                                                              labels=labels is not None),
                                          precision, cfg.threshold, picture, title, row_titles),
                                      open_cache=lambda: cache if cache is not None else split_cache(
                                          data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)))
     return out
+
+
+def _label_maps_can(cfg: TrainConfig, resolution: str, thresholds, tta: bool) -> tuple | None:
+    """A checkpoint trained on label maps: its (classes, colours); what evaluate does not score for it is refused."""
+    labels = label_spec(cfg)
+    if labels is not None:
+        for flag, given in (("--resolution original", resolution == "original"), ("--thresholds", thresholds),
+                            ("--tta", tta)):
+            if given:
+                raise ConfigError(f"{flag}: for binary masks only; this checkpoint segments {cfg.num_classes} "
+                                  "classes (scored at the network's size)")
+    return labels
 
 
 def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, accumulator, batch_size: int,
@@ -225,13 +241,15 @@ def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path 
         log(f"samples not redrawn: the run's data ({data_path / 'valid'}) is not here")
         return None
     dev = torch.device(device)
+    labels = label_spec(cfg)
     cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cfg.cache_dir, progress=False,
-                        log=lambda *_: None)
+                        log=lambda *_: None, labels=labels)
     if not len(cache):
         return None
     best = load_file(run.best)
     return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
-                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch), Precision(None, dev),
+                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch, labels=labels is not None),
+                        Precision(None, dev),
                         cfg.threshold, run.dir / "samples.png",
                         f"best checkpoint (epoch {best.get('best_epoch', '?')})")
 
@@ -240,12 +258,16 @@ def evaluation_report(metrics: dict, split: str, resolution: str, tta: bool) -> 
     """``evaluate``'s printout: each metric's per-image mean, sd, 95 % CI and pooled value; the threshold sweep;
     where the per-image scores and the worst images are."""
     where = "at each image's original resolution" if resolution == "original" else "at the network's size"
-    lines = [f"{split} split, {metrics['num_images']} images {where}{', flip TTA' if tta else ''}; per-image scores, "
-             "and pooled over all pixels:"]
+    classes = "JS_1" in metrics  # label maps: the foreground means, then each class
+    lines = [f"{split} split, {metrics['num_images']} images {where}{', flip TTA' if tta else ''}; per-image scores"
+             + (" (JS, DC: means over the foreground classes; JS_k, DC_k: class k):" if classes
+                else ", and pooled over all pixels:")]
     spread = metrics.get("spread", {})
     if spread:
-        lines.append(f"  {'':<15}{'mean':>6}  {'sd':>6}  {'95% CI of the mean':>18}  pooled")
-    for k in ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded"):
+        lines.append(f"  {'':<15}{'mean':>6}  {'sd':>6}  {'95% CI of the mean':>18}" + ("" if classes else "  pooled"))
+    names = [k for k in spread if k in metrics] if classes else \
+        ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded")
+    for k in names:
         line = f"  {k:<15}{metrics[k]:.4f}"
         if k in spread:
             lo, hi = spread[k]["ci"]

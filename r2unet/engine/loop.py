@@ -17,7 +17,7 @@ from torch import nn
 from .. import plots
 from ..data.augment import MEAN, STD
 from ..errors import TrainingError
-from ..metrics import MetricAccumulator
+from ..metrics import MetricAccumulator, accumulator_for, probabilities
 from ..models import create_model
 from . import distributed as D
 from .config import TrainConfig
@@ -62,11 +62,25 @@ def lr_factor(epoch: int, cfg: TrainConfig) -> float:
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
+    """BCE with logits (+ soft Dice) for one channel; for several, softmax cross-entropy against the class indices
+    in ``target`` (+ soft Dice averaged over the foreground classes)."""
+    if logits.shape[1] > 1:
+        return _class_loss(logits, target, dice)
     loss = F.binary_cross_entropy_with_logits(logits.float(), target)
     if dice:
         probs = torch.sigmoid(logits.float()).flatten(1)
         t = target.flatten(1)
         loss = loss + (1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)).mean()
+    return loss
+
+
+def _class_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
+    labels = target[:, 0].long()
+    loss = F.cross_entropy(logits.float(), labels)
+    if dice:
+        probs = torch.softmax(logits.float(), dim=1)[:, 1:].flatten(2)  # (B, K-1, HW)
+        t = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].flatten(2).float()
+        loss = loss + (1 - (2 * (probs * t).sum(2) + 1) / (probs.sum(2) + t.sum(2) + 1)).mean()
     return loss
 
 
@@ -223,7 +237,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
     state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
     state.skipped_device = torch.zeros((), dtype=torch.int64, device=device)
     if state.train_metrics is None:
-        state.train_metrics = MetricAccumulator(threshold=cfg.threshold, device=device)
+        state.train_metrics = accumulator_for(cfg.num_classes, cfg.threshold, device)
     if state.nonfinite_run is None:  # a run continues the previous epoch's count (see TrainingRun.train_epoch)
         state.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
     buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
@@ -242,7 +256,7 @@ def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Prec
         snapshot.keep_if(finite)  # a skipped step leaves no trace: neither in the weights nor in the statistics
         state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
         state.skipped_device += (~finite).long()
-        state.train_metrics.update(torch.sigmoid(logits.detach().float()), y)
+        state.train_metrics.update(probabilities(logits.detach()), y)
         state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
         clock.after_step(x.shape[0])
         if state.steps % cfg.log_every == 0:
@@ -300,14 +314,14 @@ class JobThroughput:
 @torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
              channels_last: bool = False, progress: str | None = None,
-             keep_per_image: bool = False, accumulator=None) -> MetricAccumulator:
+             keep_per_image: bool = False, accumulator=None, num_classes: int = 1) -> MetricAccumulator:
     """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
     ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
     ``MetricAccumulator.per_image``; ``accumulator``: what to feed instead of a new ``MetricAccumulator`` (e.g.
     ``metrics.Accumulators`` for a threshold sweep); it is returned."""
     model.eval()
-    acc = accumulator if accumulator is not None else MetricAccumulator(
-        threshold=threshold, device=precision.device, keep_per_image=keep_per_image)
+    acc = accumulator if accumulator is not None else accumulator_for(num_classes, threshold, precision.device,
+                                                                      keep_per_image)
     if progress is not None:
         from tqdm import tqdm
 
@@ -318,7 +332,7 @@ def evaluate(model, loader, transform, precision: Precision, threshold: float = 
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(x)
-        acc.update(torch.sigmoid(logits.float()), y)
+        acc.update(probabilities(logits), y)
     acc.all_reduce()
     return acc
 
@@ -332,8 +346,11 @@ def draw_samples(model, cache, indices, transform, precision, threshold: float, 
     x, y = transform(batch)
     model.eval()
     with precision.autocast():
-        probs = torch.sigmoid(model(x).float())
+        probs = probabilities(model(x))
     rgb = x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1)
     images = ((rgb * STD + MEAN).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
+    if probs.shape[1] > 1:  # label maps: classes in colour
+        return plots.sample_grid(images, y[:, 0].byte().cpu().numpy(), probs.argmax(1).byte().cpu().numpy(), out,
+                                 title, row_titles, num_classes=probs.shape[1])
     return plots.sample_grid(images, (y[:, 0] > 0.5).cpu().numpy(), (probs[:, 0] > threshold).cpu().numpy(),
                              out, title, row_titles)

@@ -22,7 +22,7 @@ from ..data.pairs import SPLITS
 from ..errors import CheckpointError, Terminated, TrainingError
 from ..fileio import FolderLock, append_line, atomic_write_text
 from ..messages import first_line
-from ..metrics import METRIC_NAMES, per_image_spread
+from ..metrics import per_image_spread
 from ..models import RECURRENT
 from . import distributed as D
 from .checkpoint import (
@@ -33,7 +33,7 @@ from .checkpoint import (
     require_training_state,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, label_spec
 from .loop import (
     EpochState,
     JobThroughput,
@@ -163,10 +163,10 @@ class TrainingRun:
         """Caches, samplers, loaders and the two device transforms (augmenting for training, plain for scoring).
         Rank 0 builds/updates the caches first; then the first process of every other node validates them (a no-op
         on a shared file system, a build on a node-local one); then every process opens them."""
-        cfg, info, data_path = self.cfg, self.info, Path(self.cfg.data_path)
+        cfg, info, data_path, labels = self.cfg, self.info, Path(self.cfg.data_path), label_spec(self.cfg)
 
         def build():
-            return {s: split_cache(data_path, s, cfg.image_size, cache_dir=cfg.cache_dir,
+            return {s: split_cache(data_path, s, cfg.image_size, cache_dir=cfg.cache_dir, labels=labels,
                                    num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
                                    progress=sys.stderr.isatty() and info.is_main, log=self.log) for s in SPLITS}
 
@@ -175,7 +175,8 @@ class TrainingRun:
         if info.local_rank == 0 and not info.is_main:
             caches = build()
         D.barrier()
-        self.caches = caches or {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir) for s in SPLITS}
+        self.caches = caches or {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir, cfg.num_classes)
+                                 for s in SPLITS}
         self.train_sampler = D.EpochBatchSampler(len(self.caches["train"]), cfg.batch_size, info, cfg.seed)
         if len(self.train_sampler) == 0:
             raise ConfigError(f"--batch_size {cfg.batch_size}: larger than this process's share of the "
@@ -188,9 +189,9 @@ class TrainingRun:
             **{s: make_loader(self.caches[s], cfg.batch_size, train=False, sampler=self.shards[s], num_workers=0,
                               pin_memory=pin, drop_last=False) for s in ("valid", "test")},
         }
-        self.augment = DeviceTransform(cfg.image_size, self.device, AugmentConfig(
-            augmentation_prob=cfg.augmentation_prob), seed=cfg.seed + 7919 * info.rank, img_ch=cfg.img_ch)
-        self.plain = DeviceTransform(cfg.image_size, self.device, None, img_ch=cfg.img_ch)
+        self.augment, self.plain = (DeviceTransform(cfg.image_size, self.device, a, seed=cfg.seed + 7919 * info.rank,
+                                                    img_ch=cfg.img_ch, labels=labels is not None)
+                                    for a in (AugmentConfig(augmentation_prob=cfg.augmentation_prob), None))
 
     def _resume(self) -> None:
         ckpt = _load_on_rank0(self.files.last, self.info)
@@ -354,7 +355,8 @@ class TrainingRun:
         valid = None
         if len(self.caches["valid"]):
             valid = evaluate(self.model, self.loaders["valid"], self.plain, self.precision, self.cfg.threshold,
-                             self.channels_last, "validation" if self.bar else None).compute()
+                             self.channels_last, "validation" if self.bar else None,
+                             num_classes=self.cfg.num_classes).compute()
         row["valid"] = valid
         score = (valid["JS"] + valid["DC"]) if valid else float(epoch)
         if score > self.best_score:
@@ -411,12 +413,12 @@ class TrainingRun:
         if not len(self.caches["test"]):
             return None, None
         acc = evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.cfg.threshold,
-                       self.channels_last, "test" if self.bar else None, keep_per_image=True)
+                       self.channels_last, "test" if self.bar else None, True, num_classes=self.cfg.num_classes)
         # every image's scores, from all shards: sd and a 95 % bootstrap interval per mean (error bars)
-        rows = dict(zip(D.gather_lists(self.shards["test"].indices),
-                        D.gather_lists(list(zip(*acc.per_image().values())))))
+        per = acc.per_image()
+        rows = dict(zip(D.gather_lists(self.shards["test"].indices), D.gather_lists(list(zip(*per.values())))))
         rows = [rows[i] for i in sorted(rows)]  # the split's order: the same interval as a 1-process run
-        return acc.compute(), per_image_spread({k: [r[j] for r in rows] for j, k in enumerate(METRIC_NAMES)})
+        return acc.compute(), per_image_spread({k: [r[j] for r in rows] for j, k in enumerate(per)})
 
     def _write_results(self, results: dict) -> None:
         files, test, spread = self.files, results["test"], results["test_spread"]

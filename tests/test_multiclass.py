@@ -1,0 +1,103 @@
+"""Label maps of several classes: a synthetic 3-class set through prepare -> train -> evaluate -> predict -> export,
+and the pieces (metrics, loss, augmentation, cache) checked on their own."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r2unet.cli import main
+from r2unet.data.augment import AugmentConfig, train_batch
+from r2unet.data.dataset import split_cache
+from r2unet.data.io import read_label_map
+from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from r2unet.metrics import ClassAccumulator
+
+
+def test_class_scores_are_counted_per_image_and_class():
+    target = torch.tensor([[[[0, 1, 1, 2], [0, 0, 2, 2]]]], dtype=torch.float32)  # (1, 1, 2, 4)
+    pred = torch.tensor([[[0, 1, 2, 2], [0, 0, 2, 0]]])
+    probs = torch.nn.functional.one_hot(pred, 3).permute(0, 3, 1, 2).float()
+    acc = ClassAccumulator(3)
+    acc.update(probs, target)
+    out = acc.compute()
+    assert out["ACC"] == pytest.approx(6 / 8)
+    assert out["JS_1"] == pytest.approx(1 / 2) and out["DC_1"] == pytest.approx(2 / 3)  # tp 1, fn 1
+    assert out["JS_2"] == pytest.approx(2 / 4) and out["DC_2"] == pytest.approx(4 / 6)  # tp 2, fp 1, fn 1
+    assert out["JS"] == pytest.approx(0.5) and out["DC"] == pytest.approx((2 / 3 + 4 / 6) / 2)
+    empty = ClassAccumulator(3)  # a class neither labelled nor predicted scores 1, as an empty binary mask does
+    empty.update(torch.nn.functional.one_hot(torch.zeros(1, 2, 2, dtype=torch.long), 3).permute(0, 3, 1, 2).float(),
+                 torch.zeros(1, 1, 2, 2))
+    assert empty.compute()["JS_2"] == 1.0
+
+
+def test_augmentation_moves_labels_by_nearest_neighbour_only():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.zeros(4, 64, 64, dtype=torch.uint8)
+    labels[:, 10:40, 12:50] = 1
+    labels[:, 20:30, 20:35] = 2
+    images = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8, generator=g)
+    _, y = train_batch(images, labels, torch.ones(4), 48, AugmentConfig(augmentation_prob=1.0), g, labels=True)
+    assert set(torch.unique(y).tolist()) <= {0.0, 1.0, 2.0} and (y == 2).any() and (y == 1).any()
+
+
+@pytest.fixture(scope="module")
+def three_classes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("classes")
+    generate_dataset(root / "raw", num_images=40, seed=5, max_side=160, num_classes=3)
+    assert main(["prepare", "--origin_data_path", str(root / "raw" / IMAGE_DIR), "--origin_GT_path",
+                 str(root / "raw" / MASK_DIR), "--data_path", str(root / "data"), "--no_cache"]) == 0
+    return root
+
+
+def test_a_label_cache_keeps_class_indices_in_a_folder_of_its_own(three_classes):
+    data = three_classes / "data"
+    cache = split_cache(data, "valid", 32, labels=(3, None), progress=False, log=lambda *_: None)
+    assert cache.folder.name == "valid-48-3classes" and set(np.unique(cache.masks)) == {0, 1, 2}
+    binary = split_cache(data, "valid", 32, progress=False, log=lambda *_: None)
+    assert binary.folder.name == "valid-48" and set(np.unique(binary.masks)) == {0, 1}
+
+
+def test_three_classes_train_evaluate_predict_and_export(three_classes, tmp_path, capsys):
+    data, run = three_classes / "data", tmp_path / "run"
+    assert main(["train", "--data_path", str(data), "--output_dir", str(run), "--num_classes", "3", "--model_type",
+                 "U_Net", "--base_channels", "8", "--image_size", "48", "--batch_size", "4", "--num_epochs", "6",
+                 "--lr", "0.002", "--beta1", "0.9", "--amp", "off", "--num_workers", "0", "--device", "cpu"]) == 0
+    results = json.loads((run / "results.json").read_text())
+    test = results["test"]
+    fractions = {k: np.mean([(read_label_map(p, 3) == k).mean() for p in sorted((data / "test_GT").iterdir())])
+                 for k in (1, 2)}
+    for k in (1, 2):  # well above what labelling every pixel k scores (JS = the class's pixel share)
+        assert test[f"JS_{k}"] > max(0.1, 2 * fractions[k]), (k, test, fractions)
+    assert test["JS"] == pytest.approx((test["JS_1"] + test["JS_2"]) / 2)
+    drawn = (run / "samples.png").read_bytes()  # the classes in colour; 'plot' redraws the same picture
+    assert main(["plot", str(run)]) == 0 and (run / "samples.png").read_bytes() == drawn
+    capsys.readouterr()
+
+    assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["JS_2"] == pytest.approx(test["JS_2"]) and "pooled" not in scored
+    assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu"]) == 0
+    assert "JS_1" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu",
+                 "--resolution", "original"]) == 2
+    assert "for binary masks only; this checkpoint segments 3 classes" in capsys.readouterr().err
+
+    out = tmp_path / "masks"
+    assert main(["predict", "--checkpoint", str(run), "--input", str(data / "test"), "--output", str(out),
+                 "--overlay", "--device", "cpu"]) == 0
+    for image in sorted((data / "test").iterdir()):
+        with Image.open(out / f"{image.stem}_segmentation.png") as m, Image.open(image) as i:
+            assert m.mode == "P" and m.size == i.size  # a class map at the photo's own size
+        assert read_label_map(out / f"{image.stem}_segmentation.png", 3).max() <= 2
+        assert (out / f"{image.stem}_overlay.jpg").is_file()
+
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    import onnx
+
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "m.onnx")]) == 0  # self-checked
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert props["r2unet.num_classes"] == "3" and json.loads(props["r2unet.class_colors"])[0] == [0, 0, 0]
+    assert "argmax over the 3 logits" in props["r2unet.preprocessing"]
