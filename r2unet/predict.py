@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.augment import eval_images
-from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_mask, save_label_map
+from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_label_map, read_mask, save_label_map
 from .data.io import image_size as image_size_of
 from .data.pairs import mask_stem_for
 from .fileio import atomic_save_image
@@ -156,10 +156,12 @@ def _upsample_probs(logits: torch.Tensor, h: int, w: int, max_pixels: int = 2**2
     return out
 
 
-def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np.ndarray:
+def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int], labels: tuple | None = None
+                ) -> np.ndarray:
     """The ground-truth mask of ``image_path`` as bool (H, W) in the frame the image is shown in: a mask drawn on the
-    stored pixels of an EXIF-turned photo is turned too. A size that fits neither frame is a DataError."""
-    gt = read_mask(mask_path)
+    stored pixels of an EXIF-turned photo is turned too. A size that fits neither frame is a DataError. ``labels``
+    (num_classes, class colours or None): a label map, as class indices (H, W) uint8."""
+    gt = read_mask(mask_path) if labels is None else read_label_map(mask_path, *labels)
     if gt.shape != shape:  # perhaps drawn on the stored pixels of an EXIF-turned photo
         gt = orient_as_shown(gt, image_path)
     if gt.shape != shape:
@@ -171,20 +173,25 @@ def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int]) -> np
 @torch.no_grad()
 def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, accumulator,
                                  batch_size: int = 8, tta: bool = False, img_ch: int = 3, autocast=None,
-                                 channels_last: bool = False, progress: bool | None = None, log=print) -> None:
+                                 channels_last: bool = False, progress: bool | None = None, labels: tuple | None = None,
+                                 log=print) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` (a ``MetricAccumulator``) at the image's original
     resolution, as the ISIC 2018 challenge scored: the prediction is made exactly as ``predict`` makes it (network
     size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel.
     ``pairs``: objects with ``.image`` and ``.mask`` paths; ``autocast``, ``channels_last``: see
-    ``predict_images``."""
+    ``predict_images``; ``labels``: (num_classes, class colours or None) for label maps (class maps compared)."""
     pairs = list(pairs)
     masks = {p.image: p.mask for p in pairs}
     results = predict_images(model, [p.image for p in pairs], image_size, device, batch_size, tta, img_ch,
                              autocast=autocast, channels_last=channels_last)
     for path, _, probs in track(results, len(pairs), "scoring at the original resolution", log=log,
                                 terminal=progress):
-        gt = read_gt_for(masks[path], path, probs.shape)
-        accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
+        gt = read_gt_for(masks[path], path, probs.shape, labels)
+        if labels is not None:  # a class map: scored as the one-hot "probabilities" of its classes
+            probs = F.one_hot(torch.from_numpy(probs).long(), labels[0]).permute(2, 0, 1).numpy()
+            accumulator.update(torch.from_numpy(probs)[None], torch.from_numpy(gt)[None, None].float())
+        else:
+            accumulator.update(torch.from_numpy(probs)[None, None], torch.from_numpy(gt)[None, None].float())
 
 
 def find_gt(masks: dict[str, Path], image: Path) -> Path | None:

@@ -81,9 +81,13 @@ def test_three_classes_train_evaluate_predict_and_export(three_classes, tmp_path
     assert scored["JS_2"] == pytest.approx(test["JS_2"]) and "pooled" not in scored
     assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu"]) == 0
     assert "JS_1" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu", "--json",
+                 "--resolution", "original", "--tta"]) == 0  # each photo's class map against its label map file
+    at_size = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert at_size["num_images"] == scored["num_images"] and abs(at_size["JS"] - scored["JS"]) < 0.1
     assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu",
-                 "--resolution", "original"]) == 2
-    assert "for binary masks only; this checkpoint segments 3 classes" in capsys.readouterr().err
+                 "--thresholds", "0.3,0.5"]) == 2
+    assert "--thresholds: for binary masks only; this checkpoint segments 3 classes" in capsys.readouterr().err
 
     out = tmp_path / "masks"
     assert main(["predict", "--checkpoint", str(run), "--input", str(data / "test"), "--output", str(out),

@@ -133,7 +133,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     dev = resolve_device(cfg.device, cfg.device_index)
     model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
     threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
-    labels = _label_maps_can(cfg, resolution, thresholds, tta)
+    labels = _label_maps_can(cfg, thresholds)
     scored = FlipAveraged(model) if tta else model
     acc = accumulator_for(cfg.num_classes, threshold, dev, keep_per_image=True)
     sweep = [MetricAccumulator(threshold=t, device=dev) for t in thresholds or ()]
@@ -175,15 +175,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     return out
 
 
-def _label_maps_can(cfg: TrainConfig, resolution: str, thresholds, tta: bool) -> tuple | None:
-    """A checkpoint trained on label maps: its (classes, colours); what evaluate does not score for it is refused."""
+def _label_maps_can(cfg: TrainConfig, thresholds) -> tuple | None:
+    """A checkpoint trained on label maps: its (classes, colours); a threshold sweep (binary only) is refused."""
     labels = label_spec(cfg)
-    if labels is not None:
-        for flag, given in (("--resolution original", resolution == "original"), ("--thresholds", thresholds),
-                            ("--tta", tta)):
-            if given:
-                raise ConfigError(f"{flag}: for binary masks only; this checkpoint segments {cfg.num_classes} "
-                                  "classes (scored at the network's size)")
+    if labels is not None and thresholds:
+        raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {cfg.num_classes} classes "
+                          "(a class map is the argmax, with no threshold)")
     return labels
 
 
@@ -201,7 +198,7 @@ def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfi
     note_ambiguous(pairs, log)
     score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, accumulator, batch_size=batch_size,
                                  tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
-                                 channels_last=channels_last, log=log)
+                                 channels_last=channels_last, labels=label_spec(cfg), log=log)
     return [p.image.name for p in pairs]
 
 
