@@ -10,15 +10,8 @@ import sys
 from . import __version__
 from .data.io import DataError
 from .data.pairs import SPLITS
-from .engine.config import (
-    COMPILE_MODES,
-    ConfigError,
-    TrainConfig,
-    add_checkpoint_flags,
-    add_train_flags,
-    positive_int,
-    train_settings,
-)
+from .engine import config as settings  # flags and settings: light, no torch
+from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_checkpoint_flags, add_train_flags, positive_int
 from .errors import CheckpointError, ExportError, Terminated, TrainingError
 from .messages import for_user, parse_command_line
 from .models import DEFAULT_T, list_models
@@ -61,6 +54,8 @@ def _prepare(p) -> None:
     p.add_argument("--no_cache", action="store_true", help="only split; the cache is built when training starts")
     p.add_argument("--mask_suffix", help="masks are named <image stem>SUFFIX.<ext> (default: found, see README)")
     p.add_argument("--recursive", action="store_true", help="one folder per case: pair the files in subfolders")
+    p.add_argument("--num_classes", type=int, default=1, help="K >= 2: label maps; the cache keeps K classes")
+    p.add_argument("--class_colors", help="JSON/YAML list of [r, g, b] per class, for label maps in RGB")
 
 
 def _cmd_prepare(args) -> None:
@@ -72,7 +67,8 @@ def _cmd_prepare(args) -> None:
                   train_ratio=args.train_ratio, valid_ratio=args.valid_ratio, test_ratio=args.test_ratio,
                   seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
                   progress=sys.stderr.isatty(), cache_size=None if args.no_cache else args.image_size,
-                  cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive)
+                  cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive,
+                  cache_labels=settings.labels_from(args.num_classes, args.class_colors))
 
 
 def _train(p) -> None:
@@ -82,7 +78,7 @@ def _train(p) -> None:
 
 def _train_config(args) -> TrainConfig:
     """The run's settings from the flags given (precedence and the reference's flags: ``train_settings``)."""
-    return train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command", "parser")})
+    return settings.train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command", "parser")})
 
 
 def _cmd_train(args) -> None:
@@ -218,8 +214,7 @@ def _bench(p) -> None:
         p.add_argument(f"--{name}", type=int, default=default, help={"steps": "timed steps per configuration",
                                                                         "warmup": "untimed steps first"}.get(name))
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
-    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default",
-                   help="torch.compile mode of the compiled rows")
+    p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default", help="of the compiled rows")
     p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
                    "channels_last, fused, compile, cudagraphs, default (the baseline always runs)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -48,7 +48,8 @@ def three_classes(tmp_path_factory):
     root = tmp_path_factory.mktemp("classes")
     generate_dataset(root / "raw", num_images=40, seed=5, max_side=160, num_classes=3)
     assert main(["prepare", "--origin_data_path", str(root / "raw" / IMAGE_DIR), "--origin_GT_path",
-                 str(root / "raw" / MASK_DIR), "--data_path", str(root / "data"), "--no_cache"]) == 0
+                 str(root / "raw" / MASK_DIR), "--data_path", str(root / "data"), "--num_classes", "3",
+                 "--image_size", "48"]) == 0  # the label cache for the training below
     return root
 
 
@@ -65,6 +66,7 @@ def test_three_classes_train_evaluate_predict_and_export(three_classes, tmp_path
     assert main(["train", "--data_path", str(data), "--output_dir", str(run), "--num_classes", "3", "--model_type",
                  "U_Net", "--base_channels", "8", "--image_size", "48", "--batch_size", "4", "--num_epochs", "6",
                  "--lr", "0.002", "--beta1", "0.9", "--amp", "off", "--num_workers", "0", "--device", "cpu"]) == 0
+    assert "caching" not in capsys.readouterr().out  # prepare --num_classes 3 built the caches train reads
     results = json.loads((run / "results.json").read_text())
     test = results["test"]
     fractions = {k: np.mean([(read_label_map(p, 3) == k).mean() for p in sorted((data / "test_GT").iterdir())])

@@ -96,6 +96,7 @@ def prepare_split(
     cache_workers: int | None = None,
     mask_suffix: str | None = None,
     recursive: bool = False,
+    cache_labels: tuple | None = None,
 ) -> dict:
     """Split and copy (or link) the pairs; return the manifest (also written to disk).
 
@@ -143,12 +144,13 @@ def prepare_split(
     log(f"split {len(pairs)} pairs -> train {n_train}, valid {n_valid}, test {len(assignment['test'])}; "
         f"manifest {manifest_path}")
     if data_path is not None and cache_size is not None:
-        manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log)
+        manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log,
+                                 cache_labels)
     return manifest
 
 
 def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_size: int, workers: int | None,
-                  skip_bad: bool, log) -> dict:
+                  skip_bad: bool, log, labels: tuple | None = None) -> dict:
     """Decode every split into its cache. With ``skip_bad``, a pair whose headers were fine but whose pixels do not
     decode (a truncated JPEG) leaves the split too: its placed files are removed, the manifest names its source
     among the skipped, and the cache is brought in line. Nothing that later reads the split meets it again."""
@@ -157,7 +159,8 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
     for split in SPLITS:
         if not manifest["splits"][split]:
             continue
-        cache = split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log)
+        cache = split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log,
+                            labels=labels)
         usable = set(cache.names)
         bad = [e for e in manifest["splits"][split] if e["image"] not in usable]
         if not bad:
@@ -176,7 +179,7 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
         _write_manifest(manifest_path, manifest)
         log(f"{split}: removed {len(bad)} pair(s) whose image or mask does not decode; their sources: "
             + ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else ""))
-        split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log)
+        split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log, labels=labels)
     return manifest
 
 

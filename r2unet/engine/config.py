@@ -393,4 +393,11 @@ def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[i
 def label_spec(cfg: TrainConfig) -> tuple | None:
     """(num_classes, class colours or None) of a run on label maps, what the cache and the transforms take; None for
     binary masks."""
-    return (cfg.num_classes, load_class_colors(cfg.class_colors, cfg.num_classes)) if cfg.num_classes > 1 else None
+    return labels_from(cfg.num_classes, cfg.class_colors)
+
+
+def labels_from(num_classes: int, class_colors: str | None) -> tuple | None:
+    """``label_spec`` from the two flags (``prepare``'s too)."""
+    if not 1 <= num_classes <= 255:
+        raise ConfigError(f"--num_classes: must be 1 (binary) or 2..255 classes, got {num_classes}")
+    return (num_classes, load_class_colors(class_colors, num_classes)) if num_classes > 1 else None
