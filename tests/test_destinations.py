@@ -23,6 +23,16 @@ def _mount(folder, options: str) -> None:
         pytest.skip(f"cannot mount a tmpfs here (root and mount needed): {done.stderr.strip()[:120]}")
 
 
+def _fill(folder) -> None:
+    """Fill the file system of ``folder`` to the last byte (a file named ``filler``)."""
+    with open(folder / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+
+
 @pytest.fixture(params=["read-only", "full"])
 def destination(request, tmp_path):
     """A folder on a read-only tmpfs, or on a tmpfs filled to the last byte."""
@@ -31,12 +41,7 @@ def destination(request, tmp_path):
         _mount(folder, "ro,size=1m")
     else:
         _mount(folder, "size=256k")
-        with open(folder / "filler", "wb", buffering=0) as f:
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
+        _fill(folder)
     yield folder
     subprocess.run(["umount", str(folder)], capture_output=True)
 
@@ -126,12 +131,7 @@ def test_plot_into_a_read_only_or_full_run_folder_keeps_the_pictures_whole(train
         if state == "read-only":
             subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
         else:
-            with open(folder / "filler", "wb", buffering=0) as f:
-                try:
-                    while True:
-                        f.write(b"\0" * 4096)
-                except OSError:
-                    pass
+            _fill(folder)
         assert main(["plot", str(folder)]) == 2
         err = capsys.readouterr().err
         assert "error:" in err and "Traceback" not in err and str(folder) in err, err
