@@ -203,6 +203,21 @@ def _cmd_demo(args) -> None:
     run_demo(args.output, num_images=args.num_images, num_epochs=args.num_epochs, seed=args.seed)
 
 
+def _serve(p) -> None:
+    """a web page and an HTTP API that segment uploaded images (needs the serve extra)"""
+    add_checkpoint_flags(p, batch_size=8)
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max_mb", type=float, default=50, help="largest upload accepted")
+
+
+def _cmd_serve(args) -> None:
+    from .serve import serve
+
+    serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
+          amp=args.amp, image_size=args.image_size, threshold=args.threshold)
+
+
 def _bench(p) -> None:
     """benchmarks: 'data' (loader + augmentation) or 'train' (training step)"""
     p.add_argument("what", choices=["data", "train"])
@@ -243,7 +258,7 @@ def _cmd_bench(args) -> None:
 COMMANDS = {"synth": (_synth, _cmd_synth), "prepare": (_prepare, _cmd_prepare), "train": (_train, _cmd_train),
             "evaluate": (_evaluate, _cmd_evaluate), "predict": (_predict, _cmd_predict),
             "export": (_export, _cmd_export), "plot": (_plot, _cmd_plot), "compare": (_compare, _cmd_compare),
-            "demo": (_demo, _cmd_demo), "bench": (_bench, _cmd_bench)}
+            "demo": (_demo, _cmd_demo), "serve": (_serve, _cmd_serve), "bench": (_bench, _cmd_bench)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,18 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
                            usage="%(prog)s [-h] --data_path DIR [--output_dir DIR] [FLAGS]" if train else None)
         add_flags(p)
         p.set_defaults(func=run, parser=p)
-        _show_defaults(p)
+        settings.show_defaults(p)
     return parser
-
-
-def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    """'(default: X)' after every flag whose help does not already say its default."""
-    for action in parser._actions:
-        default = action.default
-        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
-                or action.help is argparse.SUPPRESS or "default" in (action.help or ""):
-            continue
-        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,5 +44,6 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
     log(f"  checkpoint: {run / 'checkpoints' / 'best.pt'}")
     log(f"  pictures:   {run / 'curves.png'}, {run / 'samples.png'}")
     log(f"  results:    {run / 'results.json'}")
+    log(f"  serve it:   r2unet serve --checkpoint {run}   (a web page and an HTTP API; pip install 'r2unet[serve]')")
     atomic_write_text(output / "demo_results.json", json.dumps(results, indent=2))
     return results

@@ -309,25 +309,39 @@ class PartialPrediction(DataError):
                          f"written):\n  {listing}")
 
 
+class Predictor:
+    """A checkpoint loaded once for prediction: the model on its device, in the precision, at the size and with the
+    threshold and classes the checkpoint was trained with unless given. ``predict`` and ``serve`` share it."""
+
+    def __init__(self, checkpoint: str | Path, *, model_overrides: dict | None = None, device: str = "auto",
+                 amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print):
+        from .engine.config import load_class_colors
+        from .engine.inference import load_for_inference, ready_for_inference
+        from .engine.runtime import resolve_device
+
+        model, cfg = load_for_inference(checkpoint, log=log,
+                                        **{k: v for k, v in (model_overrides or {}).items() if v is not None})
+        cfg.device, cfg.amp = device, amp or cfg.amp
+        cfg.validate()
+        self.cfg, self.device = cfg, resolve_device(cfg.device, cfg.device_index)
+        self.model, self.precision, self.channels_last = ready_for_inference(model, cfg, self.device, log)
+        self.image_size = image_size or cfg.image_size
+        self.threshold = threshold if threshold is not None else cfg.threshold
+        self.class_colors = load_class_colors(cfg.class_colors, cfg.num_classes)
+
+    def run(self, input_path: str | Path, output: str | Path, log=print, **options) -> list[Path]:
+        """``run_predict`` with this model and its settings; ``options``: ``run_predict``'s."""
+        with torch.inference_mode():
+            return run_predict(self.model, input_path, output, self.image_size, self.device,
+                               threshold=self.threshold, autocast=self.precision.autocast,
+                               channels_last=self.channels_last, img_ch=self.cfg.img_ch, log=log,
+                               num_classes=self.cfg.num_classes, class_colors=self.class_colors, **options)
+
+
 def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
                        model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
                        image_size: int | None = None, threshold: float | None = None, log=print,
                        **options) -> list[Path]:
-    """``r2unet predict``: load ``checkpoint`` and run ``run_predict`` on the device, in the precision and at the
-    size and threshold the checkpoint was trained with unless given. ``options``: ``run_predict``'s."""
-    from .engine.config import load_class_colors
-    from .engine.inference import load_for_inference, ready_for_inference
-    from .engine.runtime import resolve_device
-
-    model, cfg = load_for_inference(checkpoint, log=log,
-                                    **{k: v for k, v in (model_overrides or {}).items() if v is not None})
-    cfg.device, cfg.amp = device, amp or cfg.amp
-    cfg.validate()
-    dev = resolve_device(cfg.device, cfg.device_index)
-    model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
-    with torch.inference_mode():
-        return run_predict(model, input_path, output, image_size or cfg.image_size, dev,
-                           threshold=threshold if threshold is not None else cfg.threshold,
-                           autocast=precision.autocast, channels_last=channels_last, img_ch=cfg.img_ch, log=log,
-                           num_classes=cfg.num_classes, class_colors=load_class_colors(cfg.class_colors,
-                                                                                       cfg.num_classes), **options)
+    """``r2unet predict``: load ``checkpoint`` (``Predictor``) and run ``run_predict`` on ``input_path``."""
+    return Predictor(checkpoint, model_overrides=model_overrides, device=device, amp=amp, image_size=image_size,
+                     threshold=threshold, log=log).run(input_path, output, log=log, **options)

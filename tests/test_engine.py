@@ -462,6 +462,7 @@ def test_demo_runs_the_whole_pipeline_and_refuses_to_overwrite(tmp_path, capsys)
     assert main(["demo", "--output", str(out), "--num_images", "20", "--num_epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "for 2 epochs on the CPU" in printed and "demo done. test JS" in printed
+    assert f"r2unet serve --checkpoint {out / 'run'}" in printed  # and how to show the model to someone
     results = json.loads((out / "demo_results.json").read_text())
     assert results["epochs"] == 2 and 0 <= results["test"]["JS"] <= 1
     for f in ("run/curves.png", "run/samples.png", "run/checkpoints/best.pt", "run/results.json"):

@@ -401,3 +401,13 @@ def labels_from(num_classes: int, class_colors: str | None) -> tuple | None:
     if not 1 <= num_classes <= 255:
         raise ConfigError(f"--num_classes: must be 1 (binary) or 2..255 classes, got {num_classes}")
     return (num_classes, load_class_colors(class_colors, num_classes)) if num_classes > 1 else None
+
+
+def show_defaults(parser: argparse.ArgumentParser) -> None:
+    """'(default: X)' after every flag whose help does not already say its default."""
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
+                or action.help is argparse.SUPPRESS or "default" in (action.help or ""):
+            continue
+        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"
