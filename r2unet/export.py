@@ -129,3 +129,42 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overr
                          metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
                                    "threshold": cfg.threshold, **_class_metadata(cfg)}, log=log)
     return f"wrote {report['path']} (opset {report['opset']})"
+
+
+class OnnxModel(torch.nn.Module):
+    """An exported ``.onnx`` file run by onnxruntime (CPU) behind the torch module interface ``predict`` uses."""
+
+    def __init__(self, path: str | Path):
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("running an .onnx model needs onnxruntime: pip install 'r2unet[export]'") from None
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: the file is not a usable model
+            raise ExportError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        self.input_name = self.session.get_inputs()[0].name
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0])
+
+
+def load_onnx(path: str | Path):
+    """(``OnnxModel``, its settings as a ``TrainConfig``) from an ``.onnx`` file ``r2unet export`` wrote: the
+    network, input size, threshold and classes are read from its metadata."""
+    from .engine.config import TrainConfig
+
+    model = OnnxModel(path)
+    meta = {k.removeprefix("r2unet."): v for k, v in model.metadata.items() if k.startswith("r2unet.")}
+    if "image_size" not in meta:
+        raise ExportError(f"{path}: an ONNX file without r2unet's metadata (r2unet export writes it)")
+    channels = model.session.get_inputs()[0].shape[1]
+    classes = int(meta.get("num_classes", 1))
+    cfg = TrainConfig(model_type=meta.get("model_type", "R2U_Net"), t=int(meta.get("t", 3)),
+                      base_channels=int(meta.get("base_channels", 64)), image_size=int(meta["image_size"]),
+                      threshold=float(meta.get("threshold", 0.5)), num_classes=classes,
+                      class_colors=meta.get("class_colors"), img_ch=channels if isinstance(channels, int) else 3,
+                      device="cpu", amp="off")
+    return model.eval(), cfg.validate()

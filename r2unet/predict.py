@@ -319,12 +319,20 @@ class Predictor:
         from .engine.inference import load_for_inference, ready_for_inference
         from .engine.runtime import resolve_device
 
-        model, cfg = load_for_inference(checkpoint, log=log,
-                                        **{k: v for k, v in (model_overrides or {}).items() if v is not None})
-        cfg.device, cfg.amp = device, amp or cfg.amp
-        cfg.validate()
-        self.cfg, self.device = cfg, resolve_device(cfg.device, cfg.device_index)
-        self.model, self.precision, self.channels_last = ready_for_inference(model, cfg, self.device, log)
+        if str(checkpoint).lower().endswith(".onnx"):  # an exported model: onnxruntime on the CPU, in float32
+            from .engine.runtime import Precision
+            from .export import load_onnx
+
+            self.model, cfg = load_onnx(checkpoint)
+            self.cfg, self.device, self.channels_last = cfg, torch.device("cpu"), False
+            self.precision = Precision(None, self.device)
+        else:
+            model, cfg = load_for_inference(checkpoint, log=log,
+                                            **{k: v for k, v in (model_overrides or {}).items() if v is not None})
+            cfg.device, cfg.amp = device, amp or cfg.amp
+            cfg.validate()
+            self.cfg, self.device = cfg, resolve_device(cfg.device, cfg.device_index)
+            self.model, self.precision, self.channels_last = ready_for_inference(model, cfg, self.device, log)
         self.image_size = image_size or cfg.image_size
         self.threshold = threshold if threshold is not None else cfg.threshold
         self.class_colors = load_class_colors(cfg.class_colors, cfg.num_classes)

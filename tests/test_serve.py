@@ -162,3 +162,22 @@ def test_the_page_segments_an_uploaded_image_in_a_headless_chromium(served, tmp_
     assert downloaded == _post(f"{url}/predict", [("file", images[0].name, images[0].read_bytes())])[1]
     if os.environ.get("R2UNET_SCREENSHOT"):  # the README's picture of the page
         shutil.copyfile(tmp_path / "serve_page.png", os.environ["R2UNET_SCREENSHOT"])
+
+
+def test_an_exported_onnx_model_is_served_too(served, tmp_path):
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    _, run, images = served
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "m.onnx")]) == 0
+    from_onnx = Segmenter(Predictor(tmp_path / "m.onnx", log=lambda *_: None))
+    assert from_onnx.info()["input_size"] == Predictor(run, device="cpu", log=lambda *_: None).image_size
+    assert main(["predict", "--checkpoint", str(run), "--input", str(images[0].parent), "--output",
+                 str(tmp_path / "masks"), "--device", "cpu", "--amp", "off"]) == 0
+    for image in images:
+        got = np.asarray(Image.open(io.BytesIO(from_onnx.segment(image.read_bytes(), image.name)["mask_png"])))
+        want = np.asarray(Image.open(tmp_path / "masks" / f"{image.stem}_segmentation.png"))
+        assert got.shape == want.shape and (got == want).mean() > 0.999  # onnxruntime's float32 rounding aside

@@ -348,7 +348,8 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
     """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
     overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
     p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl")
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl "
+                        "(predict and serve also take a model from 'r2unet export', .onnx)")
     p.add_argument("--model_type", choices=list_models(), default=None,
                    help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
     p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
