@@ -12,6 +12,7 @@ is not an image, a truncated one, one over the size limit) is a 4xx with the rea
 """
 
 import base64
+import io
 import tempfile
 import threading
 from pathlib import Path
@@ -70,15 +71,15 @@ class Segmenter:
                 message = str(exc).replace(str(src), name).split("\n  ")[-1]
                 raise BadInput(413 if "too large" in message else 400, message) from None
             mask = (out / f"upload{OUTPUT_SUFFIXES[0]}").read_bytes()
-            result = {"file": name, "mask_png": mask, **self._area(out / f"upload{OUTPUT_SUFFIXES[0]}")}
+            result = {"file": name, "mask_png": mask, **self._area(mask)}
             if overlay:
                 result["overlay_jpg"] = (out / f"upload{OUTPUT_SUFFIXES[2]}").read_bytes()
             if probabilities:
                 result["probability"] = _summary(out / f"upload{OUTPUT_SUFFIXES[1]}", self.predictor.threshold)
         return result
 
-    def _area(self, mask_path: Path) -> dict:
-        with Image.open(mask_path) as img:
+    def _area(self, mask_png: bytes) -> dict:
+        with Image.open(io.BytesIO(mask_png)) as img:
             values = np.asarray(img)
         h, w = values.shape
         if self.predictor.cfg.num_classes <= 1:
@@ -106,8 +107,6 @@ def _image_suffix(data: bytes, name: str) -> str:
     suffix = Path(name).suffix.lower()
     if suffix in IMAGE_EXTENSIONS:
         return suffix
-    import io
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return _FORMATS.get(img.format or "", ".png")

@@ -216,7 +216,7 @@ def _row_usable(done, prev: dict, entry: dict) -> bool:
 
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
            log, labels=None) -> SplitCache:
-    meta_path = cache_dir / "meta.json"
+    meta_path, classes = cache_dir / "meta.json", labels[0] if labels else 1
     old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
     same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -255,7 +255,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
             os.replace(cache_dir / f"{f}.new", cache_dir / f)
         arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
     # Write the meta first with the rows not yet decoded marked, so an interrupted build is resumable.
-    _write_meta(meta_path, side, entries, labels[0] if labels else 1)
+    _write_meta(meta_path, side, entries, classes)
 
     todo = [i for i in range(n) if not arrays["done.npy"][i]]
     failed = []
@@ -279,13 +279,13 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
                 if k % 64 == 63:
                     for arr in arrays.values():
                         arr.flush()
-                    _write_meta(meta_path, side, entries, labels[0] if labels else 1)
+                    _write_meta(meta_path, side, entries, classes)
         for arr in arrays.values():
             arr.flush()
-        _write_meta(meta_path, side, entries, labels[0] if labels else 1)
+        _write_meta(meta_path, side, entries, classes)
     del arrays
     report_problems(problems + [err for _, err in failed], skip_bad, log)
-    return open_cache(cache_dir, side, labels[0] if labels else 1)
+    return open_cache(cache_dir, side, classes)
 
 
 def _new_arrays(cache_dir: Path, shapes: dict, dtypes: dict) -> dict:
@@ -305,21 +305,21 @@ def _new_arrays(cache_dir: Path, shapes: dict, dtypes: dict) -> dict:
 def _reserve(cache_dir: Path, names: list[str]) -> None:
     """Claim the disk blocks of memory-mapped files before rows are written into them: a write into a sparse file on
     a full disk is no exception but a SIGBUS, which kills the process at once and leaves its workers running."""
-    paths = [cache_dir / name for name in names]
-    missing = sum(max(0, p.stat().st_size - getattr(p.stat(), "st_blocks", 0) * 512) for p in paths)
+    stats = {cache_dir / name: (cache_dir / name).stat() for name in names}
+    missing = sum(max(0, st.st_size - getattr(st, "st_blocks", 0) * 512) for st in stats.values())
     free = shutil.disk_usage(cache_dir).free
     if missing > free:
         raise DataError(f"cannot write the cache in {cache_dir}: it needs {missing / 2**20:.1f} MiB more and "
                         f"{free_space(cache_dir)}; free some space or choose another folder with --cache_dir "
                         "(train, evaluate)")
-    for p in paths if hasattr(os, "posix_fallocate") else ():  # the check above can race other writers
+    for p, st in stats.items() if hasattr(os, "posix_fallocate") else ():  # the check above can race other writers
         fd = os.open(p, os.O_RDWR)
         try:
-            os.posix_fallocate(fd, 0, p.stat().st_size)
+            os.posix_fallocate(fd, 0, st.st_size)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DataError(f"cannot write the cache in {cache_dir}: no space left for {p.name} "
-                                f"({p.stat().st_size / 2**20:.1f} MiB; {free_space(cache_dir)}); free some space "
+                                f"({st.st_size / 2**20:.1f} MiB; {free_space(cache_dir)}); free some space "
                                 "or choose another folder with --cache_dir (train, evaluate)") from None
             # EINVAL / EOPNOTSUPP: a file system without fallocate; the free-space check stands
         finally:

@@ -71,9 +71,14 @@ def _rule_name(rule: str) -> str:
     return rule if rule == CASE_RULE else f"<stem>{rule}"
 
 
+def _suffixes(mask_suffix: str | None) -> tuple[str, ...]:
+    """The mask suffixes tried, in order: ``MASK_SUFFIXES``, or the one given."""
+    return MASK_SUFFIXES if mask_suffix is None else (mask_suffix,)
+
+
 def mask_stem_for(image_stem: str, mask_suffix: str | None = None) -> list[str]:
     """Mask stems accepted for an image stem, in the order they are tried (compare them lower-cased)."""
-    return [image_stem + s for s in (MASK_SUFFIXES if mask_suffix is None else (mask_suffix,))]
+    return [image_stem + s for s in _suffixes(mask_suffix)]
 
 
 def _files(folder: Path, flag: str, recursive: bool) -> tuple[list[Path], list[Path]]:
@@ -98,15 +103,17 @@ def _split_one_folder(files: list[Path], root: Path) -> tuple[list[Path], list[P
     """Images and masks of a folder that holds both: a mask lies under a mask-like folder, is named like one
     (``mask.png``, ``label.png``), or its stem is another file's stem plus a mask suffix (``x_mask.png`` beside
     ``x.png``)."""
-    stems = {(_case(p, root), p.stem.lower()) for p in files}
+    cases = {p: _case(p, root) for p in files}
+    stems = {(cases[p], p.stem.lower()) for p in files}
 
     def is_mask(p: Path) -> bool:
         low = p.stem.lower()
         if low in _MASK_FOLDERS or any(part.lower() in _MASK_FOLDERS for part in p.parent.relative_to(root).parts):
             return True
-        return any(s and low.endswith(s) and (_case(p, root), low[:-len(s)]) in stems for s in MASK_SUFFIXES)
-    masks = [p for p in files if is_mask(p)]
-    return [p for p in files if not is_mask(p)], masks
+        return any(s and low.endswith(s) and (cases[p], low[:-len(s)]) in stems for s in MASK_SUFFIXES)
+
+    mask = {p: is_mask(p) for p in files}
+    return [p for p in files if not mask[p]], [p for p in files if mask[p]]
 
 
 def pair_files(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str | None = None,
@@ -148,8 +155,7 @@ def _pair_case(case: str, imgs: list[Path], masks: dict[str, Path], mask_suffix:
         if img.stem in seen:
             raise DataError(f"{img}: two images share the stem {img.stem!r} ({seen[img.stem].name})")
         seen[img.stem] = img
-        hits = [(s, masks[(img.stem + s).lower()]) for s in (MASK_SUFFIXES if mask_suffix is None else (mask_suffix,))
-                if (img.stem + s).lower() in masks]
+        hits = [(s, masks[(img.stem + s).lower()]) for s in _suffixes(mask_suffix) if (img.stem + s).lower() in masks]
         if len(hits) > 1 or (hits and hits[0][1] in used):
             report.ambiguous.append((img, [m for _, m in hits]))
         elif hits:

@@ -57,8 +57,8 @@ def synth_pair(rng: np.random.Generator, width: int, height: int, num_classes: i
     edge = rng.uniform(0.01, 0.08) * base_r  # soft or sharp border
     weight = np.clip((radius - dist) / edge + 0.5, 0, 1)[..., None] * contrast
     img = img * (1 - weight) + lesion * texture * weight
-    core = dist < radius * 0.5
-    if num_classes == 3:
+    core = dist < radius * 0.5 if num_classes == 3 else None
+    if core is not None:
         img[core] *= 0.55
     if rng.random() < 0.5:  # darker blotches inside the lesion
         blot = (_smooth_noise(rng, h, w, 10) > 0.4) & mask
@@ -78,7 +78,7 @@ def synth_pair(rng: np.random.Generator, width: int, height: int, num_classes: i
         r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
         img *= np.clip(1.25 - 0.55 * r**2, 0.15, 1)[..., None]
     img += rng.normal(0, 3, img.shape)
-    if num_classes == 3:
+    if core is not None:
         mask = mask.astype(np.uint8) + (core & mask).astype(np.uint8)
     return img.clip(0, 255).astype(np.uint8), mask
 
