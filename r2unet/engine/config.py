@@ -115,11 +115,10 @@ class TrainConfig:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.img_ch not in (1, 3):
             bad("img_ch", f"must be 1 (grayscale) or 3 (RGB), got {self.img_ch}")
-        if not 1 <= self.num_classes <= 255:
-            bad("num_classes", f"must be 1 (binary) or 2..255 classes, got {self.num_classes}")
+        _check_num_classes(self.num_classes)
         if self.num_classes > 1 and self.output_ch == 1:
             self.output_ch = self.num_classes  # one logit per class
-        elif self.output_ch != max(1, self.num_classes) and self.num_classes > 1:
+        elif self.num_classes > 1 and self.output_ch != self.num_classes:
             bad("output_ch", f"must be --num_classes ({self.num_classes}) for label maps, got {self.output_ch}")
         if self.num_classes > 1 and self.class_colors and not self.class_colors.lstrip().startswith("["):
             self.class_colors = json.dumps(load_class_colors(self.class_colors, self.num_classes))  # a file's colours
@@ -399,9 +398,13 @@ def label_spec(cfg: TrainConfig) -> tuple | None:
 
 def labels_from(num_classes: int, class_colors: str | None) -> tuple | None:
     """``label_spec`` from the two flags (``prepare``'s too)."""
-    if not 1 <= num_classes <= 255:
-        raise ConfigError(f"--num_classes: must be 1 (binary) or 2..255 classes, got {num_classes}")
+    _check_num_classes(num_classes)
     return (num_classes, load_class_colors(class_colors, num_classes)) if num_classes > 1 else None
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not 1 <= num_classes <= 255:  # class indices are stored as uint8
+        raise ConfigError(f"--num_classes: must be 1 (binary) or 2..255 classes, got {num_classes}")
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:

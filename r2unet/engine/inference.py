@@ -144,7 +144,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     if resolution == "original":
         names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
                                         accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
-                                        channels_last=channels_last, log=log)
+                                        channels_last=channels_last, labels=labels, log=log)
     else:
         cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, labels=labels, log=log)
         names = cache.names
@@ -185,7 +185,8 @@ def _label_maps_can(cfg: TrainConfig, thresholds) -> tuple | None:
 
 
 def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, accumulator, batch_size: int,
-                            tta: bool, precision: Precision, channels_last: bool, log) -> list[str]:
+                            tta: bool, precision: Precision, channels_last: bool, labels: tuple | None,
+                            log) -> list[str]:
     """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
     from ..data.pairs import checked_pairs, note_ambiguous, report_problems
     from ..predict import score_at_original_resolution
@@ -198,7 +199,7 @@ def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfi
     note_ambiguous(pairs, log)
     score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, accumulator, batch_size=batch_size,
                                  tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
-                                 channels_last=channels_last, labels=label_spec(cfg), log=log)
+                                 channels_last=channels_last, labels=labels, log=log)
     return [p.image.name for p in pairs]
 
 
