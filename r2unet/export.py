@@ -132,7 +132,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overr
 
 
 class OnnxModel(torch.nn.Module):
-    """An exported ``.onnx`` file run by onnxruntime (CPU) behind the torch module interface ``predict`` uses."""
+    """An exported ``.onnx`` file run by onnxruntime (CPU) behind the torch module interface ``predict`` uses. A
+    batch is run in chunks of at most ``max_batch`` images (a graph with a fixed batch size: that size, the last
+    chunk padded), so memory stays bounded whatever batch the caller hands it."""
 
     def __init__(self, path: str | Path):
         super().__init__()
@@ -144,27 +146,109 @@ class OnnxModel(torch.nn.Module):
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own errors: the file is not a usable model
             raise ExportError(f"{path}: not a readable ONNX model ({str(exc).splitlines()[0][:200]})") from None
-        self.input_name = self.session.get_inputs()[0].name
+        self.path = Path(path)
+        self.input = self.session.get_inputs()[0]
+        self.output = self.session.get_outputs()[0]
         self.metadata = self.session.get_modelmeta().custom_metadata_map
+        self.fixed_batch = _fixed(self.input.shape, 0)
+        self.max_batch = self.fixed_batch or 1024
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})[0])
+        x = x.detach().float().cpu().numpy()
+        outs = []
+        for i in range(0, len(x), self.max_batch):
+            chunk = x[i:i + self.max_batch]
+            if self.fixed_batch and len(chunk) < self.fixed_batch:  # padded to the graph's batch size
+                pad = np.zeros((self.fixed_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)
+                chunk = np.concatenate([chunk, pad])
+            outs.append(self.session.run(None, {self.input.name: chunk})[0][:len(x) - i])
+        return torch.from_numpy(np.concatenate(outs))
 
 
-def load_onnx(path: str | Path):
+def _fixed(shape, axis: int) -> int | None:
+    """A graph dimension fixed to a number, or None when it is symbolic (dynamic)."""
+    value = shape[axis] if len(shape) > axis else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+# bytes of activations per pixel of the input and channel of the first stage, at onnxruntime's peak for one image:
+# measured 6.0 for R2U-Net (t=2, base 16) at 512 and 1024 px; 8 leaves room
+ONNX_BYTES_PER_PIXEL_CHANNEL = 8 * 4
+
+
+def load_onnx(path: str | Path, image_size: int | None = None, log=print):
     """(``OnnxModel``, its settings as a ``TrainConfig``) from an ``.onnx`` file ``r2unet export`` wrote: the
-    network, input size, threshold and classes are read from its metadata."""
-    from .engine.config import TrainConfig
+    network, input size, threshold and classes are read from its metadata, and checked against the graph: the
+    class count against the output's channels, the input size against a fixed input shape and against the memory
+    one image at that size needs. Each inconsistency names the file and the key."""
+    from .engine.config import ConfigError, TrainConfig
+    from .engine.runtime import available_memory
 
     model = OnnxModel(path)
     meta = {k.removeprefix("r2unet."): v for k, v in model.metadata.items() if k.startswith("r2unet.")}
     if "image_size" not in meta:
         raise ExportError(f"{path}: an ONNX file without r2unet's metadata (r2unet export writes it)")
-    channels = model.session.get_inputs()[0].shape[1]
-    classes = int(meta.get("num_classes", 1))
-    cfg = TrainConfig(model_type=meta.get("model_type", "R2U_Net"), t=int(meta.get("t", 3)),
-                      base_channels=int(meta.get("base_channels", 64)), image_size=int(meta["image_size"]),
-                      threshold=float(meta.get("threshold", 0.5)), num_classes=classes,
-                      class_colors=meta.get("class_colors"), img_ch=channels if isinstance(channels, int) else 3,
-                      device="cpu", amp="off")
-    return model.eval(), cfg.validate()
+
+    def number(key: str, default, kind=int, low=1, high=None):
+        if key not in meta:
+            return default
+        try:
+            value = kind(meta[key])
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high) or value != value:
+            bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+            raise ExportError(f"{path}: metadata r2unet.{key} is {meta[key][:40]!r}, not a "
+                              f"{'whole number' if kind is int else 'number'} {bounds}")
+        return value
+
+    size = image_size or number("image_size", None, low=SIZE_MULTIPLE)
+    channels, in_h, in_w = (_fixed(model.input.shape, a) for a in (1, 2, 3))
+    if (in_h or in_w) and (in_h, in_w) != (size, size):
+        raise ExportError(f"{path}: its input is fixed at {in_h}x{in_w} pixels, but "
+                          + (f"--image_size {size}" if image_size else f"metadata r2unet.image_size says {size}")
+                          + " (a graph with a fixed size runs only at that size; export it again with "
+                            "'r2unet export', whose graphs take any size)")
+    base = number("base_channels", 64, high=4096)
+    need = size * size * base * ONNX_BYTES_PER_PIXEL_CHANNEL
+    free = available_memory()
+    if free is not None and need > free:
+        raise ExportError(f"{path}: " + (f"--image_size {size}" if image_size else f"metadata r2unet.image_size {size}")
+                          + f" needs about {need / 2**30:.1f} GiB for one image (base_channels {base}), more than the "
+                          f"{free / 2**30:.1f} GiB of memory available; the size the model was trained at is usually "
+                          "a few hundred pixels")
+    if free is not None:
+        model.max_batch = max(1, min(model.max_batch, int(free // 2 // need)))
+    outputs = _output_channels(model, path, channels or 3)
+    classes = number("num_classes", None, high=255)
+    if classes is None and outputs > 1:
+        classes = outputs
+        log(f"note: {path} has {outputs} output channels and no r2unet.num_classes in its metadata: read as a label "
+            f"map of {outputs} classes (the argmax), not as a binary mask")
+    classes = classes or 1
+    if classes != outputs and not (classes == 1 and outputs == 1):
+        raise ExportError(f"{path}: metadata r2unet.num_classes says {classes}, but its output has {outputs} "
+                          f"channel(s){' (a binary model has one)' if outputs == 1 else ''}; the metadata does not "
+                          "describe this graph")
+    try:
+        cfg = TrainConfig(model_type=meta.get("model_type", TrainConfig.model_type),
+                          t=number("t", TrainConfig.t), base_channels=base, image_size=size,
+                          threshold=number("threshold", 0.5, kind=float, low=0.0, high=1.0), num_classes=classes,
+                          class_colors=meta.get("class_colors") if classes > 1 else None,
+                          img_ch=channels or 3, device="cpu", amp="off").validate()
+    except ConfigError as exc:
+        raise ExportError(f"{path}: its metadata: {str(exc).removeprefix('--')}") from None
+    return model.eval(), cfg
+
+
+def _output_channels(model: OnnxModel, path, img_ch: int) -> int:
+    """The output's channel count: from the graph when fixed, else from a forward pass on a small input."""
+    fixed = _fixed(model.output.shape, 1)
+    if fixed is not None:
+        return fixed
+    side = _fixed(model.input.shape, 2) or SIZE_MULTIPLE * 2
+    try:
+        return int(model(torch.zeros(1, img_ch, side, _fixed(model.input.shape, 3) or side)).shape[1])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime's errors: the graph does not take an image
+        raise ExportError(f"{path}: does not run on a {img_ch}-channel image ({str(exc).splitlines()[0][:200]})"
+                          ) from None

@@ -323,7 +323,7 @@ class Predictor:
             from .engine.runtime import Precision
             from .export import load_onnx
 
-            self.model, cfg = load_onnx(checkpoint)
+            self.model, cfg = load_onnx(checkpoint, image_size=image_size, log=log)
             self.cfg, self.device, self.channels_last = cfg, torch.device("cpu"), False
             self.precision = Precision(None, self.device)
         else:

@@ -31,7 +31,15 @@ from PIL import Image
 
 from ..fileio import atomic_write_text, free_space
 from ..progress import track
-from .io import DataError, mask_frame, read_image, read_label_map, read_mask
+from .io import (
+    DataError,
+    NotBinaryMask,
+    label_maps_among,
+    mask_frame,
+    read_image,
+    read_label_map,
+    read_mask,
+)
 from .pairs import checked_pairs, note_ambiguous, report_problems
 
 CACHE_VERSION = 1
@@ -47,12 +55,13 @@ def _file_fp(p: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def decode_pair(image: str, mask: str, side: int, labels: tuple | None = None
+def decode_pair(image: str, mask: str, side: int, labels: tuple | None = None, notes: list[str] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8 0/1, original (h, w)).
     ``labels`` (num_classes, class colours or None): the mask is a label map, kept as class indices (resized by
-    nearest neighbour: a class is never blended into another)."""
-    m = read_mask(mask) if labels is None else read_label_map(mask, *labels)
+    nearest neighbour: a class is never blended into another); ``notes`` hears its name when it is a palette image
+    whose indices are not the classes of the colour table (it is read by colour: ``read_label_map``)."""
+    m = read_mask(mask) if labels is None else read_label_map(mask, *labels, notes=notes)
     h, w = m.shape
     oriented, _ = mask_frame(image, (w, h))  # the photo as shown, or its stored pixels (an EXIF-unaware mask)
     if oriented is None:
@@ -103,11 +112,16 @@ def _exit_with(parent: int) -> None:
 
 
 def _decode_row(args):
+    """(row, image, mask, (h, w), error, notes) of one pair; the error a message, or the ``NotBinaryMask`` that
+    stops the build."""
     row, image, mask, side, labels = args
+    notes: list[str] = []
     try:
-        return row, *decode_pair(image, mask, side, labels), None
+        return row, *decode_pair(image, mask, side, labels, notes), None, notes
+    except NotBinaryMask as exc:  # not a bad file: the set is label maps (the builder stops and says so)
+        return row, None, None, None, exc, notes
     except DataError as exc:
-        return row, None, None, None, str(exc)
+        return row, None, None, None, str(exc), notes
 
 
 class SplitCache:
@@ -185,6 +199,8 @@ def build_cache(
     entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
                 "hw": None} for p in pairs]
     if old is not None and _up_to_date(cache_dir, old["entries"], entries):
+        if classes == 1 and not old.get("masks_checked") and (found := label_maps_among([p.mask for p in pairs])):
+            raise found  # a cache built before masks were checked for class labels: a sample is checked
         report_problems(problems, skip_bad, log)
         return open_cache(cache_dir, side, classes)
     try:
@@ -217,6 +233,8 @@ def _row_usable(done, prev: dict, entry: dict) -> bool:
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
            log, labels=None) -> SplitCache:
     meta_path, classes = cache_dir / "meta.json", labels[0] if labels else 1
+    if classes == 1 and old and not old.get("masks_checked") and (found := label_maps_among([p.mask for p in pairs])):
+        raise found  # rows kept from a build before masks were checked for class labels: a sample is checked
     old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
     same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -258,7 +276,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
     _write_meta(meta_path, side, entries, classes)
 
     todo = [i for i in range(n) if not arrays["done.npy"][i]]
-    failed = []
+    failed, reordered = [], []
     if todo:
         workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
         log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
@@ -268,7 +286,15 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
         with pool or nullcontext():
             results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
             results = track(results, len(jobs), f"cache {Path(image_dir).name}", log=log, terminal=progress)
-            for k, (i, img, mask, hw, err) in enumerate(results):
+            for k, (i, img, mask, hw, err, notes) in enumerate(results):
+                reordered += notes
+                if isinstance(err, NotBinaryMask):  # binarised, its classes would vanish or merge: stop, say so
+                    if pool:
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    for arr in arrays.values():
+                        arr.flush()
+                    _write_meta(meta_path, side, entries, classes)
+                    raise label_maps_among([p.mask for p in pairs], found=[err])
                 if err:
                     failed.append((i, err))
                     continue
@@ -284,6 +310,10 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
             arr.flush()
         _write_meta(meta_path, side, entries, classes)
     del arrays
+    if reordered:
+        log(f"warning: {len(reordered)} palette label map(s) number their classes differently from --class_colors ("
+            + ", ".join(reordered[:5]) + (" ..." if len(reordered) > 5 else "") + "); read by their colours, so each "
+            "pixel has the class --class_colors gives its colour")
     report_problems(problems + [err for _, err in failed], skip_bad, log)
     return open_cache(cache_dir, side, classes)
 
@@ -355,4 +385,6 @@ def _write_meta(path: Path, side: int, entries: list[dict], classes: int = 1) ->
     meta = {"version": CACHE_VERSION, "side": side, "entries": entries}
     if classes > 1:  # binary caches stay as they were
         meta["classes"] = classes
+    else:  # each row decoded by a build that refuses label maps read as binary masks
+        meta["masks_checked"] = True
     atomic_write_text(path, json.dumps(meta))

@@ -16,6 +16,7 @@ frame; ``mask_frame`` decides which from the sizes alone, by one rule for every 
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -154,12 +155,175 @@ def mask_to_bool(values: np.ndarray) -> np.ndarray:
     return values > 32767.5
 
 
+class NotBinaryMask(DataError):
+    """A mask that holds class labels, not one foreground: ``classes`` how many it looks like, ``found`` what was
+    seen (values or colours), ``colors`` the colours of an RGB label map (a ``--class_colors`` value), else None."""
+
+    def __init__(self, path, classes: int, found: str, colors: list | None = None):
+        self.path, self.classes, self.found, self.colors = str(path), classes, found, colors
+        super().__init__(f"{path}: not a binary mask: {found}; it looks like a label map of {classes} classes. "
+                         + label_map_advice(classes, colors))
+
+    def __reduce__(self):  # crosses from a decoding worker to the cache builder intact
+        return NotBinaryMask, (self.path, self.classes, self.found, self.colors)
+
+
+class LabelMapsFound(DataError):
+    """Masks of a set read as binary that hold class labels: ``classes`` the most any of them looks like, ``colors``
+    the colours of RGB label maps (or None), ``examples`` the ``NotBinaryMask`` of each found."""
+
+    def __init__(self, examples: list[NotBinaryMask], checked: int):
+        self.examples, self.checked = examples, checked
+        widest = max(examples, key=lambda e: e.classes)
+        self.classes, self.colors = widest.classes, widest.colors
+        names = ", ".join(Path(e.path).name for e in examples[:5]) + (" ..." if len(examples) > 5 else "")
+        super().__init__(f"{len(examples)} of {checked} mask(s) checked are label maps, not binary masks ({names}); "
+                         f"e.g. {widest.path}: {widest.found}. They look like {self.classes} classes. "
+                         + label_map_advice(self.classes, self.colors))
+
+
+def label_maps_among(masks: list[Path], found: list[NotBinaryMask] | None = None,
+                     limit: int = 24) -> LabelMapsFound | None:
+    """Read up to ``limit`` of ``masks`` (spread over the list) as binary masks: a ``LabelMapsFound`` naming those
+    that hold class labels (with ``found``, those already met), else None. Unreadable files are left to the checks
+    that name them."""
+    found = list(found or [])
+    seen = {e.path for e in found}
+    picks = sorted({round(i * (len(masks) - 1) / max(1, limit - 1)) for i in range(min(limit, len(masks)))})
+    checked = 0
+    for i in picks:
+        if str(masks[i]) in seen:
+            continue
+        checked += 1
+        try:
+            read_mask(masks[i])
+        except NotBinaryMask as exc:
+            found.append(exc)
+        except DataError:
+            pass
+    return LabelMapsFound(found, checked + len(seen)) if found else None
+
+
+def label_map_advice(classes: int, colors: list | None) -> str:
+    """What to type for a label-map dataset: the flags that read it, for prepare and train."""
+    flags = f"--num_classes {classes}"
+    if colors is not None:
+        flags += f" --class_colors '{json.dumps(colors, separators=(',', ':'))}'"
+    return (f"Pass {flags} to prepare and train" + (" (check the colours' order: the background's first)"
+                                                      if colors is not None else "")
+            + ". If these are binary masks, save them with one value for the background and one for the foreground "
+              "(0/255 or 0/1)")
+
+
+LABEL_VALUE_MAX = 32  # masks whose values are all small integers, one of them above 1, hold class indices
+_PLATEAU_SHARE, _PLATEAU_MIN, _NOISE_DISTANCE = 0.005, 32, 48
+
+
+def _interior(values: np.ndarray, max_pixels: int = 2**20) -> tuple[np.ndarray, int]:
+    """(keys, weight): the values of ``values`` (H, W) or colours of (H, W, 3) as integer keys, at the pixels whose
+    four neighbours hold the same, on every k-th row (at most ``max_pixels`` looked at; each stands for ``weight``
+    pixels): the inside of regions. A class is a region; JPEG noise and the soft edge of a resized mask are lines a
+    pixel or two wide, with no inside."""
+    h, w = values.shape[:2]
+    if h < 3 or w < 3:
+        return _keys(values).ravel(), 1
+    step = max(1, (h - 2) * (w - 2) // max_pixels)
+    rows = np.arange(1, h - 1, step)
+    above, mid, below = _keys(values[rows - 1]), _keys(values[rows]), _keys(values[rows + 1])
+    centre = mid[:, 1:-1]
+    same = (centre == above[:, 1:-1]) & (centre == below[:, 1:-1]) & (centre == mid[:, :-2]) & (centre == mid[:, 2:])
+    return centre[same], step
+
+
+def _keys(values: np.ndarray) -> np.ndarray:
+    if values.ndim == 2:
+        return values.astype(np.int64, copy=False)
+    v = values.astype(np.int64)
+    return (v[..., 0] << 16) | (v[..., 1] << 8) | v[..., 2]
+
+
+def _plateaus(keys: np.ndarray, weight: int, to_levels, n: int) -> list[int]:
+    """The keys (values, or colours as r << 16 | g << 8 | b) that fill a real part of a mask: the inside of regions
+    covering >= 0.5 % of its n pixels and >= 32 pixels, each farther than 48 levels (``to_levels``: key -> levels
+    on the 8-bit scale) from a larger one, so JPEG noise around a value is that value. Largest first."""
+    values, counts = np.unique(keys, return_counts=True)
+    found: list[tuple[int, np.ndarray]] = []
+    for i in np.argsort(-counts, kind="stable"):
+        if counts[i] * weight < max(_PLATEAU_SHARE * n, _PLATEAU_MIN):
+            break
+        levels = np.asarray(to_levels(int(values[i])), np.float64)
+        if all(np.abs(levels - f).max() > _NOISE_DISTANCE for _, f in found):
+            found.append((int(values[i]), levels))
+    return [k for k, _ in found]
+
+
+def _rgb(key: int) -> tuple[int, int, int]:
+    return key >> 16, (key >> 8) & 255, key & 255
+
+
+def label_map_found(img: Image.Image) -> tuple[int, str, list | None] | None:
+    """None for a binary mask as datasets store them: 0/255, 0/1, 1-bit, 16-bit, float, one colour on black, a
+    palette of two colours, JPEG noise or soft edges around two values. Else (the classes it looks like, what was
+    found, an RGB label map's colours or None): small integers above 1 (class indices), a palette with more than two
+    colours in use, or more than two grey levels or colours that each fill part of the mask."""
+    if img.mode in ("1", "F"):
+        return None
+    if img.mode == "P":
+        return _palette_labels(img)
+    if img.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
+        return _gray_labels(np.asarray(img))
+    rgb = np.asarray(img.convert("RGB"))
+    if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+        return _gray_labels(rgb[..., 0])
+    found = _plateaus(*_interior(rgb), _rgb, rgb.shape[0] * rgb.shape[1])
+    if len(found) <= 2:
+        return None
+    colors = sorted((_rgb(k) for k in found), key=lambda c: sum(c) > 0)  # black, the usual background, first
+    return (len(found), "RGB colours " + ", ".join(str(c) for c in colors[:8]) + " each fill part of it",
+            [list(c) for c in colors])
+
+
+def _palette_labels(img: Image.Image) -> tuple[int, str, None] | None:
+    counts = np.bincount(np.asarray(img).ravel(), minlength=256)
+    used = np.flatnonzero(counts)
+    palette = np.zeros(768, np.int64)
+    raw = img.getpalette() or []
+    palette[:len(raw)] = raw[:768]
+    palette = palette.reshape(256, 3)
+    if len({tuple(palette[i]) for i in used}) <= 2:
+        return None
+    shown = ", ".join(f"{i} {tuple(int(v) for v in palette[i])}" for i in used[:8])
+    return (int(used.max()) + 1, f"a palette image with {len(used)} indices in use ({shown}"
+            + (" ..." if len(used) > 8 else "") + ")", None)
+
+
+def _gray_labels(values: np.ndarray) -> tuple[int, str, None] | None:
+    if values.size == 0 or values.min() < 0:
+        return None
+    top = int(values.max())
+    if top <= 1:
+        return None
+    if top <= LABEL_VALUE_MAX:
+        present = np.flatnonzero(np.bincount(values.ravel().astype(np.int64, copy=False)))
+        return top + 1, "grey values " + ", ".join(str(v) for v in present) + " (class indices, not 0/255)", None
+    scale = 255 / 65535 if top > 255 else 1.0  # 16-bit masks are compared on the 8-bit scale
+    found = _plateaus(*_interior(values), lambda v: (v * scale,), values.size)
+    if len(found) <= 2:
+        return None
+    return (len(found), "grey levels " + ", ".join(str(v) for v in sorted(found)) + " each fill part of it (r2unet "
+            "reads grey label maps as class indices 0..K-1: save them so, or as RGB colours read with --class_colors)",
+            None)
+
+
 def read_mask(path: str | os.PathLike) -> np.ndarray:
-    """Boolean mask (H, W); see the module docstring for the accepted encodings."""
+    """Boolean mask (H, W); see the module docstring for the accepted encodings. A mask that holds class labels
+    (``label_map_found``) is a ``NotBinaryMask``: read as one foreground, its classes would merge or vanish."""
     path = Path(path)
     img = _open(path)
     if img.mode == "1":
         return np.asarray(img, dtype=bool)
+    if (labels := label_map_found(img)) is not None:
+        raise NotBinaryMask(path, *labels)
     if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):
         img = img.convert("RGB")
     try:
@@ -181,18 +345,24 @@ def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
     return [CLASS_COLORS[k % len(CLASS_COLORS)] for k in range(num_classes)]
 
 
-def read_label_map(path: str | os.PathLike, num_classes: int,
-                   colors: list[tuple[int, int, int]] | None = None) -> np.ndarray:
+def read_label_map(path: str | os.PathLike, num_classes: int, colors: list[tuple[int, int, int]] | None = None,
+                   notes: list[str] | None = None) -> np.ndarray:
     """Class labels (H, W) uint8 in 0..num_classes-1 from a label map: a palette PNG's indices, a grayscale image's
     values (8 or 16 bit), or, for an RGB(A) image, each pixel's colour looked up in ``colors`` (class k has colour
-    ``colors[k]``). A value or colour outside the classes is a DataError naming the file and the value."""
+    ``colors[k]``). With ``colors``, a palette image is read by its colours too: a paint program orders a palette by
+    its own rules, so its indices need not be the classes; ``notes`` then gets the file's name when they are not.
+    A value or colour outside the classes is a DataError naming the file and the value."""
     path = Path(path)
     img = _open(path)
+    if img.mode == "P" and colors is not None:
+        return _palette_by_colour(path, img, num_classes, colors, notes)
     if img.mode in ("P", "1", "L", "I", "I;16", "I;16B", "I;16L"):
         values = np.asarray(img).astype(np.int64)
         top = int(values.max()) if values.size else 0
         if top >= num_classes:
-            raise DataError(f"{path}: label {top} outside the {num_classes} classes 0..{num_classes - 1} "
+            binary = " (0 and 255: a binary mask, which needs no --num_classes)" \
+                if set(np.unique(values).tolist()) == {0, 255} else ""
+            raise DataError(f"{path}: label {top} outside the {num_classes} classes 0..{num_classes - 1}{binary} "
                             "(--num_classes counts the background too)")
         return values.astype(np.uint8)
     if colors is None:
@@ -203,13 +373,32 @@ def read_label_map(path: str | os.PathLike, num_classes: int,
     found = np.unique(keys)
     unknown = [int(c) for c in found if int(c) not in table]
     if unknown:
-        c = unknown[0]
-        raise DataError(f"{path}: colour ({c >> 16}, {(c >> 8) & 255}, {c & 255}) is none of the {num_classes} "
-                        f"classes' colours {[tuple(x) for x in colors[:num_classes]]}")
+        raise DataError(f"{path}: colour {_rgb(unknown[0])} is none of the {num_classes} classes' colours "
+                        f"{[tuple(x) for x in colors[:num_classes]]}")
     labels = np.zeros(keys.shape, np.uint8)
     for c in found:  # one pass per colour present (a handful)
         labels[keys == c] = table[int(c)]
     return labels
+
+
+def _palette_by_colour(path: Path, img: Image.Image, num_classes: int, colors, notes: list[str] | None) -> np.ndarray:
+    """A palette image's classes from the colours of its indices (``read_label_map``)."""
+    index = np.asarray(img)
+    used = np.flatnonzero(np.bincount(index.ravel(), minlength=256))
+    palette = np.zeros(768, np.int64)
+    raw = img.getpalette() or []
+    palette[:len(raw)] = raw[:768]
+    table = {tuple(int(v) for v in c): k for k, c in enumerate(colors[:num_classes])}
+    lut = np.zeros(256, np.uint8)
+    for i in used:
+        colour = tuple(int(v) for v in palette[3 * i:3 * i + 3])
+        if colour not in table:
+            raise DataError(f"{path}: palette index {i} has colour {colour}, none of the {num_classes} classes' "
+                            f"colours {[tuple(x) for x in colors[:num_classes]]} (--class_colors)")
+        lut[i] = table[colour]
+    if notes is not None and any(lut[i] != i for i in used):
+        notes.append(path.name)
+    return lut[index]
 
 
 def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int,

@@ -16,6 +16,7 @@ share, and the names of the three splits.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class PairingReport:
     missing_masks: list[Path] = field(default_factory=list)  # images with no mask
     extra_masks: list[Path] = field(default_factory=list)  # masks with no image
     ignored: list[Path] = field(default_factory=list)  # non-image files (LICENSE.txt, ...)
+    passed_over: list[str] = field(default_factory=list)  # links to nothing, loops, unreadable folders: why
     ambiguous: list[tuple[Path, list[Path]]] = field(default_factory=list)  # images with several mask candidates
 
     def summary(self) -> dict:
@@ -81,14 +83,63 @@ def mask_stem_for(image_stem: str, mask_suffix: str | None = None) -> list[str]:
     return [image_stem + s for s in _suffixes(mask_suffix)]
 
 
-def _files(folder: Path, flag: str, recursive: bool) -> tuple[list[Path], list[Path]]:
-    """(image files, other files) in ``folder`` (and below, ``recursive``), hidden ones left out."""
+def _files(folder: Path, flag: str, recursive: bool) -> tuple[list[Path], list[Path], list[str]]:
+    """(image files, other files, entries passed over with the reason) in ``folder`` (and below, ``recursive``,
+    following linked folders), hidden ones left out."""
     if not folder.is_dir():
         raise DataError(f"{flag}: folder {folder} does not exist")
-    found = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in found if p.is_file() and not any(part.startswith(".")
-                                                                for part in p.relative_to(folder).parts))
-    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)]
+    files, passed = _walk(folder) if recursive else _listing(folder)
+    return [p for p in files if is_image_file(p)], [p for p in files if not is_image_file(p)], passed
+
+
+def _listing(folder: Path) -> tuple[list[Path], list[str]]:
+    """The files of one folder (links to files included), and the links that lead nowhere."""
+    files, passed = [], []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_file():
+            files.append(p)
+        elif p.is_symlink() and not p.exists():
+            passed.append(f"{p}: a link to {os.readlink(p)}, which does not exist")
+    return files, passed
+
+
+def _walk(root: Path) -> tuple[list[Path], list[str]]:
+    """Every file under ``root``, through linked folders too, each real folder read once (a link back up, a loop,
+    is passed over, not followed forever); the entries passed over, each with the reason."""
+    files, passed, seen = [], [], {}
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                passed.append(f"{folder}: the same folder as {seen[key]} (a link loop, or a second link to it); "
+                              "read once")
+                continue
+            seen[key] = folder
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            passed.append(f"{folder}: cannot be read ({exc.strerror or exc})")
+            continue
+        below = []
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = Path(entry.path)
+            try:
+                if entry.is_dir():
+                    below.append(path)
+                elif entry.is_file():
+                    files.append(path)
+                elif entry.is_symlink():
+                    passed.append(f"{path}: a link to {os.readlink(path)}, which does not exist")
+            except OSError as exc:
+                passed.append(f"{path}: cannot be read ({exc.strerror or exc})")
+        stack.extend(reversed(below))
+    return sorted(files), passed
 
 
 def _case(path: Path, root: Path) -> str:
@@ -121,13 +172,14 @@ def pair_files(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str | N
     """Pair every image in ``image_dir`` with its mask in ``mask_dir`` by the rules of the module docstring; report
     what did not pair and what paired more than one way."""
     image_dir, mask_dir = Path(image_dir), Path(mask_dir)
-    images, ignored = _files(image_dir, "images", recursive)
+    images, ignored, passed = _files(image_dir, "images", recursive)
     if image_dir.resolve() == mask_dir.resolve():
         images, masks = _split_one_folder(images, image_dir)
     else:
-        masks, other = _files(mask_dir, "masks", recursive)
-        ignored += other
-    report = PairingReport(pairs=[], ignored=[p for p in ignored if p.name not in _IGNORED_NAMES])
+        masks, other, passed_masks = _files(mask_dir, "masks", recursive)
+        ignored, passed = ignored + other, passed + passed_masks
+    report = PairingReport(pairs=[], ignored=[p for p in ignored if p.name not in _IGNORED_NAMES],
+                           passed_over=passed)
     if not images:
         raise DataError(f"{image_dir}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff"
                         + (", in every subfolder)" if recursive else "; --recursive looks in subfolders)"))

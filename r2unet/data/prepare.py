@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
-from .io import DataError
+from .io import DataError, label_maps_among
 from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems
 
 MANIFEST_NAME = "r2unet_manifest.json"
@@ -117,9 +117,14 @@ def prepare_split(
     if ignored:
         log(f"ignoring {len(ignored)} non-image file(s): " + ", ".join(p.name for p in ignored[:5])
             + (" ..." if len(ignored) > 5 else ""))
+    if report.passed_over:
+        log(f"passed over {len(report.passed_over)} entr{'y' if len(report.passed_over) == 1 else 'ies'}:\n  "
+            + "\n  ".join(report.passed_over))
     report_problems(bad, skip_bad, log)
     if not pairs:
         raise DataError(f"{origin_data_path}: no usable image/mask pairs")
+    if cache_labels is None and (found := label_maps_among([p.mask for p in pairs])):
+        raise found  # before any file is written: binarised, label maps would train on empty or merged masks
     ours = _files_we_wrote(manifest_path, targets, overwrite, log)
     order = sorted(pairs, key=lambda p: p.out_stem or p.name)
     random.Random(seed).shuffle(order)
@@ -138,6 +143,7 @@ def prepare_split(
         "splits": {s: [_entry(p, origin_data_path, origin_GT_path) for p in items] for s, items in assignment.items()},
         "pairing": {**report.summary(), "mask_suffix": mask_suffix, "recursive": recursive},
         "skipped": bad,
+        "passed_over": report.passed_over,
     }
     manifest = _place_all(plan, ours, targets, link, manifest_path, manifest_base, progress)
     log_pairing(report, log)

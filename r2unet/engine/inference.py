@@ -8,12 +8,14 @@ did.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.dataset import DeviceTransform, make_loader, split_cache
+from ..data.io import LabelMapsFound, NotBinaryMask
 from ..data.pairs import SPLITS
 from ..fileio import atomic_write_text
 from ..metrics import Accumulators, MetricAccumulator, accumulator_for, per_image_spread
@@ -141,18 +143,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
     fed = Accumulators(acc, *sweep) if sweep else acc
     cache = None
-    if resolution == "original":
-        names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
-                                        accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
-                                        channels_last=channels_last, labels=labels, log=log)
-    else:
-        cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, labels=labels, log=log)
-        names = cache.names
-        loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-        evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch,
-                                                 labels=labels is not None), precision,
-                 threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                 accumulator=fed)
+    with _binary_model_on_label_maps(checkpoint, split):
+        if resolution == "original":
+            names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
+                                            accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
+                                            channels_last=channels_last, labels=labels, log=log)
+        else:
+            cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, labels=labels, log=log)
+            names = cache.names
+            loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
+            evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch,
+                                                     labels=labels is not None), precision,
+                     threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
+                     accumulator=fed)
     out = acc.compute("image")
     if labels is None:
         out["pooled"] = acc.compute("pooled")
@@ -173,6 +176,19 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
                                      open_cache=lambda: cache if cache is not None else split_cache(
                                          data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)))
     return out
+
+
+@contextmanager
+def _binary_model_on_label_maps(checkpoint, split: str):
+    """A binary model scored on masks that hold class labels: said as such (the scores would merge the classes)."""
+    try:
+        yield
+    except (NotBinaryMask, LabelMapsFound) as exc:
+        example = exc if isinstance(exc, NotBinaryMask) else max(exc.examples, key=lambda e: e.classes)
+        raise ConfigError(f"{checkpoint}: a model of binary masks (one output), but the {split} split holds label "
+                          f"maps ({example.path}: {example.found}; about {exc.classes} classes): its scores would "
+                          f"merge the classes. Evaluate a model trained on them with --num_classes {exc.classes}"
+                          ) from None
 
 
 def _label_maps_can(cfg: TrainConfig, thresholds) -> tuple | None:

@@ -76,6 +76,21 @@ _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE
                 "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL")
 
 
+def available_memory() -> int | None:
+    """Bytes of memory this machine can give now without swapping (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 @dataclass(frozen=True)
 class CpuInfo:
     """What this CPU can do, as the kernels PyTorch runs here see it."""
