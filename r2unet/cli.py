@@ -46,7 +46,10 @@ def _prepare(p) -> None:
         p.add_argument(f"--{split}_ratio", type=float, default=ratio)
     p.add_argument("--data_path", help="write DIR/train, DIR/train_GT, ... instead of the six folder flags")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed (the split is deterministic for a seed)")
-    p.add_argument("--overwrite", action="store_true", help="replace files a previous prepare wrote (only those)")
+    p.add_argument("--overwrite", action="store_true", help="replace files a previous prepare wrote (only those); "
+                   "every image keeps its split, images new to the source are assigned")
+    p.add_argument("--resplit", action="store_true", help="with --overwrite: shuffle every image anew (moves images "
+                   "a model may have trained on into other splits)")
     p.add_argument("--skip_bad", action="store_true", help="list and skip bad files instead of stopping")
     p.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="copy")
     p.add_argument("--image_size", type=int, default=224, help="training size the cache is built for")
@@ -68,7 +71,7 @@ def _cmd_prepare(args) -> None:
                   seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
                   progress=sys.stderr.isatty(), cache_size=None if args.no_cache else args.image_size,
                   cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive,
-                  cache_labels=settings.labels_from(args.num_classes, args.class_colors))
+                  cache_labels=settings.labels_from(args.num_classes, args.class_colors), resplit=args.resplit)
 
 
 def _train(p) -> None:

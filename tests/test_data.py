@@ -101,8 +101,8 @@ def test_prepare_refuses_non_empty_target_and_keeps_user_files(tmp_path):
         prepare_split(img_dir, mask_dir, data_path=out, log=lambda *_: None)
     prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, log=lambda *_: None)
     assert user_file.read_text() == "precious"
-    # a second run with --overwrite and another seed replaces only what r2unet wrote
-    m = prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, seed=5, log=lambda *_: None)
+    # a second run with --overwrite and another seed (--resplit) replaces only what r2unet wrote
+    m = prepare_split(img_dir, mask_dir, data_path=out, overwrite=True, seed=5, resplit=True, log=lambda *_: None)
     assert user_file.read_text() == "precious"
     assert sorted(p.name for p in (out / "train").iterdir()) == sorted(
         [e["image"] for e in m["splits"]["train"]] + ["my_notes.txt"])

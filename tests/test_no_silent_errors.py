@@ -290,3 +290,65 @@ def test_linked_case_folders_are_followed_and_a_loop_is_named_not_followed(tmp_p
     assert f"{cases / 'c2' / 'back'}: the same folder as {cases}" in out  # read once, said
     assert f"{cases / 'c5'}: a link to {tmp_path / 'gone'}, which does not exist" in out
     assert len(manifest["passed_over"]) == 2
+
+
+# --------------------------------------------------------------------------------------------- stable splits
+def _members(manifest: dict) -> dict:
+    return {e["image"]: split for split, entries in manifest["splits"].items() for e in entries}
+
+
+def test_a_re_split_keeps_every_image_in_its_split_and_a_resume_on_a_changed_split_says_what_changed(tmp_path, capsys):
+    import shutil
+
+    raw, more = tmp_path / "raw", tmp_path / "more"
+    generate_dataset(raw, num_images=30, seed=1, max_side=100)
+    generate_dataset(more, num_images=10, seed=2, max_side=100)  # other names: ISIC_02000xx
+    images, masks = raw / IMAGE_DIR, raw / MASK_DIR
+    data, run = tmp_path / "data", tmp_path / "run"
+    prepare = ["prepare", "--origin_data_path", str(images), "--origin_GT_path", str(masks), "--data_path", str(data),
+               "--no_cache", "--seed", "3"]
+    assert main(prepare) == 0
+    first = json.loads((data / "r2unet_manifest.json").read_text())
+    train = ["train", "--data_path", str(data), "--output_dir", str(run), *TINY_TRAIN]
+    assert main([*train, "--num_epochs", "1"]) == 0
+    recorded = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["data_split"]
+    assert sorted(recorded["splits"]["train"]) == sorted(n for n, s in _members(first).items() if s == "train")
+    assert json.loads((run / "results.json").read_text())["split_fingerprint"] == recorded["fingerprint"]
+
+    # ten images added to the source, prepared again: every image keeps its split, only the new ones are assigned
+    for folder in (IMAGE_DIR, MASK_DIR):
+        for p in (more / folder).iterdir():
+            shutil.copy(p, raw / folder / p.name)
+    assert main([*prepare, "--overwrite"]) == 0
+    assert "kept the split of 30 image(s), added" in capsys.readouterr().out
+    second = json.loads((data / "r2unet_manifest.json").read_text())
+    before, after = _members(first), _members(second)
+    assert all(after[name] == split for name, split in before.items())  # nobody moved
+    assert len(after) == 40 and [s for s in after.values()].count("train") == 28  # 70 % of the new total
+    assert main([*prepare, "--overwrite"]) == 0 and _members(
+        json.loads((data / "r2unet_manifest.json").read_text())) == after  # reproducible
+    capsys.readouterr()
+
+    # --resume on it: refused, saying what changed, unless told to go on
+    assert main([*train, "--resume", "--num_epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the split of" in err and "7 added to train" in err and "--accept_split_change" in err
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] == 1  # nothing trained
+    assert main([*train, "--resume", "--num_epochs", "2", "--accept_split_change"]) == 0
+    assert "going on (--accept_split_change)" in capsys.readouterr().out
+
+    # another seed would move images: refused; --resplit shuffles anew, and then resume and evaluate say so
+    assert main([*prepare[:-1], "5", "--overwrite"]) == 2
+    assert "would move images a model may have trained on" in capsys.readouterr().err
+    assert main([*prepare[:-1], "5", "--overwrite", "--resplit"]) == 0
+    capsys.readouterr()
+    assert main([*train, "--resume", "--num_epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "moved from train to test" in err or "moved from train to valid" in err
+    assert main(["evaluate", "--checkpoint", str(run / "checkpoints" / "last.pt"), "--data_path", str(data),
+                 "--device", "cpu", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    third = _members(json.loads((data / "r2unet_manifest.json").read_text()))
+    trained_then = {n for n, s in after.items() if s == "train"}
+    moved = sorted(n for n, s in third.items() if s == "test" and n in trained_then)
+    assert moved and scored["split_changed"]["trained_on"] == moved

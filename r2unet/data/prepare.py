@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
-from .io import DataError, label_maps_among
+from .io import DataError, is_image_file, label_maps_among
 from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems
 
 MANIFEST_NAME = "r2unet_manifest.json"
@@ -97,8 +97,12 @@ def prepare_split(
     mask_suffix: str | None = None,
     recursive: bool = False,
     cache_labels: tuple | None = None,
+    resplit: bool = False,
 ) -> dict:
     """Split and copy (or link) the pairs; return the manifest (also written to disk).
+
+    Splits are stable: on a folder prepared before (its manifest), every image keeps its split and only images new
+    to the source are assigned (``_assign``); ``resplit`` shuffles everything anew.
 
     Give either ``data_path`` (writes ``data_path/{train,train_GT,valid,valid_GT,test,test_GT}``) or ``targets``
     mapping each split to its (image folder, mask folder), as the reference's flags do. With ``data_path`` and
@@ -125,13 +129,11 @@ def prepare_split(
         raise DataError(f"{origin_data_path}: no usable image/mask pairs")
     if cache_labels is None and (found := label_maps_among([p.mask for p in pairs])):
         raise found  # before any file is written: binarised, label maps would train on empty or merged masks
-    ours = _files_we_wrote(manifest_path, targets, overwrite, log)
-    order = sorted(pairs, key=lambda p: p.out_stem or p.name)
-    random.Random(seed).shuffle(order)
-    n_train, n_valid, _ = split_counts(len(order), *ratios)
-    assignment = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid],
-                  "test": order[n_train + n_valid:]}
+    previous = _load_manifest(manifest_path)
+    ours = _files_we_wrote(previous, targets, overwrite, log)
+    assignment, how = _assign(pairs, origin_data_path, ratios, seed, previous, resplit)
     plan = _plan(assignment, targets, ours)
+    splits = {s: [_entry(p, origin_data_path, origin_GT_path) for p in items] for s, items in assignment.items()}
     manifest_base = {
         "version": MANIFEST_VERSION,
         "seed": seed,
@@ -140,15 +142,17 @@ def prepare_split(
         "source": {"images": str(Path(origin_data_path).absolute()), "masks": str(Path(origin_GT_path).absolute()),
                    "fingerprint": fingerprint([p for pair in pairs for p in (pair.image, pair.mask)])},
         "targets": {s: [str(a.absolute()), str(b.absolute())] for s, (a, b) in targets.items()},
-        "splits": {s: [_entry(p, origin_data_path, origin_GT_path) for p in items] for s, items in assignment.items()},
+        "splits": splits,
+        "assignment": how,
+        "split_fingerprint": _manifest_fingerprint(splits),
         "pairing": {**report.summary(), "mask_suffix": mask_suffix, "recursive": recursive},
         "skipped": bad,
         "passed_over": report.passed_over,
     }
     manifest = _place_all(plan, ours, targets, link, manifest_path, manifest_base, progress)
     log_pairing(report, log)
-    log(f"split {len(pairs)} pairs -> train {n_train}, valid {n_valid}, test {len(assignment['test'])}; "
-        f"manifest {manifest_path}")
+    log(f"split {len(pairs)} pairs -> " + ", ".join(f"{s} {len(assignment[s])}" for s in SPLITS)
+        + (f" ({how['note']})" if how.get("note") else "") + f"; manifest {manifest_path}")
     if data_path is not None and cache_size is not None:
         manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log,
                                  cache_labels)
@@ -177,8 +181,8 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
                 (folder / name).unlink(missing_ok=True)
                 removed.add(str((folder / name).absolute()))
         sources = [str(Path(manifest["source"]["images"]) / e.get("from", [e["image"]])[0]) for e in bad]
-        manifest = {**manifest, "splits": {**manifest["splits"], split: [e for e in manifest["splits"][split]
-                                                                          if e["image"] in usable]},
+        splits = {**manifest["splits"], split: [e for e in manifest["splits"][split] if e["image"] in usable]}
+        manifest = {**manifest, "splits": splits, "split_fingerprint": _manifest_fingerprint(splits),
                     "skipped": manifest["skipped"] + [f"{src}: does not decode (left out of {split})"
                                                       for src in sources],
                     "written": [f for f in manifest["written"] if f not in removed]}
@@ -225,10 +229,9 @@ def _checked_ratios(train_ratio: float, valid_ratio: float, test_ratio: float, l
     return train_ratio, valid_ratio, test_ratio
 
 
-def _files_we_wrote(manifest_path: Path, targets: dict, overwrite: bool, log) -> set[Path]:
+def _files_we_wrote(previous: dict | None, targets: dict, overwrite: bool, log) -> set[Path]:
     """The files a previous prepare wrote (its manifest's list); refuses folders holding files r2unet did not write
     unless ``overwrite`` (which then leaves those files alone)."""
-    previous = _load_manifest(manifest_path)
     ours = {Path(f) for f in (previous or {}).get("written", [])}
     for folder in {p for pair in targets.values() for p in pair}:
         existing = [p for p in folder.iterdir()] if folder.is_dir() else []
@@ -239,6 +242,105 @@ def _files_we_wrote(manifest_path: Path, targets: dict, overwrite: bool, log) ->
         if foreign and overwrite:
             log(f"{folder}: leaving {len(foreign)} file(s) that r2unet did not write untouched")
     return ours
+
+
+def _source_key(entry: dict) -> str:
+    """Which source file a manifest entry came from (relative to the image folder): the same key as ``_key``."""
+    return entry.get("from", [entry["image"]])[0]
+
+
+def _key(pair, origin_data_path) -> str:
+    return str(pair.image.relative_to(origin_data_path))
+
+
+def _assign(pairs: list, origin_data_path, ratios: tuple, seed: int, previous: dict | None,
+            resplit: bool) -> tuple[dict[str, list], dict]:
+    """Each pair's split, and how it was made (for the manifest and the log).
+
+    A first split (or ``resplit``) is the reference's: the pairs in name order, shuffled by ``seed``, cut by
+    ``split_counts``. When a previous manifest split some of these sources, each keeps its split: adding or removing
+    images never moves an image a model may have trained on into another split. The new ones, shuffled by ``seed``,
+    go one by one to the split furthest below its share of the new total. Another seed or other ratios than the
+    previous split's would move images, so they are refused unless ``resplit``."""
+    order = sorted(pairs, key=lambda p: p.out_stem or p.name)
+    before = {_source_key(e): s for s in SPLITS for e in (previous or {}).get("splits", {}).get(s, [])}
+    kept = {s: [p for p in order if before.get(_key(p, origin_data_path)) == s] for s in SPLITS}
+    if resplit or not any(kept.values()):
+        random.Random(seed).shuffle(order)
+        n_train, n_valid, _ = split_counts(len(order), *ratios)
+        cut = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid], "test": order[n_train + n_valid:]}
+        return cut, {"method": "shuffled", "note": "shuffled anew (--resplit)" if resplit and before else ""}
+    same = previous.get("seed") == seed and all(abs(a - b) < 1e-9 for a, b in zip(previous.get("ratios", ()), ratios))
+    if not same:
+        raise DataError(f"this folder was split with --seed {previous.get('seed')} and ratios "
+                        + "/".join(f"{r:g}" for r in previous.get("ratios", ())) + f", not --seed {seed} and "
+                        + "/".join(f"{r:g}" for r in ratios) + ": splitting again would move images a model may have "
+                        "trained on into the validation or test split. Give the previous --seed and ratios (each "
+                        "image keeps its split; new ones are assigned), or pass --resplit to shuffle everything anew "
+                        "(and train new runs: --resume refuses a changed split); nothing was changed")
+    new = [p for p in order if _key(p, origin_data_path) not in before]
+    random.Random(seed).shuffle(new)
+    want = dict(zip(SPLITS, split_counts(len(order), *ratios)))
+    added = {s: 0 for s in SPLITS}
+    for p in new:
+        split = max(SPLITS, key=lambda s: want[s] - len(kept[s]))  # ties: train, valid, test
+        kept[split].append(p)
+        added[split] += 1
+    removed = len(before) - sum(len(v) for v in kept.values()) + len(new)
+    note = f"kept the split of {len(order) - len(new)} image(s)" + (
+        ", added " + ", ".join(f"{n} to {s}" for s, n in added.items() if n) if new else "") + (
+        f", {removed} no longer in the source" if removed else "")
+    return kept, {"method": "kept", "kept": len(order) - len(new), "added": added, "removed": removed, "note": note}
+
+
+def split_membership(targets: dict[str, tuple[Path, Path]]) -> dict[str, list[str]]:
+    """The image file names in each split's image folder: what a run trained, chose and was tested on."""
+    out = {}
+    for split, (image_dir, _) in targets.items():
+        folder = Path(image_dir)
+        out[split] = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p)
+                            and not p.name.startswith(".")) if folder.is_dir() else []
+    return out
+
+
+def data_split(data_path: str | Path) -> dict:
+    """``split_membership`` of a prepared dataset folder with its fingerprint: what a run records."""
+    members = split_membership({s: (Path(data_path) / s, None) for s in SPLITS})
+    return {"fingerprint": membership_fingerprint(members), "splits": members}
+
+
+def _manifest_fingerprint(splits: dict[str, list[dict]]) -> str:
+    return membership_fingerprint({s: [e["image"] for e in entries] for s, entries in splits.items()})
+
+
+def membership_fingerprint(members: dict[str, list[str]]) -> str:
+    """A hash of which image is in which split (names only: an edited file is the cache's business)."""
+    return hashlib.sha256(json.dumps({s: sorted(members.get(s, [])) for s in SPLITS}).encode()).hexdigest()[:16]
+
+
+def split_changes(before: dict[str, list[str]], now: dict[str, list[str]]) -> list[str]:
+    """What moved between two memberships, in lines: images that changed split (by pair of splits), images added
+    to and removed from each. Empty when they are the same."""
+    where_before = {n: s for s in SPLITS for n in before.get(s, [])}
+    where_now = {n: s for s in SPLITS for n in now.get(s, [])}
+    lines = []
+    for a in SPLITS:
+        for b in SPLITS:
+            moved = sorted(n for n, s in where_now.items() if s == b and where_before.get(n) == a and a != b)
+            if moved:
+                lines.append(f"{len(moved)} image(s) moved from {a} to {b}: {_names(moved)}")
+    for s in SPLITS:
+        added = sorted(n for n, t in where_now.items() if t == s and n not in where_before)
+        gone = sorted(n for n, t in where_before.items() if t == s and n not in where_now)
+        if added:
+            lines.append(f"{len(added)} added to {s}: {_names(added)}")
+        if gone:
+            lines.append(f"{len(gone)} removed from {s}: {_names(gone)}")
+    return lines
+
+
+def _names(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _entry(pair, origin_data_path, origin_GT_path) -> dict:

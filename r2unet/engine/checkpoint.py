@@ -226,8 +226,10 @@ def save_weights_safetensors(model: nn.Module, path: str | Path, config: dict | 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: int, step: int = 0,
                     optimizer=None, scaler=None, scheduler=None, best_score: float = float("-inf"),
-                    best_epoch: int = -1, rng: dict | None = None, extra: dict | None = None) -> None:
-    """Write everything needed to resume. ``epoch`` is the epoch to continue from, ``step`` the batches done in it."""
+                    best_epoch: int = -1, rng: dict | None = None, extra: dict | None = None,
+                    data_split: dict | None = None) -> None:
+    """Write everything needed to resume. ``epoch`` is the epoch to continue from, ``step`` the batches done in it;
+    ``data_split``: which image was in which split (``prepare.data_split``), so a changed split is noticed."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -244,4 +246,6 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: 
         "extra": extra or {},
         "torch_version": str(torch.__version__),
     }
+    if data_split is not None:
+        state["data_split"] = data_split
     atomic_save(state, path)

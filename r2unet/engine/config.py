@@ -95,6 +95,8 @@ class TrainConfig:
     tensorboard: bool = setting(False, "also log to OUTPUT_DIR/tensorboard")
     threshold: float = setting(0.5, "probability threshold of the metrics")
     resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
+    accept_split_change: bool = setting(False, "with --resume: go on although the data's split is not the one the run "
+                                               "trained on (best.pt is then chosen anew on the new validation split)")
     extra: dict = field(default_factory=dict)  # unknown keys of older configs, kept for the record
 
     def validate(self) -> TrainConfig:
@@ -314,6 +316,7 @@ def train_settings(given: dict, log=print) -> TrainConfig:
                 decay_from = "was {} in the resumed run"
     values.update(given)
     values["resume"] = bool(resume)
+    values["accept_split_change"] = bool(given.get("accept_split_change"))  # for this resume only, never carried
     epochs = values.get("num_epochs", TrainConfig.num_epochs)
     decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
     shorter = not typed and decay > epochs

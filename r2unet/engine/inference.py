@@ -17,6 +17,7 @@ from torch import nn
 from ..data.dataset import DeviceTransform, make_loader, split_cache
 from ..data.io import LabelMapsFound, NotBinaryMask
 from ..data.pairs import SPLITS
+from ..data.prepare import data_split
 from ..fileio import atomic_write_text
 from ..metrics import Accumulators, MetricAccumulator, accumulator_for, per_image_spread
 from ..models import RECURRENT, list_models
@@ -36,11 +37,13 @@ from .runtime import Precision, place_model, resolve_amp, resolve_channels_last,
 
 def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
                        base_channels: int | None = None, img_ch: int | None = None,
-                       output_ch: int | None = None, log=print) -> tuple[nn.Module, TrainConfig]:
+                       output_ch: int | None = None, log=print, record: dict | None = None
+                       ) -> tuple[nn.Module, TrainConfig]:
     """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
     the checkpoint's config. A bare state_dict's network is read from its weights (``infer_architecture``) except
     ``t``, which weights do not record: the reference's default 3 unless given (``log`` says which was used).
-    ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used."""
+    ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used. ``record``: a dict that gets
+    what the checkpoint recorded of its training data (``data_split``), where it did."""
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         run = RunFiles(checkpoint)
@@ -53,6 +56,8 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
              "output_ch": output_ch}
     if is_r2unet_checkpoint(obj):
         cfg = TrainConfig.from_dict(obj["config"])
+        if record is not None and obj.get("data_split"):
+            record["data_split"] = obj["data_split"]
     else:  # a bare state_dict (the reference's .pkl): its weights tell the network, all but t
         cfg = TrainConfig()
         found = infer_architecture(model_state(obj))
@@ -126,8 +131,10 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
         raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
-    model, cfg = load_for_inference(checkpoint, log=log,
+    recorded: dict = {}
+    model, cfg = load_for_inference(checkpoint, log=log, record=recorded,
                                     **{k: v for k, v in model_overrides.items() if v is not None})
+    split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
     if image_size is not None:
         cfg.image_size = image_size
     cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
@@ -163,6 +170,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
     # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
     out["spread"] = per_image_spread(acc.per_image())
     out["resolution"], out["tta"] = resolution, tta
+    if split_note:
+        out["split_changed"] = split_note
     if sweep:
         out["threshold_sweep"] = [{"threshold": a.threshold, **a.compute("image")} for a in sweep]
         out["best_threshold"] = max(out["threshold_sweep"], key=lambda r: r["JS"])["threshold"]
@@ -176,6 +185,25 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
                                      open_cache=lambda: cache if cache is not None else split_cache(
                                          data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)))
     return out
+
+
+def _split_since_training(recorded: dict | None, cfg: TrainConfig, data_path, split: str, log) -> dict | None:
+    """A checkpoint scored on its own run's data whose ``split`` is no longer what it was in training: said, with
+    how many of its images the model trained on (its scores are then not the run's, and optimistic)."""
+    if not recorded or Path(data_path).resolve() != Path(cfg.data_path).resolve():
+        return None
+    now = set(data_split(data_path)["splits"][split])
+    before = set(recorded.get("splits", {}).get(split, []))
+    if now == before:
+        return None
+    seen = sorted(now & set(recorded.get("splits", {}).get("train", []))) if split != "train" else []
+    added, removed = sorted(now - before), sorted(before - now)
+    log(f"warning: the {split} split of {data_path} is not the one this model was trained with: "
+        + (f"{len(seen)} of its images were in the model's training split ({', '.join(seen[:5])}"
+           + (" ..." if len(seen) > 5 else "") + "), " if seen else "")
+        + f"{len(added)} added and {len(removed)} removed since; these scores are not the run's test scores"
+        + (", and are optimistic (the model has seen those images)" if seen else ""))
+    return {"trained_on": seen, "added": len(added), "removed": len(removed)}
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
 from ..data.pairs import SPLITS
+from ..data.prepare import data_split, split_changes
 from ..errors import CheckpointError, Terminated, TrainingError
 from ..fileio import FolderLock, append_line, atomic_write_text
 from ..messages import first_line
@@ -116,6 +117,7 @@ class TrainingRun:
         if cfg.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
         self._setup_data()
+        self.data_split = data_split(cfg.data_path) if info.is_main else None  # recorded in every checkpoint
         self.model, self.optimizer, self.scaler = build_training(
             cfg, self.device, self.precision, self.lr, self.channels_last, sync_bn=cfg.sync_bn and info.distributed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
@@ -203,6 +205,7 @@ class TrainingRun:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.start_epoch, self.start_step = ckpt["epoch"], ckpt.get("step", 0)
         self.best_score, self.best_epoch = ckpt["best_score"], ckpt["best_epoch"]
+        self._check_split(ckpt.get("data_split"))
         rng = ckpt.get("rng", {})
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -216,6 +219,27 @@ class TrainingRun:
         else:
             self.log(f"resumed from {last}: epoch {self.start_epoch + 1}"
                      + (f", step {self.start_step}" if self.start_step else ""))
+
+    def _check_split(self, recorded: dict | None) -> None:
+        """A resumed run on data whose split changed since it started (images moved between splits, added or
+        removed) stops, saying what changed, unless ``--accept_split_change``; then the best checkpoint is chosen
+        anew when the validation split changed. Rank 0 compares; every process hears its verdict."""
+        changes = None
+        if self.info.is_main and recorded and recorded.get("fingerprint") != self.data_split["fingerprint"]:
+            changes = split_changes(recorded.get("splits", {}), self.data_split["splits"])
+        changes = D.broadcast_object(changes)
+        if not changes:
+            return
+        what = f"the split of {self.cfg.data_path} is not the one this run trained on: " + "; ".join(changes)
+        if not self.cfg.accept_split_change:
+            raise ConfigError(f"--resume: {what}. The model may have seen images that are now in the validation or "
+                              "test split, and best.pt was chosen on the old validation split. Re-prepare so that "
+                              "each image keeps its split ('r2unet prepare --overwrite' with the previous --seed does "
+                              "that), start a new run, or pass --accept_split_change to go on")
+        self.log(f"warning: {what}; going on (--accept_split_change)")
+        if any(" to valid" in c or " from valid" in c for c in changes):
+            self.best_score, self.best_epoch = float("-inf"), -1
+            self.log("note: the validation split changed: best.pt will be chosen anew from the next validation")
 
     def _wrap_for_training(self) -> nn.Module:
         """The model as the training step calls it: DistributedDataParallel across processes, then compiled."""
@@ -364,7 +388,7 @@ class TrainingRun:
             row["best"] = True
             if self.info.is_main:
                 save_checkpoint(self.files.best, model=self.model, config=self.cfg.to_dict(), epoch=epoch + 1,
-                                best_score=self.best_score, best_epoch=self.best_epoch)
+                                best_score=self.best_score, best_epoch=self.best_epoch, data_split=self.data_split)
 
     def record(self, epoch: int, row: dict, eta_s: float) -> None:
         """The epoch's line in metrics.jsonl and the log, TensorBoard, curves.png and (every few epochs) samples."""
@@ -386,7 +410,8 @@ class TrainingRun:
                    "augment": augment_rng if augment_rng is not None else self.augment.generator.get_state()}
             save_checkpoint(self.files.last, model=self.model, config=self.cfg.to_dict(), epoch=epoch, step=step,
                             optimizer=self.optimizer, scaler=self.scaler, scheduler=self.scheduler,
-                            best_score=self.best_score, best_epoch=self.best_epoch, rng=rng, extra=extra)
+                            best_score=self.best_score, best_epoch=self.best_epoch, rng=rng, extra=extra,
+                            data_split=self.data_split)
 
     def finish(self) -> dict:
         """The best model's scores on the *test* split, written to results.json. Rank 0 wrote best.pt; the others
@@ -404,7 +429,8 @@ class TrainingRun:
                    "best_valid_JS_plus_DC": self.best_score, "fps": fps, "model_type": cfg.model_type, "t": cfg.t,
                    "image_size": cfg.image_size, "global_batch_size": self.global_batch,
                    "world_size": self.info.world_size, "precision": self.precision.name, "epochs": cfg.num_epochs,
-                   "device": str(self.device), "torch": str(torch.__version__)}
+                   "device": str(self.device), "torch": str(torch.__version__),
+                   "split_fingerprint": (self.data_split or {}).get("fingerprint")}
         if self.info.is_main:
             self._write_results(results)
         return results
