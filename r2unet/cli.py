@@ -7,8 +7,10 @@ import json
 import os
 import sys
 
+from PIL import Image
+
 from . import __version__
-from .data.io import DataError
+from .data.io import MAX_PIXELS_ENV, DataError, set_max_pixels
 from .data.pairs import SPLITS
 from .engine import config as settings  # flags and settings: light, no torch
 from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_checkpoint_flags, add_train_flags, positive_int
@@ -18,6 +20,12 @@ from .models import DEFAULT_T, list_models
 
 
 # ------------------------------------------------------------------------------------------------------- commands
+def _max_pixels_flag(p) -> None:
+    p.add_argument("--max_pixels", type=positive_int, default=None,
+                   help="largest image decoded, width x height (default: R2UNET_MAX_PIXELS, else Pillow's 89478485); "
+                        "larger ones are refused from their header")
+
+
 def _synth(p) -> None:
     """write a synthetic dataset in the raw ISIC 2018 layout"""
     p.add_argument("--output", required=True, help="folder to create")
@@ -59,6 +67,7 @@ def _prepare(p) -> None:
     p.add_argument("--recursive", action="store_true", help="one folder per case: pair the files in subfolders")
     p.add_argument("--num_classes", type=int, default=1, help="K >= 2: label maps; the cache keeps K classes")
     p.add_argument("--class_colors", help="JSON/YAML list of [r, g, b] per class, for label maps in RGB")
+    _max_pixels_flag(p)
 
 
 def _cmd_prepare(args) -> None:
@@ -108,6 +117,7 @@ def _evaluate(p) -> None:
                    help="also score at these thresholds and name the best JS, e.g. 0.3:0.7:0.05 or 0.4,0.5,0.6 "
                         "(choose on --split valid)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    _max_pixels_flag(p)
 
 
 def _cmd_evaluate(args) -> None:
@@ -133,6 +143,7 @@ def _predict(p) -> None:
     p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")
     p.add_argument("--skip_existing", action="store_true",
                    help="leave out images whose outputs are already in --output (continue an interrupted run)")
+    _max_pixels_flag(p)
 
 
 def _cmd_predict(args) -> None:
@@ -285,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
+    limit_before, pillow_before = os.environ.get(MAX_PIXELS_ENV), Image.MAX_IMAGE_PIXELS
     try:
+        set_max_pixels(getattr(args, "max_pixels", None))
         args.func(args)
     except (DataError, ValueError, OSError, CheckpointError, TrainingError, ExportError) as exc:
         where = f" [rank {os.environ.get('RANK')}]" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
@@ -295,6 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         terminated = isinstance(exc, Terminated)
         print(f"r2unet {args.command}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
+    finally:  # the limit was this command's (main may be called again in one process)
+        if limit_before is None:
+            os.environ.pop(MAX_PIXELS_ENV, None)
+        else:
+            os.environ[MAX_PIXELS_ENV] = limit_before
+        Image.MAX_IMAGE_PIXELS = pillow_before
     return 0
 
 

@@ -352,3 +352,73 @@ def test_a_re_split_keeps_every_image_in_its_split_and_a_resume_on_a_changed_spl
     trained_then = {n for n, s in after.items() if s == "train"}
     moved = sorted(n for n, s in third.items() if s == "test" and n in trained_then)
     assert moved and scored["split_changed"]["trained_on"] == moved
+
+
+# ------------------------------------------------------------------------------------ one pixel limit, header reads
+def _tiny_checkpoint(tmp_path):
+    from r2unet import create_model
+    from r2unet.engine.checkpoint import save_weights_safetensors
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_weights_safetensors(create_model("U_Net", base_channels=4), path,
+                             {"model_type": "U_Net", "base_channels": 4, "image_size": 32})
+    return path
+
+
+def test_an_image_between_one_and_two_times_the_pixel_limit_is_refused_everywhere(tmp_path, capsys, monkeypatch):
+    """Pillow refuses images over twice its limit but only warns between one and two times it: a 140 KB PNG
+    declaring 12000 x 12000 was decoded (14 s, 3.1 GB). Here the limit is lowered instead of making such a file."""
+    raw = tmp_path / "raw"
+    generate_dataset(raw, num_images=6, seed=3, max_side=256)
+    big = np.zeros((120, 120), np.uint8)  # 14 400 pixels: between one and two times the limit
+    big[30:90, 30:90] = 255
+    for p in (raw / IMAGE_DIR).iterdir():  # the others small enough
+        Image.open(p).resize((60, 45)).save(p)
+        mask = raw / MASK_DIR / f"{p.stem}_segmentation.png"
+        Image.open(mask).resize((60, 45)).save(mask)
+    Image.fromarray(np.stack([big] * 3, -1)).save(raw / IMAGE_DIR / "ISIC_9999999.jpg")
+    Image.fromarray(big).save(raw / MASK_DIR / "ISIC_9999999_segmentation.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    argv = ["prepare", "--origin_data_path", str(raw / IMAGE_DIR), "--origin_GT_path", str(raw / MASK_DIR),
+            "--image_size", "32"]
+    assert main([*argv, "--data_path", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert "ISIC_9999999.jpg: too large to decode safely: 120x120 = 14,400 pixels, over the limit of 10,000" in err
+    assert main([*argv, "--data_path", str(tmp_path / "b"), "--max_pixels", "20000"]) == 0  # the limit is a flag
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.stack([big] * 3, -1)).save(photos / "big.png")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(photos / "small.png")
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(_tiny_checkpoint(tmp_path)), "--input", str(photos), "--output",
+                 str(out), "--device", "cpu"]) == 2
+    assert "big.png: too large to decode safely" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["small_segmentation.png"]
+    with pytest.raises(DataError, match="too large to decode safely"):
+        read_mask(photos / "big.png")
+
+
+def test_size_checks_read_headers_only_and_png_exif_orientation_is_still_seen(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from r2unet.data.io import image_size, mask_frame, read_image
+    from r2unet.data.pairs import Pair, check_pair
+
+    photo = np.zeros((300, 400, 3), np.uint8)
+    photo[:, :200] = 200
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees
+    Image.fromarray(photo).save(tmp_path / "turned.png", exif=exif.tobytes())
+    Image.fromarray(photo).save(tmp_path / "plain.png")
+    Image.fromarray(np.zeros((400, 300), np.uint8)).save(tmp_path / "mask.png")
+    loads = []
+    real = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: (loads.append(self.filename), real(self))[1])
+    assert image_size(tmp_path / "turned.png") == (300, 400) and image_size(tmp_path / "plain.png") == (400, 300)
+    assert mask_frame(tmp_path / "turned.png", (300, 400)) == (True, False)
+    check_pair(Pair(tmp_path / "turned.png", tmp_path / "mask.png"))
+    assert loads == []  # no pixel decoded for a size
+    shown = read_image(tmp_path / "turned.png")
+    assert shown.shape == (400, 300, 3) and shown[0, -1, 0] == 200  # the pixels turned as the header says

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +42,64 @@ _TRANSPOSED = (5, 6, 7, 8)  # orientations whose display swaps width and height
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation from the file's header. A PNG's eXIf chunk is read only where it precedes the pixels
+    (where the PNG specification puts it): Pillow's ``getexif`` would decode the whole image to look after them,
+    0.9 s for a 12-megapixel PNG in a size check meant to read a header."""
     try:
-        value = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = img.getexif()
+        value = int(exif.get(_EXIF_ORIENTATION, 1))
     except Exception:  # noqa: BLE001 - a malformed EXIF block must not make the image unreadable
         return 1
     return value if 1 <= value <= 8 else 1
+
+
+MAX_PIXELS_ENV = "R2UNET_MAX_PIXELS"
+# r2unet refuses images over ``max_pixels`` itself, from the header; Pillow's warning at open would only repeat it
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def max_pixels() -> int:
+    """The largest image (width x height) r2unet decodes: ``R2UNET_MAX_PIXELS`` (``--max_pixels`` sets it), else
+    Pillow's ``Image.MAX_IMAGE_PIXELS`` (89.5 MP). One limit for every command: Pillow itself only warns between
+    one and two times its limit, and a small PNG can declare 144 MP (3 GB and 14 s to decode)."""
+    value = os.environ.get(MAX_PIXELS_ENV, "")
+    return int(value) if value.isdigit() and int(value) > 0 else int(Image.MAX_IMAGE_PIXELS or 2**62)
+
+
+def set_max_pixels(limit: int | None) -> None:
+    """``--max_pixels``: the limit for this process and the decoding processes it starts (an environment
+    variable, which they inherit however they are started)."""
+    if limit is None:
+        return
+    if limit < 1:
+        raise ValueError(f"--max_pixels: must be >= 1, got {limit}")
+    os.environ[MAX_PIXELS_ENV] = str(limit)
+    _raise_pillow_limit()
+
+
+def _raise_pillow_limit() -> None:
+    """A limit raised above Pillow's raises Pillow's too, which would otherwise refuse the image at open."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels() > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels()
+
+
+_raise_pillow_limit()  # in a decoding process started with the variable set
+
+
+def _check_pixels(img: Image.Image, path) -> None:
+    """Refuse an image over ``max_pixels`` from its header, before any pixel is decoded."""
+    limit = max_pixels()
+    w, h = img.size
+    if w * h > limit:
+        raise DataError(f"{path}: too large to decode safely: {w}x{h} = {w * h:,} pixels, over the limit of "
+                        f"{limit:,} ({MAX_PIXELS_ENV} or --max_pixels raises it; only for files you trust)")
 
 
 # how to turn stored pixels into the shown photo, per EXIF orientation (the table PIL's exif_transpose uses)
@@ -59,6 +113,7 @@ def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndar
     EXIF orientation shows it (e.g. a mask drawn by a tool that ignored the tag). Unchanged for unturned photos."""
     try:
         with Image.open(image_path) as img:
+            _check_pixels(img, image_path)
             orientation = _orientation(img)
     except Image.DecompressionBombError as exc:
         raise DataError(_too_large(image_path, exc)) from None
@@ -71,10 +126,14 @@ def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndar
 def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool = True) -> Image.Image:
     try:
         img = Image.open(path)
+        _check_pixels(img, path)
+        orientation = _orientation(img) if oriented else 1  # from the header, as ``image_size`` reads it
         if draft_size is not None and img.format == "JPEG":
             # JPEG draft mode decodes at 1/2, 1/4 or 1/8 scale directly: several times faster for big photos.
             img.draft("RGB", draft_size)
         img.load()  # force the full decode here so that truncated files fail now, with the file's name
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -83,7 +142,7 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool 
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from None
     except Image.DecompressionBombError as exc:
         raise DataError(_too_large(path, exc)) from None
-    if oriented and (orientation := _orientation(img)) != 1:
+    if orientation != 1:
         img = img.transpose(_TO_SHOWN[orientation])
     return img
 
@@ -114,7 +173,10 @@ def _header(path: Path) -> tuple[int, int, int]:
     """(stored width, stored height, EXIF orientation) from the header only."""
     try:
         with Image.open(path) as img:
+            _check_pixels(img, path)
             return (*img.size, _orientation(img))
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
