@@ -100,13 +100,60 @@ def _fsync(path: Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``data`` written whole under ``path`` or not at all: one checked write (a short write on a full disk is an
+    error, and the size on disk is compared), then ``atomic_write``'s fsync and rename. Encoders that write to a file
+    descriptor themselves (Pillow's JPEG encoder) ignore a short write; encoding to memory first leaves them none."""
+    import errno
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        if tmp.stat().st_size != len(data):
+            raise OSError(errno.ENOSPC, f"only {tmp.stat().st_size} of {len(data)} bytes were written")
+
+    atomic_write(path, write)
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+
+
+def encode_image(image: Any, suffix: str, **options) -> bytes:
+    """A PIL image encoded in memory in the format its file suffix names (what ``atomic_save_image`` writes)."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=IMAGE_FORMATS.get(suffix.lower(), suffix.lstrip(".").upper()), **options)
+    return buffer.getvalue()
 
 
 def atomic_save_image(image: Any, path: str | Path, **options) -> None:
-    """``image.save(path, **options)`` for a PIL image (the format follows the suffix, as PIL's would)."""
-    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-    atomic_write(path, lambda tmp: image.save(tmp, format=formats.get(Path(path).suffix.lower()), **options))
+    """``image.save(path, **options)`` for a PIL image (the format follows the suffix, as PIL's would), encoded in
+    memory and written whole or not at all."""
+    atomic_write_bytes(path, encode_image(image, Path(path).suffix, **options))
+
+
+def is_whole_image(path: str | Path) -> bool:
+    """A PNG or JPEG file that ends as one must (PNG's IEND chunk, JPEG's end-of-image marker): what a truncated
+    write, or a kill before the rename in older versions, would lack. Read from the file's last bytes only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 12))
+            tail = f.read()
+    except OSError:
+        return False
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if suffix in (".jpg", ".jpeg"):
+        return tail.rstrip(b"\0").endswith(b"\xff\xd9")
+    return size > 0
 
 
 class FolderLock:

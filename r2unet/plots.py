@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .data.io import class_colors
-from .fileio import atomic_write
+from .fileio import atomic_write_bytes
 from .models import RECURRENT
 
 
@@ -72,14 +72,18 @@ def plot_curves(rows: list[dict], out: str | Path) -> Path:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=100))  # a viewer never sees half
+    atomic_write_bytes(out, _figure_bytes(fig, out, dpi=100))  # a viewer never sees half
     plt.close(fig)
     return out
 
 
-def _format(path: Path) -> str:
-    """matplotlib's format for a file name (the temporary file it is written to first has another suffix)."""
-    return path.suffix.lstrip(".").lower() or "png"
+def _figure_bytes(fig, path: Path, dpi: int) -> bytes:
+    """The figure encoded in memory in the format of ``path``'s suffix, for one checked write."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def contour(mask: np.ndarray) -> np.ndarray:
@@ -149,7 +153,7 @@ def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=80))  # a viewer never sees half
+    atomic_write_bytes(out, _figure_bytes(fig, out, dpi=80))  # a viewer never sees half
     plt.close(fig)
     return out
 
@@ -261,7 +265,7 @@ def compare_runs(run_dirs: list[str | Path], out: str | Path) -> tuple[Path, lis
         ax.text(0.5, 0.5, "no finished run yet:\ntest scores appear when training ends", ha="center", va="center")
     fig.tight_layout()
     out = Path(out)
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=_format(out), dpi=100))
+    atomic_write_bytes(out, _figure_bytes(fig, out, dpi=100))
     plt.close(fig)
     for s in summaries:
         del s["rows"]

@@ -19,7 +19,7 @@ from .data.augment import eval_images
 from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_label_map, read_mask, save_label_map
 from .data.io import image_size as image_size_of
 from .data.pairs import mask_stem_for
-from .fileio import atomic_save_image
+from .fileio import atomic_save_image, is_whole_image
 from .plots import blend, overlay
 from .progress import track
 
@@ -226,8 +226,13 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     suffixes = [s for s, wanted in zip(OUTPUT_SUFFIXES, (True, save_probs, save_overlay)) if wanted]
-    if skip_existing:
-        todo = [p for p in paths if not all((output / f"{p.stem}{s}").is_file() for s in suffixes)]
+    if skip_existing:  # done: every output there and whole (a file cut short by a full disk is made again)
+        broken = [f for p in paths for s in suffixes if (f := output / f"{p.stem}{s}").is_file()
+                  and not is_whole_image(f)]
+        if broken:
+            log(f"{len(broken)} output file(s) in {output} are incomplete and are made again: "
+                + ", ".join(f.name for f in broken[:5]) + (" ..." if len(broken) > 5 else ""))
+        todo = [p for p in paths if not all(is_whole_image(output / f"{p.stem}{s}") for s in suffixes)]
         if len(todo) < len(paths):
             log(f"skipping {len(paths) - len(todo)} image(s) whose outputs are already in {output} "
                 f"(--skip_existing); {len(todo)} to go")
