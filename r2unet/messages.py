@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
+
+MESSAGE_LIMIT = 20_000  # characters of one error message; more is cut, saying how much
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxset = 3, 6, 6, 6, 6
+_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 80, 80, 40
+
+
+def quote(value) -> str:
+    """``repr(value)`` bounded in size, however large or deeply nested the value (a YAML alias bomb expands to
+    gigabytes when printed whole): what a message quotes of the user's input."""
+    return _QUOTE.repr(value)
 
 
 def first_line(exc: BaseException, limit: int | None = None) -> str:
@@ -16,7 +29,10 @@ def for_user(exc: BaseException) -> str:
     destination) as "FILE: reason"; every other error's own message."""
     if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
         return f"{exc.filename}: {exc.strerror or exc}"
-    return str(exc)
+    text = str(exc)
+    if len(text) > MESSAGE_LIMIT:
+        text = text[:MESSAGE_LIMIT] + f" ... ({len(text) - MESSAGE_LIMIT:,} more characters)"
+    return text
 
 
 def parse_command_line(parser, argv: list[str]):

@@ -80,3 +80,39 @@ def test_skip_existing_makes_a_cut_short_output_again(tiny_model, tmp_path, caps
     printed = capsys.readouterr().out
     assert "2 output file(s) in" in printed and "p1_overlay.jpg" in printed and "are made again" in printed
     assert {p.name: p.read_bytes() for p in out.iterdir()} == whole
+
+
+def _alias_bomb(levels: int) -> str:
+    """A YAML list of anchored lists, each holding the one before nine times: its last entry expands to 9**levels
+    strings, from a few hundred bytes."""
+    items = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    items += [f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("key", ["model_type", "batch_size", "lr", "class_colors"])
+def test_a_config_value_that_expands_to_megabytes_is_quoted_in_a_few_characters(tmp_path, capsys, key):
+    config = tmp_path / "bomb.yaml"
+    config.write_text(f"{key}: {_alias_bomb(6)}\n")
+    assert config.stat().st_size < 1000
+    assert main(["train", "--config", str(config), "--data_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err) < 2000 and "bomb.yaml" in err and key in err  # printed whole: 9**6 strings, about 5 MB
+
+
+def test_a_config_file_sets_settings_only(tmp_path, capsys):
+    typed = tmp_path / "typed.yaml"
+    typed.write_text("model_type: U_Net\nextra: {a: 1}\n")
+    assert main(["train", "--config", str(typed), "--data_path", str(tmp_path)]) == 2
+    assert "unknown setting(s) in" in capsys.readouterr().err  # 'extra' is a record of old runs, not a setting
+
+
+def test_a_binary_file_given_as_a_config_is_named(tmp_path, capsys):
+    blob = tmp_path / "weights.yaml"
+    blob.write_bytes(bytes(range(256)) * 4)
+    assert main(["train", "--config", str(blob), "--data_path", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--config: {blob} is not a text file (byte 0x80 at offset 128 is not UTF-8)" in err
+    assert main(["prepare", "--origin_data_path", str(tmp_path), "--origin_GT_path", str(tmp_path), "--data_path",
+                 str(tmp_path / "d"), "--num_classes", "3", "--class_colors", str(blob)]) == 2
+    assert f"--class_colors: {blob} is not a text file" in capsys.readouterr().err

@@ -302,7 +302,9 @@ def report_problems(problems: list[str], skip_bad: bool, log) -> None:
     """Stop with every problem listed, or (``skip_bad``) log them and go on without those files."""
     if not problems:
         return
-    listing = "\n  ".join(problems)
+    shown = 50  # a folder of 10 000 bad files is named by count past these
+    listing = "\n  ".join(problems[:shown]) + (f"\n  ... and {len(problems) - shown} more" if len(problems) > shown
+                                                 else "")
     if not skip_bad:
         raise DataError(f"{len(problems)} problem(s) in the dataset (use --skip_bad to skip them):\n  {listing}")
     log(f"skipping {len(problems)} bad item(s):\n  {listing}")

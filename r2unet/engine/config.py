@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..messages import quote
 from ..models import DEFAULT_T, SIZE_MULTIPLE, list_models
 
 # torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
@@ -104,7 +105,7 @@ class TrainConfig:
             raise ConfigError(f"--{flag}: {msg}")
 
         if self.model_type not in list_models():
-            bad("model_type", f"unknown model {self.model_type!r}; choose one of {', '.join(list_models())}")
+            bad("model_type", f"unknown model {quote(self.model_type)}; choose one of {', '.join(list_models())}")
         if self.t < 1:
             bad("t", f"recurrence steps must be >= 1, got {self.t}")
         if self.image_size < SIZE_MULTIPLE or self.image_size % SIZE_MULTIPLE:
@@ -143,9 +144,9 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices and f.name != "model_type":
-                bad(f.name, f"must be one of {', '.join(choices)}, got {getattr(self, f.name)!r}")
+                bad(f.name, f"must be one of {', '.join(choices)}, got {quote(getattr(self, f.name))}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            bad("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            bad("device", f"must be auto, cpu, cuda or cuda:N, got {quote(self.device)}")
         if self.num_workers < 0:
             bad("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.dist_timeout_s < 10:
@@ -159,7 +160,7 @@ class TrainConfig:
                 if float(self.loss_scale) <= 0:
                     raise ValueError
             except ValueError:
-                bad("loss_scale_value", f"must be a positive number or 'dynamic', got {self.loss_scale!r}")
+                bad("loss_scale_value", f"must be a positive number or 'dynamic', got {quote(self.loss_scale)}")
         return self
 
     def to_dict(self) -> dict:
@@ -185,7 +186,7 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file {path} not found")
-    text = path.read_text()
+    text = _text_of(path, "--config", "a config file is YAML, TOML or JSON text")
     if path.suffix == ".toml":
         try:
             import tomllib
@@ -208,11 +209,23 @@ def read_config_file(path: str | Path) -> dict:
         raise ConfigError(f"--config: cannot parse {path}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config: {path} must hold a mapping of settings")
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(data) - set(types))
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}  # settings only
+    unknown = sorted(quote(k) if not isinstance(k, str) else quote(k)[1:-1] for k in set(data) - set(types))
     if unknown:
-        raise ConfigError(f"--config: unknown setting(s) in {path}: {', '.join(unknown)}")
+        raise ConfigError(f"--config: unknown setting(s) in {path}: {', '.join(unknown[:10])}"
+                          + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return {name: _typed(name, value, types[name], path) for name, value in data.items()}
+
+
+def _text_of(path: Path, flag: str, what: str) -> str:
+    """A settings file's text; a file that is not UTF-8 text (a binary file given by mistake) is named."""
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{flag}: {path} is not a text file (byte 0x{exc.object[exc.start]:02x} at offset "
+                          f"{exc.start} is not UTF-8); {what}") from None
+    except OSError as exc:
+        raise ConfigError(f"{flag}: cannot read {path}: {exc.strerror or exc}") from None
 
 
 def _typed(name: str, value, type_name: str, path: Path):
@@ -230,7 +243,7 @@ def _typed(name: str, value, type_name: str, path: Path):
         kind = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
                 "dict": "a mapping"}[base]
         raise ConfigError(f"--config: {name} in {path} must be {kind}"
-                          + (" (or null)" if optional else "") + f", got {value!r}")
+                          + (" (or null)" if optional else "") + f", got {quote(value)}")
     return float(value) if base == "float" else str(value) if base == "str" else value
 
 
@@ -379,17 +392,19 @@ def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[i
         return None
     import yaml  # JSON is YAML too
 
+    inline = str(path).lstrip().startswith("[")
+    text = path if inline else _text_of(Path(path), "--class_colors", "a JSON/YAML list of [r, g, b]")
     try:
-        values = yaml.safe_load(path if str(path).lstrip().startswith("[") else Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"--class_colors: cannot read {path}: {exc}") from None
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--class_colors: cannot read {quote(path) if inline else path}: {exc}") from None
     if isinstance(values, dict) and "class_colors" in values:
         values = values["class_colors"]
     if not (isinstance(values, list) and len(values) == num_classes
             and all(isinstance(c, list) and len(c) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in c)
                     for c in values)):
-        raise ConfigError(f"--class_colors {path}: must be a list of {num_classes} [r, g, b] colours (0-255), one "
-                          "per class, the background's first")
+        raise ConfigError(f"--class_colors {quote(path) if inline else path}: must be a list of {num_classes} "
+                          "[r, g, b] colours (0-255), one per class, the background's first")
     return [tuple(c) for c in values]
 
 
