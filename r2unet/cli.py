@@ -13,7 +13,15 @@ from . import __version__
 from .data.io import MAX_PIXELS_ENV, DataError, set_max_pixels
 from .data.pairs import SPLITS
 from .engine import config as settings  # flags and settings: light, no torch
-from .engine.config import COMPILE_MODES, ConfigError, TrainConfig, add_checkpoint_flags, add_train_flags, positive_int
+from .engine.config import (
+    COMPILE_MODES,
+    ConfigError,
+    TrainConfig,
+    add_checkpoint_flags,
+    add_train_flags,
+    positive_float,
+    positive_int,
+)
 from .errors import CheckpointError, ExportError, Terminated, TrainingError
 from .messages import for_user, parse_command_line
 from .models import DEFAULT_T, list_models
@@ -222,14 +230,23 @@ def _serve(p) -> None:
     add_checkpoint_flags(p, batch_size=8)
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max_mb", type=float, default=50, help="largest upload accepted")
+    p.add_argument("--max_mb", type=positive_float, default=50, help="largest image file accepted, in MiB")
+    p.add_argument("--max_request_mb", type=positive_float, default=None,
+                   help="largest request body (a batch of files), in MiB (default: twice --max_mb)")
+    p.add_argument("--max_files", type=positive_int, default=16, help="most files in one /predict/batch request")
+    p.add_argument("--allowed_hosts", metavar="NAMES", help="comma list of further host names clients use to reach "
+                   "this server (a proxy's, a LAN name); '*': any (default: this machine's names)")
+    p.add_argument("--allowed_origins", metavar="ORIGINS", help="comma list of origins (https://example.org) whose "
+                   "pages may POST to this server and read the answers (default: only its own page)")
+    _max_pixels_flag(p)
 
 
 def _cmd_serve(args) -> None:
     from .serve import serve
 
     serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
-          amp=args.amp, image_size=args.image_size, threshold=args.threshold)
+          amp=args.amp, image_size=args.image_size, threshold=args.threshold, max_request_mb=args.max_request_mb,
+          max_files=args.max_files, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
 
 
 def _bench(p) -> None:

@@ -16,10 +16,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .data.augment import eval_images
-from .data.io import DataError, is_image_file, orient_as_shown, read_image, read_label_map, read_mask, save_label_map
+from .data.io import (
+    DataError,
+    InMemory,
+    is_image_file,
+    label_map_image,
+    orient_as_shown,
+    read_image,
+    read_label_map,
+    read_mask,
+)
 from .data.io import image_size as image_size_of
 from .data.pairs import mask_stem_for
-from .fileio import atomic_save_image, is_whole_image
+from .fileio import atomic_write_bytes, encode_image, is_whole_image
 from .plots import blend, overlay
 from .progress import track
 
@@ -249,27 +258,14 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
                              channels_last=channels_last)
     results = track(results, len(paths), "predict", log=log, terminal=progress)
 
-    mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
-
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
-        if num_classes > 1:  # a class map
-            return _write_label_map(path, image, probs, output, num_classes, save_overlay, class_colors)
-        mask = probs > threshold
-        dst = output / f"{path.stem}{mask_suffix}"
-        if save_probs:
-            atomic_save_image(Image.fromarray(np.round(probs * 255).astype(np.uint8)),
-                              output / f"{path.stem}{prob_suffix}")
-        if save_overlay:
-            h, w = mask.shape
-            # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
-            base = image if image.shape[:2] == (h, w) else read_image(path)
-            gt = None
-            if (gt_path := find_gt(gt_index, path)) is not None:
-                gt = read_gt_for(gt_path, path, mask.shape)
-            pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
-            atomic_save_image(Image.fromarray(pic), output / f"{path.stem}{overlay_suffix}", quality=92)
-        atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), dst)  # last: the mask marks the image done
-        return dst
+        gt_path = find_gt(gt_index, path) if save_overlay else None
+        outputs = render_outputs(path, image, probs, threshold=threshold, num_classes=num_classes,
+                                 class_colors=class_colors, save_probs=save_probs, save_overlay=save_overlay,
+                                 gt=None if gt_path is None else read_gt_for(gt_path, path, probs.shape))
+        for suffix, data in outputs.items():  # the mask last: its file marks the image done
+            atomic_write_bytes(output / f"{path.stem}{suffix}", data)
+        return output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
 
     workers = default_workers()
     written: list[Path] = []
@@ -291,17 +287,33 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
     return written
 
 
-def _write_label_map(path: Path, image: np.ndarray, labels: np.ndarray, output: Path, num_classes: int,
-                     save_overlay: bool, colors=None) -> Path:
-    """One image's class map (palette PNG in the training colours) and, on request, the photo with the classes laid
-    over it."""
+def render_outputs(path, image: np.ndarray, probs: np.ndarray, *, threshold: float = 0.5, num_classes: int = 1,
+                   class_colors: list | None = None, save_probs: bool = False, save_overlay: bool = False,
+                   gt: np.ndarray | None = None) -> dict[str, bytes]:
+    """The encoded files of one image's prediction, by suffix (``OUTPUT_SUFFIXES``), in memory: the probability map
+    (binary, ``save_probs``) and the overlay (``save_overlay``, with ``gt``'s outline when given) first, the mask
+    last. ``predict`` writes them, ``serve`` answers with them: the same bytes. ``probs``: (H, W) probabilities at the
+    image's size, or its class map for ``num_classes`` > 1 (a palette PNG in ``class_colors``); ``path``: the file
+    (or ``InMemory`` upload) the overlay reads its full-size pixels from when ``image`` was decoded smaller."""
+    mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
+    out: dict[str, bytes] = {}
+    h, w = probs.shape
+    # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
+    base = (image if image.shape[:2] == (h, w) else read_image(path)) if save_overlay else None
+    if num_classes > 1:  # a class map
+        if save_overlay:
+            out[overlay_suffix] = encode_image(Image.fromarray(blend(base, probs, num_classes, colors=class_colors)),
+                                               ".jpg", quality=92)
+        out[mask_suffix] = encode_image(label_map_image(probs, num_classes, class_colors), ".png")
+        return out
+    mask = probs > threshold
+    if save_probs:
+        out[prob_suffix] = encode_image(Image.fromarray(np.round(probs * 255).astype(np.uint8)), ".png")
     if save_overlay:
-        base = image if image.shape[:2] == labels.shape else read_image(path)
-        atomic_save_image(Image.fromarray(blend(base, labels, num_classes, colors=colors)),
-                          output / f"{path.stem}{OUTPUT_SUFFIXES[2]}", quality=92)
-    dst = output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
-    save_label_map(labels, dst, num_classes, colors)  # last: the mask marks the image done
-    return dst
+        pic = overlay(base, mask, gt, width=max(2, math.ceil(max(h, w) / 400)))
+        out[overlay_suffix] = encode_image(Image.fromarray(pic), ".jpg", quality=92)
+    out[mask_suffix] = encode_image(Image.fromarray(mask.astype(np.uint8) * 255), ".png")
+    return out
 
 
 class PartialPrediction(DataError):
@@ -349,6 +361,18 @@ class Predictor:
                                threshold=self.threshold, autocast=self.precision.autocast,
                                channels_last=self.channels_last, img_ch=self.cfg.img_ch, log=log,
                                num_classes=self.cfg.num_classes, class_colors=self.class_colors, **options)
+
+    def segment(self, upload: InMemory, tta: bool = False, save_overlay: bool = False,
+                save_probs: bool = False) -> dict[str, bytes]:
+        """One image's outputs as ``run_predict`` writes them, in memory (``render_outputs``): the same bytes, with
+        nothing on disk. A file that cannot be read raises its DataError, naming the upload."""
+        with torch.inference_mode():
+            (path, image, probs), = predict_images(self.model, [upload], self.image_size, self.device, batch_size=1,
+                                                   tta=tta, img_ch=self.cfg.img_ch, workers=1,
+                                                   autocast=self.precision.autocast, channels_last=self.channels_last)
+        return render_outputs(path, image, probs, threshold=self.threshold, num_classes=self.cfg.num_classes,
+                              class_colors=self.class_colors, save_probs=save_probs and self.cfg.num_classes == 1,
+                              save_overlay=save_overlay)
 
 
 def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: str | Path, *,

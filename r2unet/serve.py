@@ -1,34 +1,47 @@
 """``r2unet serve``: a trained model behind a web page and an HTTP API (the ``serve`` extra: FastAPI + uvicorn).
 
-FastAPI because it is the well-kept standard for a small typed HTTP API: request validation, multipart uploads and an
-OpenAPI page (``/docs``) come with it, and uvicorn runs it. The page is one HTML file with its own script: nothing
-is fetched from a CDN, so it works on a machine without a network connection.
+FastAPI because it is the well-kept standard for a small typed HTTP API: routing, JSON answers and an OpenAPI page
+(``/docs``) come with it, and uvicorn runs it. The page is one HTML file with its own script: nothing is fetched
+from a CDN, so it works on a machine without a network connection.
 
-Every request runs ``predict.run_predict`` (through ``Predictor``) on the uploaded bytes in a temporary folder: the
-code path of ``r2unet predict``, so the mask the API returns is, byte for byte, the file ``predict`` writes for the
-same image and flags. The model is loaded once; requests wait for it in turn behind a lock (FastAPI runs each in a
-worker thread), so concurrent requests neither crash nor mix up their results. Bad input (an empty body, a file that
-is not an image, a truncated one, one over the size limit) is a 4xx with the reason, and the server goes on.
+What a request can do is bounded before it costs anything:
+
+- **Size.** A body is refused (413) by its ``Content-Length`` before it is read, and while it streams in as soon as it
+  passes ``max_request_bytes``; each file is bounded by ``max_bytes`` and a batch by ``max_files``. The multipart
+  body is parsed in memory as it arrives (python-multipart's streaming parser): at no point does the server hold
+  more than the limit, and **nothing of an upload is ever written to disk**, so a killed server leaves nothing behind.
+- **Who may ask.** The ``Host`` header must be a name of this server (a DNS-rebinding page reaches 127.0.0.1 under
+  its own name), and a browser's cross-site POST (its ``Origin`` or ``Sec-Fetch-Site``) is refused unless its
+  origin is allowed (``--allowed_origins``, which also answers it with CORS headers). Scripts such as curl send no
+  ``Origin`` and are served.
+- **Pixels.** An image over the pixel limit (``data.io.max_pixels``) is refused from its header (413).
+
+Every request runs ``Predictor.segment``: ``predict``'s code, in memory, so the mask the API returns is, byte for
+byte, the file ``predict`` writes for the same image and flags. The model is loaded once; requests wait for it in turn
+behind a lock. Bad input is a 4xx, a failure of the server a 500, both JSON with a ``detail`` the page shows.
 """
 
 import base64
 import io
-import tempfile
+import logging
+import math
+import socket
 import threading
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .data.io import IMAGE_EXTENSIONS, DataError
+from .data.io import DataError, InMemory
 from .predict import OUTPUT_SUFFIXES, Predictor
 
 PAGE = Path(__file__).with_name("serve_page.html")
-_FORMATS = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif", "MPO": ".jpg"}
+LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+_log = logging.getLogger("r2unet.serve")
 
 
 class BadInput(ValueError):
-    """An upload the server refuses: ``status`` (400, 413 or 415) and the reason."""
+    """A request the server refuses: ``status`` (400, 403, 413 or 415) and the reason."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -36,10 +49,14 @@ class BadInput(ValueError):
 
 
 class Segmenter:
-    """One model for the server's life, and what a request asks of it: ``segment(data, name)``."""
+    """One model for the server's life, what a request may send it (``max_bytes`` per file, ``max_request_bytes``
+    per request, ``max_files`` per batch), and what a request asks of it: ``segment(data, name)``."""
 
-    def __init__(self, predictor: Predictor, tta: bool = False, max_bytes: int = 50 * 2**20):
+    def __init__(self, predictor: Predictor, tta: bool = False, max_bytes: int = 50 * 2**20,
+                 max_request_bytes: int | None = None, max_files: int = 16):
         self.predictor, self.tta, self.max_bytes = predictor, tta, max_bytes
+        self.max_request_bytes = max_request_bytes or 2 * max_bytes
+        self.max_files = max_files
         self.lock = threading.Lock()
 
     def info(self) -> dict:
@@ -48,7 +65,8 @@ class Segmenter:
                 "classes": (["background", "lesion"] if cfg.num_classes <= 1
                             else ["background"] + [f"class {k}" for k in range(1, cfg.num_classes)]),
                 "input_size": self.predictor.image_size, "threshold": self.predictor.threshold,
-                "tta": self.tta, "device": str(self.predictor.device), "max_bytes": self.max_bytes}
+                "tta": self.tta, "device": str(self.predictor.device), "max_bytes": self.max_bytes,
+                "max_request_bytes": self.max_request_bytes, "max_files": self.max_files}
 
     def segment(self, data: bytes, name: str, overlay: bool = False, probabilities: bool = False) -> dict:
         """The mask PNG (and the overlay JPEG) of one uploaded image, as ``predict`` writes them, and its area;
@@ -56,26 +74,23 @@ class Segmenter:
         if not data:
             raise BadInput(400, f"{name}: empty file")
         if len(data) > self.max_bytes:
-            raise BadInput(413, f"{name}: {len(data) / 2**20:.1f} MiB is over the limit of "
-                                f"{self.max_bytes / 2**20:.0f} MiB (r2unet serve --max_mb)")
-        suffix = _image_suffix(data, name)
+            raise BadInput(413, f"{name}: {_mib(len(data))} is over the limit of {_mib(self.max_bytes)} per file "
+                                "(r2unet serve --max_mb)")
+        _check_format(data, name)
         probabilities = probabilities and self.predictor.cfg.num_classes <= 1
-        with tempfile.TemporaryDirectory(prefix="r2unet-serve-") as tmp:
-            src, out = Path(tmp) / f"upload{suffix}", Path(tmp) / "out"
-            src.write_bytes(data)
-            try:
-                with self.lock:
-                    self.predictor.run(src, out, log=lambda *_: None, tta=self.tta, save_overlay=overlay,
-                                       save_probs=probabilities, progress=False)
-            except DataError as exc:  # the message names the temporary copy: name the upload instead
-                message = str(exc).replace(str(src), name).split("\n  ")[-1]
-                raise BadInput(413 if "too large" in message else 400, message) from None
-            mask = (out / f"upload{OUTPUT_SUFFIXES[0]}").read_bytes()
-            result = {"file": name, "mask_png": mask, **self._area(mask)}
-            if overlay:
-                result["overlay_jpg"] = (out / f"upload{OUTPUT_SUFFIXES[2]}").read_bytes()
-            if probabilities:
-                result["probability"] = _summary(out / f"upload{OUTPUT_SUFFIXES[1]}", self.predictor.threshold)
+        try:
+            with self.lock:
+                files = self.predictor.segment(InMemory(name, data), tta=self.tta, save_overlay=overlay,
+                                               save_probs=probabilities)
+        except DataError as exc:
+            message = str(exc).split("\n  ")[-1]
+            raise BadInput(413 if "too large" in message else 400, message) from None
+        mask = files[OUTPUT_SUFFIXES[0]]
+        result = {"file": name, "mask_png": mask, **self._area(mask)}
+        if overlay:
+            result["overlay_jpg"] = files[OUTPUT_SUFFIXES[2]]
+        if probabilities:
+            result["probability"] = _summary(files[OUTPUT_SUFFIXES[1]], self.predictor.threshold)
         return result
 
     def _area(self, mask_png: bytes) -> dict:
@@ -92,9 +107,13 @@ class Segmenter:
                             for k, c in enumerate(counts) if k > 0}}
 
 
-def _summary(prob_png: Path, threshold: float) -> dict:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _summary(prob_png: bytes, threshold: float) -> dict:
     """The probability map (``predict --save_probs``, 8-bit) in a few numbers."""
-    with Image.open(prob_png) as img:
+    with Image.open(io.BytesIO(prob_png)) as img:
         probs = np.asarray(img, dtype=np.float64) / 255
     inside = probs[probs > threshold]
     return {"mean": round(float(probs.mean()), 4), "max": round(float(probs.max()), 4),
@@ -102,38 +121,180 @@ def _summary(prob_png: Path, threshold: float) -> dict:
             "uncertain_percent": round(100 * float(((probs > 0.25) & (probs < 0.75)).mean()), 3)}
 
 
-def _image_suffix(data: bytes, name: str) -> str:
-    """The file suffix ``predict`` reads the upload by: the name's, else the format found in the bytes."""
-    suffix = Path(name).suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return suffix
+def _check_format(data: bytes, name: str) -> None:
+    """415 for bytes that are no image format PIL can identify (a text file, a PDF), from the header only."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            return _FORMATS.get(img.format or "", ".png")
+        with Image.open(io.BytesIO(data)):
+            pass
+    except Image.DecompressionBombError:
+        return  # an image, and too large: the pixel limit names it
     except Exception:  # noqa: BLE001 - whatever PIL cannot identify is not an image
         raise BadInput(415, f"{name}: not an image file (cannot identify its format; JPEG, PNG, BMP or TIFF "
                             "expected)") from None
 
 
-def create_app(segmenter: Segmenter):
-    """The FastAPI application: the page at ``/``, ``POST /predict``, ``POST /predict/batch``, ``GET /health``."""
+# ------------------------------------------------------------------------------------------------ request bodies
+class _Parts:
+    """The parts of a multipart body as it streams in, kept in memory, each bounded as it grows."""
+
+    def __init__(self, segmenter: Segmenter):
+        self.limits = segmenter
+        self.parts: list[tuple[str, str, bytearray]] = []
+        self._field, self._value, self._headers = b"", b"", {}
+
+    def callbacks(self) -> dict:
+        def header_field(data, start, end):
+            self._field += data[start:end]
+
+        def header_value(data, start, end):
+            self._value += data[start:end]
+
+        def header_end():
+            self._headers[self._field.decode("latin-1").lower()] = self._value.decode("latin-1")
+            self._field, self._value = b"", b""
+
+        def headers_finished():
+            from python_multipart.multipart import parse_options_header
+
+            _, options = parse_options_header(self._headers.get("content-disposition", ""))
+            field = options.get(b"name", b"").decode("utf-8", "replace")
+            filename = options.get(b"filename", b"upload").decode("utf-8", "replace") or "upload"
+            if len(self.parts) >= self.limits.max_files:
+                raise BadInput(413, f"more than {self.limits.max_files} files in one request (r2unet serve "
+                                    "--max_files)")
+            self.parts.append((field, filename[:200], bytearray()))
+            self._headers = {}
+
+        def data(chunk, start, end):
+            field, filename, body = self.parts[-1]
+            if len(body) + end - start > self.limits.max_bytes:
+                raise BadInput(413, f"{filename}: over the limit of {_mib(self.limits.max_bytes)} per file "
+                                    "(r2unet serve --max_mb)")
+            body += chunk[start:end]
+
+        return {"on_header_field": header_field, "on_header_value": header_value, "on_header_end": header_end,
+                "on_headers_finished": headers_finished, "on_part_data": data}
+
+
+async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, bytes]]:
+    """(field, file name, bytes) of each part of a multipart request, read within the limits: the declared
+    ``Content-Length`` first, then every chunk as it arrives; nothing touches the disk."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data" or not options.get(b"boundary"):
+        raise BadInput(415, "send the image as multipart/form-data (curl -F file=@photo.jpg URL)")
+    limit = segmenter.max_request_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BadInput(413, f"the request's {_mib(int(declared))} are over the limit of {_mib(limit)} "
+                            "(r2unet serve --max_request_mb); nothing was read")
+    parts = _Parts(segmenter)
+    parser = MultipartParser(options[b"boundary"], parts.callbacks())
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise BadInput(413, f"the request is over the limit of {_mib(limit)} (r2unet serve --max_request_mb); "
+                                "reading stopped there")
+        parser.write(chunk)
+    parser.finalize()
+    return [(field, name, bytes(body)) for field, name, body in parts.parts]
+
+
+# ---------------------------------------------------------------------------------------------- who may ask
+def _host_name(value: str) -> str:
+    """The name in a Host header or an origin's authority, without the port and brackets, lower case."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].split("]", 1)[0]
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def default_hosts(bind: str) -> set[str]:
+    """The Host names a server bound to ``bind`` answers to: the loopback names, the bound address, and, when it
+    serves the network, this machine's names and addresses."""
+    hosts = set(LOOPBACK) | {_host_name(bind)}
+    if bind not in LOOPBACK:
+        for name in {socket.gethostname(), socket.getfqdn()}:
+            hosts.add(name.lower())
+            try:
+                hosts.update(socket.gethostbyname_ex(name)[2])
+            except OSError:
+                pass
+    return hosts
+
+
+class RequestGuard:
+    """ASGI middleware: a request whose Host is none of ``hosts`` (None: any), or a browser's cross-site request
+    that changes something (POST) from an origin not in ``origins`` ("*": any), is refused with a JSON 403 before
+    the application sees it."""
+
+    SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+
+    def __init__(self, app, hosts: set[str] | None, origins: set[str]):
+        self.app, self.hosts, self.origins = app, hosts, origins
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            problem = self.problem(scope)
+            if problem:
+                from starlette.responses import JSONResponse
+
+                await JSONResponse({"detail": problem}, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def problem(self, scope) -> str | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            return (f"host name {host[:100]!r} is not one this server answers to (serve --allowed_hosts NAME adds "
+                    "it); a web page that renamed this server to reach it is refused")
+        if scope.get("method", "GET") in self.SAFE or "*" in self.origins:
+            return None
+        origin = headers.get("origin")
+        cross = headers.get("sec-fetch-site") == "cross-site"
+        if origin is not None:
+            own = origin.lower().split("://", 1)[-1].rstrip("/") == host.lower()
+            cross = cross or not own
+        if cross and (origin or "").rstrip("/") not in self.origins:
+            return (f"a cross-site request from {(origin or 'another site')[:100]} is refused (serve "
+                    "--allowed_origins ORIGIN allows a page elsewhere to use this server)")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- the application
+UPLOAD_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file"],
+    "properties": {"file": {"type": "string", "format": "binary", "description": "the image"}}}}}}}
+BATCH_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["files"],
+    "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
+
+
+def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set[str] | None = None):
+    """The FastAPI application: the page at ``/``, ``POST /predict``, ``POST /predict/batch``, ``GET /health``,
+    behind ``RequestGuard`` (``hosts`` None: the loopback names; ``origins``: cross-site origins allowed)."""
     from typing import Annotated
 
-    from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+    from fastapi import FastAPI, Query, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
 
     app = FastAPI(title="r2unet", description="Segment images with a trained R2U-Net family model. POST an image "
                   "to /predict: the mask PNG at the image's size (as `r2unet predict` writes it).")
+    origins = set(origins or ())
 
-    def read(file: UploadFile) -> tuple[bytes, str]:
-        return file.file.read(segmenter.max_bytes + 1), file.filename or "upload"
+    @app.exception_handler(BadInput)
+    async def refused(request, exc: BadInput):
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
-    def run(file: UploadFile, overlay: bool = False, probabilities: bool = False) -> dict:
-        data, name = read(file)
-        try:
-            return segmenter.segment(data, name, overlay, probabilities)
-        except BadInput as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+    @app.exception_handler(Exception)
+    async def failed(request, exc: Exception):
+        _log.exception("request %s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": f"the server failed on this request ({type(exc).__name__}: "
+                                       f"{str(exc)[:300]}); its log has the details"}, status_code=500)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -141,32 +302,44 @@ def create_app(segmenter: Segmenter):
 
     @app.get("/health")
     def health() -> dict:
-        """The model served: its name, classes, input size, threshold and device."""
+        """The model served: its name, classes, input size, threshold, device and the request limits."""
         return segmenter.info()
 
-    @app.post("/predict", responses={200: {"content": {"image/png": {}}}})
-    def predict(file: Annotated[UploadFile, File()], format: Annotated[str, Query(pattern="^(png|json)$")] = "png",
-                images: Annotated[bool, Query(description="json: the mask PNG and overlay JPEG too (base64)")] = False):
+    @app.post("/predict", responses={200: {"content": {"image/png": {}}}}, openapi_extra=UPLOAD_SCHEMA)
+    async def predict(request: Request, format: Annotated[str, Query(pattern="^(png|json)$")] = "png",
+                      images: Annotated[bool, Query(description="json: the mask PNG and overlay JPEG too "
+                                                                "(base64)")] = False):
         """The mask PNG at the image's original size; ``format=json``: its area and size and a summary of the
         probabilities (``images=true``: the mask and the overlay too, as base64 - what the page shows)."""
-        result = run(file, overlay=format == "json" and images, probabilities=format == "json")
+        parts = await read_parts(request, segmenter)
+        files = [p for p in parts if p[0] == "file"] or parts
+        if len(files) != 1:
+            raise BadInput(400, "send one image in the field 'file' (several: POST /predict/batch with 'files')")
+        _, name, data = files[0]
+        result = await run_in_threadpool(segmenter.segment, data, name, format == "json" and images,
+                                         format == "json")
         if format == "png":
             return Response(result["mask_png"], media_type="image/png")
         return JSONResponse(_json(result, images))
 
-    @app.post("/predict/batch")
-    def predict_batch(files: Annotated[list[UploadFile], File()]) -> list[dict]:
+    @app.post("/predict/batch", openapi_extra=BATCH_SCHEMA)
+    async def predict_batch(request: Request) -> list[dict]:
         """Several images in one request: per file its area and mask PNG (base64), or its error."""
         answers = []
-        for file in files:
-            data, name = read(file)
+        for _, name, data in await read_parts(request, segmenter):
             try:
-                answers.append(_json(segmenter.segment(data, name), images=True))
+                answers.append(_json(await run_in_threadpool(segmenter.segment, data, name), images=True))
             except BadInput as exc:
                 answers.append({"file": name, "error": str(exc), "status": exc.status})
         return answers
 
-    return app
+    guarded = RequestGuard(app, default_hosts("127.0.0.1") if hosts is None else hosts, origins)
+    if not origins:
+        return guarded
+    from starlette.middleware.cors import CORSMiddleware  # allowed origins may also read the answers
+
+    return CORSMiddleware(guarded, allow_origins=["*"] if "*" in origins else sorted(origins),
+                          allow_methods=["GET", "POST"])
 
 
 def _json(result: dict, images: bool) -> dict:
@@ -176,16 +349,37 @@ def _json(result: dict, images: bool) -> dict:
     return out
 
 
+def _names(values: str | None) -> set[str]:
+    return {v.strip() for v in (values or "").split(",") if v.strip()}
+
+
 def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          tta: bool = False, max_mb: float = 50, log=print, **predictor_options) -> None:
-    """``r2unet serve``: load the checkpoint, then serve until Ctrl-C."""
+          tta: bool = False, max_mb: float = 50, log=print, max_request_mb: float | None = None, max_files: int = 16,
+          allowed_hosts: str | None = None, allowed_origins: str | None = None, **predictor_options) -> None:
+    """``r2unet serve``: load the checkpoint, then serve until Ctrl-C. ``allowed_hosts``, ``allowed_origins``:
+    comma lists added to the Host names this server answers to and the origins whose pages may use it ("*": any)."""
+    for flag, value in (("--max_mb", max_mb), ("--max_request_mb", max_request_mb)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"{flag}: must be a positive number of MiB, got {value:g}")
+    if max_request_mb is not None and max_request_mb < max_mb:
+        raise ValueError(f"--max_request_mb {max_request_mb:g} is below --max_mb {max_mb:g}: no file could be sent")
+    if max_files < 1:
+        raise ValueError(f"--max_files: must be >= 1, got {max_files}")
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port: must be between 0 and 65535, got {port}")
     try:
         import uvicorn
     except ImportError:
         raise ValueError("serve needs FastAPI and uvicorn: pip install 'r2unet[serve]'") from None
     segmenter = Segmenter(Predictor(checkpoint, device=device, log=log, **predictor_options), tta=tta,
-                          max_bytes=int(max_mb * 2**20))
+                          max_bytes=int(max_mb * 2**20),
+                          max_request_bytes=int(max_request_mb * 2**20) if max_request_mb else None,
+                          max_files=max_files)
+    extra_hosts = _names(allowed_hosts)
+    hosts = None if "*" in extra_hosts else default_hosts(host) | {_host_name(h) for h in extra_hosts}
     log(f"serving {segmenter.info()['model_type']} on http://{host}:{port}/ (the page; API: POST /predict, docs: "
         f"/docs)" + ("; only this machine can reach it: --host 0.0.0.0 serves the network (put it behind a proxy "
-                     "with TLS and authentication first)" if host in ("127.0.0.1", "localhost") else ""))
-    uvicorn.run(create_app(segmenter), host=host, port=port, log_level="warning")
+                     "with TLS and authentication first)" if host in LOOPBACK else "")
+        + ("; answering to host names " + ", ".join(sorted(hosts)) + " (--allowed_hosts adds others)"
+           if hosts is not None and host not in LOOPBACK else ""))
+    uvicorn.run(create_app(segmenter, hosts, _names(allowed_origins)), host=host, port=port, log_level="warning")

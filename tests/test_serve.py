@@ -186,3 +186,184 @@ def test_an_exported_onnx_model_is_served_too(served, tmp_path):
         got = np.asarray(Image.open(io.BytesIO(from_onnx.segment(image.read_bytes(), image.name)["mask_png"])))
         want = np.asarray(Image.open(tmp_path / "masks" / f"{image.stem}_segmentation.png"))
         assert got.shape == want.shape and (got == want).mean() > 0.999  # onnxruntime's float32 rounding aside
+
+
+# ------------------------------------------------------------------------ a server others can reach, bounded
+def _asgi(app, method: str, path: str, headers: dict, chunks) -> tuple[int, dict, int]:
+    """One request straight through the ASGI application, its body from the iterator ``chunks`` as the server asks
+    for it: (status, JSON answer, body bytes the server read)."""
+    import asyncio
+
+    chunks = iter(chunks)
+    read = {"bytes": 0}
+    sent: list = []
+
+    async def receive():
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read["bytes"] += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    path, _, query = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+             "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000),
+             "headers": [(k.lower().encode(), v.encode()) for k, v in {"host": "127.0.0.1:8000", **headers}.items()]}
+    try:
+        asyncio.run(app(scope, receive, send))
+    except Exception:  # noqa: BLE001 - Starlette re-raises a 500's cause after sending it, for the server's log
+        if not sent:
+            raise
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = {"raw": body}
+    return status, answer, read["bytes"]
+
+
+def _multipart(files: list[tuple[str, str, bytes]], boundary: str = "b0undary") -> tuple[dict, bytes]:
+    body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="{name}"\r\n'
+                    "Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
+                    for field, name, data in files) + f"--{boundary}--\r\n".encode()
+    return {"content-type": f"multipart/form-data; boundary={boundary}"}, body
+
+
+@pytest.fixture(scope="module")
+def small_limits(served):
+    """The served model behind limits small enough to test: 100 KB a file, 300 KB a request, 4 files a batch."""
+    _, run, images = served
+    return Segmenter(Predictor(run, device="cpu", log=lambda *_: None), max_bytes=100_000,
+                     max_request_bytes=300_000, max_files=4), images
+
+
+def test_a_body_over_the_limit_is_refused_before_more_than_the_limit_is_read_or_kept(small_limits, served):
+    import tracemalloc
+
+    segmenter, images = small_limits
+    app = create_app(segmenter)
+    headers, _ = _multipart([])
+    # declared too large: refused on the header, not a byte of the body read
+    status, answer, read = _asgi(app, "POST", "/predict", {**headers, "content-length": str(2 * 2**30)},
+                                 iter(lambda: b"\0" * 65536, None))
+    assert status == 413 and read == 0 and "nothing was read" in answer["detail"]
+    # no length (chunked), 2 GB on offer: reading stops at the limit, and memory stays near it
+    start = b'--b0undary\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+    for part_limit in (False, True):
+        chunk = b"\0" * 65536
+        offer = (start if i == 0 else chunk for i in range(2 * 2**30 // 65536))
+        if part_limit:  # one file over the per-file limit inside a request under the request's limit
+            segmenter.max_request_bytes = 10 * 2**20
+        tracemalloc.start()
+        status, answer, read = _asgi(app, "POST", "/predict", headers, offer)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        segmenter.max_request_bytes = 300_000
+        limit = segmenter.max_bytes if part_limit else 300_000
+        assert status == 413 and "over the limit" in answer["detail"], answer
+        assert read <= limit + 2 * 65536 + len(start)  # what was read: the limit and a chunk, not 2 GB
+        assert peak < limit + 2 * 2**20, peak  # what was held
+    # a batch of more files than allowed
+    small = images[0].read_bytes()
+    assert len(small) < 60_000
+    headers, body = _multipart([("files", f"{i}.jpg", small) for i in range(5)])
+    status, answer, _ = _asgi(app, "POST", "/predict/batch", headers, [body])
+    assert status == 413 and "more than 4 files" in answer["detail"]
+    headers, body = _multipart([("files", f"{i}.jpg", small) for i in range(4)])
+    status, answer, _ = _asgi(app, "POST", "/predict/batch", headers, [body])
+    assert status == 200 and len(answer) == 4 and all("mask_png" in a for a in answer)
+    # and over a real socket (uvicorn): a declared 2 GB body is refused at once
+    url = served[0]
+    import http.client
+
+    conn = http.client.HTTPConnection(url.split("//")[1], timeout=30)
+    conn.putrequest("POST", "/predict")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=b0undary")
+    conn.putheader("Content-Length", str(2 * 2**30))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and "nothing was read" in json.loads(response.read())["detail"]
+    conn.close()
+
+
+def test_cross_site_and_renamed_host_requests_are_refused(small_limits):
+    segmenter, images = small_limits
+    headers, body = _multipart([("file", images[0].name, images[0].read_bytes())])
+    app = create_app(segmenter)
+    cases = {  # (extra headers, status)
+        "a script (curl: no Origin)": ({}, 200),
+        "the server's own page": ({"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}, 200),
+        "a page elsewhere": ({"origin": "https://evil.example"}, 403),
+        "a page elsewhere, Origin stripped": ({"sec-fetch-site": "cross-site"}, 403),
+        "a sandboxed page": ({"origin": "null"}, 403),
+        "DNS rebinding": ({"host": "evil.example:8000", "origin": "http://evil.example:8000"}, 403),
+    }
+    for what, (extra, want) in cases.items():
+        status, answer, _ = _asgi(app, "POST", "/predict?format=json", {**headers, **extra}, [body])
+        assert status == want, (what, answer)
+        if want == 403:
+            assert "refused" in answer["detail"] and ("--allowed_origins" in answer["detail"]
+                                                      or "--allowed_hosts" in answer["detail"]), what
+    status, _, _ = _asgi(app, "GET", "/health", {"host": "evil.example"}, [])
+    assert status == 403  # a renamed host reads nothing either
+    allowed = create_app(segmenter, origins={"https://lab.example"})
+    status, answer, _ = _asgi(allowed, "POST", "/predict?format=json", {**headers, "origin": "https://lab.example"},
+                              [body])
+    assert status == 200 and answer["file"] == images[0].name
+
+
+def test_no_upload_touches_the_disk_and_a_server_failure_is_json(small_limits, monkeypatch):
+    import tempfile
+
+    segmenter, images = small_limits
+    app = create_app(segmenter)
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("an upload reached a temporary file")
+
+    monkeypatch.setattr(tempfile, "_mkstemp_inner", no_disk)  # under every temporary file and spooled upload
+    monkeypatch.setattr(tempfile, "mkdtemp", no_disk)
+    before = set(os.listdir(tempfile.gettempdir()))
+    for image in images[:3]:
+        headers, body = _multipart([("file", image.name, image.read_bytes())])
+        status, answer, _ = _asgi(app, "POST", "/predict?format=json&images=true", headers, [body])
+        assert status == 200 and answer["mask_png"] and answer["overlay_jpg"]
+    headers, body = _multipart([("files", p.name, p.read_bytes()) for p in images[:2]])
+    assert _asgi(app, "POST", "/predict/batch", headers, [body])[0] == 200
+    assert set(os.listdir(tempfile.gettempdir())) == before
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the device fell off the bus")
+
+    monkeypatch.setattr(segmenter.predictor, "segment", broken)
+    headers, body = _multipart([("file", images[0].name, images[0].read_bytes())])
+    status, answer, _ = _asgi(app, "POST", "/predict", headers, [body])
+    assert status == 500 and "RuntimeError: the device fell off the bus" in answer["detail"]
+
+
+def test_an_image_over_the_pixel_limit_is_refused_by_the_server_too(small_limits, monkeypatch):
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    segmenter, _ = small_limits
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((120, 120), np.uint8)).save(buffer, "PNG")  # 14 400 pixels, a few hundred bytes
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # Pillow would only warn between 10 000 and 20 000
+    headers, body = _multipart([("file", "tall.png", buffer.getvalue())])
+    status, answer, _ = _asgi(create_app(segmenter), "POST", "/predict", headers, [body])
+    assert status == 413 and "tall.png: too large to decode safely" in answer["detail"]
+
+
+@pytest.mark.parametrize("flag", [["--max_mb", "-1"], ["--max_mb", "0"], ["--max_mb", "nan"], ["--max_files", "0"],
+                                  ["--max_request_mb", "inf"]])
+def test_limits_that_refuse_everything_are_refused(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--checkpoint", "model.pt", *flag])
+    assert exit_.value.code == 2 and flag[0] in capsys.readouterr().err

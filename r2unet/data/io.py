@@ -33,6 +33,34 @@ class DataError(ValueError):
     """A problem with the user's data: the message names the file and what is wrong."""
 
 
+class InMemory:
+    """An image file's bytes under its name (an upload): read by every function here as a file would be, from
+    memory; messages name it by ``name``."""
+
+    def __init__(self, name: str, data: bytes):
+        self.name, self.data = name, data
+
+    def __str__(self) -> str:
+        return self.name
+
+    @property
+    def stem(self) -> str:
+        return Path(self.name).stem
+
+    def stream(self):
+        import io
+
+        return io.BytesIO(self.data)
+
+
+def _source(path) -> Path | InMemory:
+    return path if isinstance(path, InMemory) else Path(path)
+
+
+def _pil_open(path: Path | InMemory) -> Image.Image:
+    return Image.open(path.stream() if isinstance(path, InMemory) else path)
+
+
 def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
@@ -112,7 +140,7 @@ def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndar
     """``array`` (H, W[, C]), laid on the *stored* pixels of the photo at ``image_path``, turned the way the photo's
     EXIF orientation shows it (e.g. a mask drawn by a tool that ignored the tag). Unchanged for unturned photos."""
     try:
-        with Image.open(image_path) as img:
+        with _pil_open(_source(image_path)) as img:
             _check_pixels(img, image_path)
             orientation = _orientation(img)
     except Image.DecompressionBombError as exc:
@@ -125,7 +153,7 @@ def orient_as_shown(array: np.ndarray, image_path: str | os.PathLike) -> np.ndar
 
 def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool = True) -> Image.Image:
     try:
-        img = Image.open(path)
+        img = _pil_open(path)
         _check_pixels(img, path)
         orientation = _orientation(img) if oriented else 1  # from the header, as ``image_size`` reads it
         if draft_size is not None and img.format == "JPEG":
@@ -149,7 +177,7 @@ def _open(path: Path, draft_size: tuple[int, int] | None = None, oriented: bool 
 
 def image_size(path: str | os.PathLike, oriented: bool = True) -> tuple[int, int]:
     """(width, height) from the header only, without decoding the pixels; as displayed unless ``oriented=False``."""
-    w, h, orientation = _header(Path(path))
+    w, h, orientation = _header(_source(path))
     return (h, w) if oriented and orientation in _TRANSPOSED else (w, h)
 
 
@@ -162,7 +190,7 @@ def mask_frame(image_path: str | os.PathLike, mask_size: tuple[int, int]) -> tup
     turned 180 degrees, or a square photo turned 90), so a mask drawn on the stored pixels cannot be told apart; it
     is taken as drawn on the photo as shown. (Comparing aspect ratios instead took a near-square photo turned 90
     degrees, 400x398, for its unturned self.)"""
-    w, h, orientation = _header(Path(image_path))
+    w, h, orientation = _header(_source(image_path))
     stored, shown = (w, h), ((h, w) if orientation in _TRANSPOSED else (w, h))
     if tuple(mask_size) == shown:
         return True, orientation != 1 and shown == stored
@@ -172,7 +200,7 @@ def mask_frame(image_path: str | os.PathLike, mask_size: tuple[int, int]) -> tup
 def _header(path: Path) -> tuple[int, int, int]:
     """(stored width, stored height, EXIF orientation) from the header only."""
     try:
-        with Image.open(path) as img:
+        with _pil_open(path) as img:
             _check_pixels(img, path)
             return (*img.size, _orientation(img))
     except DataError:
@@ -192,7 +220,7 @@ def _too_large(path, exc: Exception) -> str:
 
 def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None, oriented: bool = True) -> np.ndarray:
     """RGB uint8 array (H, W, 3). With ``min_size`` (w, h), a JPEG may be decoded at a reduced scale >= that size."""
-    img = _open(Path(path), draft_size=min_size, oriented=oriented)
+    img = _open(_source(path), draft_size=min_size, oriented=oriented)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / float grayscale: scale to 8 bits, not clip
         values = np.asarray(img, dtype=np.float64)
         top = 65535.0 if values.max() > 255 else 255.0
@@ -463,10 +491,15 @@ def _palette_by_colour(path: Path, img: Image.Image, num_classes: int, colors, n
     return lut[index]
 
 
-def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int,
-                   colors: list[tuple[int, int, int]] | None = None) -> None:
-    """A palette PNG whose indices are the classes and whose palette is ``colors`` (default ``class_colors``):
+def label_map_image(labels: np.ndarray, num_classes: int, colors: list[tuple[int, int, int]] | None = None):
+    """A palette image whose indices are the classes and whose palette is ``colors`` (default ``class_colors``):
     viewers show the colours, ``read_label_map`` reads the classes back."""
     img = Image.fromarray(labels.astype(np.uint8), mode="P")
     img.putpalette([v for c in (colors or class_colors(num_classes)) for v in c])
-    atomic_save_image(img, Path(path))
+    return img
+
+
+def save_label_map(labels: np.ndarray, path: str | os.PathLike, num_classes: int,
+                   colors: list[tuple[int, int, int]] | None = None) -> None:
+    """``label_map_image`` as a PNG file, written whole or not at all."""
+    atomic_save_image(label_map_image(labels, num_classes, colors), Path(path))

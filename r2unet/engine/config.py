@@ -359,6 +359,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type of a size that must be a positive, finite number (--max_mb)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
     """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
     overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
