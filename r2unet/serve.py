@@ -68,7 +68,7 @@ class Segmenter:
                 "tta": self.tta, "device": str(self.predictor.device), "max_bytes": self.max_bytes,
                 "max_request_bytes": self.max_request_bytes, "max_files": self.max_files}
 
-    def segment(self, data: bytes, name: str, overlay: bool = False, probabilities: bool = False) -> dict:
+    def segment(self, data: bytes | bytearray, name: str, overlay: bool = False, probabilities: bool = False) -> dict:
         """The mask PNG (and the overlay JPEG) of one uploaded image, as ``predict`` writes them, and its area;
         ``probabilities``: a summary of the probability map too (binary models)."""
         if not data:
@@ -176,9 +176,9 @@ class _Parts:
                 "on_headers_finished": headers_finished, "on_part_data": data}
 
 
-async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, bytes]]:
+async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, bytearray]]:
     """(field, file name, bytes) of each part of a multipart request, read within the limits: the declared
-    ``Content-Length`` first, then every chunk as it arrives; nothing touches the disk."""
+    ``Content-Length`` first, then every chunk as it arrives; nothing touches the disk, nothing is copied."""
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, options = parse_options_header(request.headers.get("content-type", ""))
@@ -199,7 +199,7 @@ async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, byte
                                 "reading stopped there")
         parser.write(chunk)
     parser.finalize()
-    return [(field, name, bytes(body)) for field, name, body in parts.parts]
+    return parts.parts
 
 
 # ---------------------------------------------------------------------------------------------- who may ask

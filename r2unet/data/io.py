@@ -361,7 +361,7 @@ def label_map_found(img: Image.Image) -> tuple[int, str, list | None] | None:
     if img.mode == "P":
         return _palette_labels(img)
     if img.mode in ("L", "I", "I;16", "I;16B", "I;16L"):
-        return _gray_labels(np.asarray(img))
+        return _gray_labels(np.asarray(img), img.histogram() if img.mode == "L" else None)
     rgb = np.asarray(img.convert("RGB"))
     if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
         return _gray_labels(rgb[..., 0])
@@ -374,7 +374,7 @@ def label_map_found(img: Image.Image) -> tuple[int, str, list | None] | None:
 
 
 def _palette_labels(img: Image.Image) -> tuple[int, str, None] | None:
-    counts = np.bincount(np.asarray(img).ravel(), minlength=256)
+    counts = np.asarray(img.histogram()[:256])  # indices in use, counted in C
     used = np.flatnonzero(counts)
     palette = np.zeros(768, np.int64)
     raw = img.getpalette() or []
@@ -387,14 +387,20 @@ def _palette_labels(img: Image.Image) -> tuple[int, str, None] | None:
             + (" ..." if len(used) > 8 else "") + ")", None)
 
 
-def _gray_labels(values: np.ndarray) -> tuple[int, str, None] | None:
-    if values.size == 0 or values.min() < 0:
+def _gray_labels(values: np.ndarray, histogram: list[int] | None = None) -> tuple[int, str, None] | None:
+    if values.size == 0:
         return None
-    top = int(values.max())
-    if top <= 1:
-        return None
+    if values.dtype == np.uint8:  # the common case: one counting pass, and two values end it (0/255, 0/1)
+        counts = np.asarray(histogram) if histogram is not None else np.bincount(values.ravel(), minlength=256)
+        present = np.flatnonzero(counts)
+        top = int(present[-1])
+        if len(present) <= 2 and top > LABEL_VALUE_MAX or top <= 1:
+            return None
+    else:
+        if values.min() < 0 or (top := int(values.max())) <= 1:
+            return None
+        present = np.flatnonzero(np.bincount(values.ravel().astype(np.int64))) if top <= LABEL_VALUE_MAX else None
     if top <= LABEL_VALUE_MAX:
-        present = np.flatnonzero(np.bincount(values.ravel().astype(np.int64, copy=False)))
         return top + 1, "grey values " + ", ".join(str(v) for v in present) + " (class indices, not 0/255)", None
     scale = 255 / 65535 if top > 255 else 1.0  # 16-bit masks are compared on the 8-bit scale
     found = _plateaus(*_interior(values), lambda v: (v * scale,), values.size)
@@ -474,7 +480,7 @@ def read_label_map(path: str | os.PathLike, num_classes: int, colors: list[tuple
 def _palette_by_colour(path: Path, img: Image.Image, num_classes: int, colors, notes: list[str] | None) -> np.ndarray:
     """A palette image's classes from the colours of its indices (``read_label_map``)."""
     index = np.asarray(img)
-    used = np.flatnonzero(np.bincount(index.ravel(), minlength=256))
+    used = np.flatnonzero(np.asarray(img.histogram()[:256]))
     palette = np.zeros(768, np.int64)
     raw = img.getpalette() or []
     palette[:len(raw)] = raw[:768]
