@@ -279,7 +279,8 @@ def label_maps_among(masks: list[Path], found: list[NotBinaryMask] | None = None
     that name them."""
     found = list(found or [])
     seen = {e.path for e in found}
-    picks = sorted({round(i * (len(masks) - 1) / max(1, limit - 1)) for i in range(min(limit, len(masks)))})
+    picks = range(len(masks)) if len(masks) <= limit else \
+        sorted({round(i * (len(masks) - 1) / (limit - 1)) for i in range(limit)})
     checked = 0
     for i in picks:
         if str(masks[i]) in seen:

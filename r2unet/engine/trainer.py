@@ -231,13 +231,19 @@ class TrainingRun:
         if not changes:
             return
         what = f"the split of {self.cfg.data_path} is not the one this run trained on: " + "; ".join(changes)
+        moved = any(c.split(": ")[0].endswith(("from train to valid", "from train to test")) for c in changes)
+        valid = any(" valid" in c.split(": ")[0] for c in changes)
         if not self.cfg.accept_split_change:
-            raise ConfigError(f"--resume: {what}. The model may have seen images that are now in the validation or "
-                              "test split, and best.pt was chosen on the old validation split. Re-prepare so that "
-                              "each image keeps its split ('r2unet prepare --overwrite' with the previous --seed does "
-                              "that), start a new run, or pass --accept_split_change to go on")
+            raise ConfigError(
+                f"--resume: {what}."
+                + (" The model has trained on images that are now in the validation or test split: their scores "
+                   "would be optimistic." if moved else "")
+                + (" best.pt was chosen on the old validation split." if valid else "")
+                + (" Re-prepare so that each image keeps its split ('r2unet prepare --overwrite' with the previous "
+                   "--seed does that), start a new run, or pass --accept_split_change to go on" if moved else
+                   " Pass --accept_split_change to go on with this split, or start a new run"))
         self.log(f"warning: {what}; going on (--accept_split_change)")
-        if any(" to valid" in c or " from valid" in c for c in changes):
+        if valid:
             self.best_score, self.best_epoch = float("-inf"), -1
             self.log("note: the validation split changed: best.pt will be chosen anew from the next validation")
 
