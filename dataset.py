@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from r2unet.cli import main  # noqa: E402 - after the path above
+from r2unet.commands.cli import main  # noqa: E402 - after the path above
 
 if __name__ == "__main__":
     sys.exit(main(["prepare", *sys.argv[1:]]))

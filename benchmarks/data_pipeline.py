@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
-from r2unet.bench import bench_data
+from r2unet.commands.bench import bench_data
 from r2unet.data.pairs import pair_files
 
 

@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from r2unet.bench import FAST, model_step, train_flops_per_image
+from r2unet.commands.bench import FAST, model_step, train_flops_per_image
 from r2unet.engine.runtime import configure_backends, peak_tflops, synchronize
 
 # substrings of kernel names, first match wins (cuDNN/CUTLASS convolution kernels carry these in their names)

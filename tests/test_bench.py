@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 
 
 def test_bench_data_json(tiny_data, capsys):

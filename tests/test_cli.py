@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from r2unet.cli import COMMANDS, main
+from r2unet.commands.cli import COMMANDS, main
 
 
 def test_help_of_every_command_answers_without_importing_torch():
     """torch was imported to build the parser: every --help took 3-4 s. Help needs no torch at all now (what it
     takes is then well under a second; the test checks the cause, not a time)."""
     script = ("import sys\n"
-              "from r2unet.cli import main\n"
+              "from r2unet.commands.cli import main\n"
               f"for argv in [['--help']] + [[c, '--help'] for c in {list(COMMANDS)!r}]:\n"
               "    try:\n"
               "        main(argv)\n"

@@ -10,7 +10,7 @@ from PIL import Image
 from r2unet.data.augment import AugmentConfig, eval_batch, train_batch
 from r2unet.data.cache import build_cache
 from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
-from r2unet.data.io import DataError, read_image, read_mask
+from r2unet.data.imageio import DataError, read_image, read_mask
 from r2unet.data.prepare import SPLITS, pair_files, prepare_split, split_counts
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 
@@ -81,7 +81,7 @@ def test_prepare_with_the_seed_flags(tmp_path):
 
 def test_prepare_without_a_terminal_logs_lines_not_progress_bar_frames(tmp_path, capsys):
     """Under a batch job (stderr not a terminal) the cache build must not fill the log with a bar's \r frames."""
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     img_dir, mask_dir = _raw(tmp_path, 10)
     assert main(["prepare", "--origin_data_path", str(img_dir), "--origin_GT_path", str(mask_dir),
@@ -118,7 +118,7 @@ def test_prepare_refuses_non_empty_target_and_keeps_user_files(tmp_path):
 def test_prepare_never_deletes_the_files_it_reads(tmp_path, capsys):
     """Re-splitting a prepared folder's own train split into that folder, even with --overwrite, used to delete
     every file the old manifest listed (its sources too) and then fail with [Errno 2]."""
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     img_dir, mask_dir = _raw(tmp_path, 10)
     out = tmp_path / "D"
@@ -138,7 +138,7 @@ def test_prepare_never_deletes_the_files_it_reads(tmp_path, capsys):
 def test_synth_refuses_to_overwrite_files_of_the_same_names(tmp_path, capsys):
     """synth writes the real dataset's names (ISIC_0000000.jpg ...): into a folder holding ISIC images it used to
     replace them silently."""
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
     from r2unet.data.synth import IMAGE_DIR
 
     photo = tmp_path / "raw" / IMAGE_DIR / "ISIC_0000001.jpg"
@@ -186,7 +186,7 @@ def test_prepare_killed_mid_copy_leaves_no_truncated_file_and_the_rerun_complete
 
 def test_prepare_names_an_image_over_the_decompression_bomb_limit_and_skips_it_when_asked(tmp_path, monkeypatch,
                                                                                         capsys):
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     img_dir, mask_dir = _raw(tmp_path, 6)
     Image.new("RGB", (200, 200)).save(img_dir / "ISIC_0000009.jpg")
@@ -601,8 +601,8 @@ def test_a_turned_photo_whose_frames_have_one_size_is_taken_as_shown_and_named(t
 
 
 def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_path):
+    from r2unet.commands.predict import run_predict
     from r2unet.models import create_model
-    from r2unet.predict import run_predict
 
     (tmp_path / "in").mkdir()
     stored, _ = _rotated_photo(tmp_path / "in" / "photo.jpg")
@@ -619,7 +619,7 @@ def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_p
 def test_every_exif_orientation_reads_as_pil_shows_it(tmp_path, orientation):
     from PIL import ImageOps
 
-    from r2unet.data.io import image_size, orient_as_shown
+    from r2unet.data.imageio import image_size, orient_as_shown
 
     stored = np.random.default_rng(orientation).integers(0, 255, (12, 20, 3), dtype=np.uint8)
     exif = Image.Exif()

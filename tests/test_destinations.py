@@ -10,7 +10,7 @@ import torch
 from conftest import prepared_synthetic
 from PIL import Image
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 
 pytestmark = pytest.mark.slow
 

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 from conftest import prepared_synthetic
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.engine.checkpoint import load_file
 from r2unet.engine.config import TrainConfig
 
@@ -193,10 +193,10 @@ def _worker_rank1_dies(rank, world, port, cfg_dict, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from r2unet.engine import loop, trainer
+    from r2unet.engine import task, trainer
 
     if rank == 1:  # dies in epoch 2, after the epoch-1 checkpoint was written
-        real, calls = loop.bce_dice_loss, {"n": 0}
+        real, calls = task.BinaryTask.loss, {"n": 0}
 
         def dying_loss(*args):
             calls["n"] += 1
@@ -204,7 +204,7 @@ def _worker_rank1_dies(rank, world, port, cfg_dict, out_dir):
                 os._exit(3)
             return real(*args)
 
-        loop.bce_dice_loss = dying_loss
+        task.BinaryTask.loss = dying_loss
     try:
         trainer.fit(TrainConfig.from_dict(cfg_dict), log=lambda *_: None)
     except Exception as exc:  # noqa: BLE001 - the test reads what rank 0 saw

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.engine.config import TrainConfig
 from r2unet.engine.loop import lr_factor
+from r2unet.engine.task import BINARY_TASK
 
 TINY = ["--model_type", "R2U_Net", "--t", "1", "--base_channels", "4", "--image_size", "32", "--batch_size", "4",
         "--num_workers", "0", "--device", "cpu", "--seed", "3", "--num_epochs_decay", "1", "--log_every", "1"]
@@ -189,7 +190,7 @@ def test_unknown_model_and_missing_folders(tmp_path, capsys):
 
 
 def test_config_file_and_command_line_precedence(tmp_path):
-    from r2unet.cli import _train_config, build_parser
+    from r2unet.commands.cli import _train_config, build_parser
 
     (tmp_path / "c.yaml").write_text("lr: 0.001\nbatch_size: 8\nmodel_type: AttU_Net\n")
     (tmp_path / "c.toml").write_text("lr = 0.003\n")
@@ -326,8 +327,8 @@ def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):
     loader = make_loader(cache, 2, train=False, drop_last=False)
     transform = DeviceTransform(32, torch.device("cpu"), None)
     precision = Precision(None, torch.device("cpu"))
-    plain = evaluate(model, loader, transform, precision).compute()
-    with_bar = evaluate(model, loader, transform, precision, progress="test split").compute()
+    plain = evaluate(model, loader, transform, precision, BINARY_TASK).compute()
+    with_bar = evaluate(model, loader, transform, precision, BINARY_TASK, progress="test split").compute()
     assert plain == with_bar
 
 
@@ -386,9 +387,8 @@ def test_evaluate_at_the_original_resolution_scores_the_masks_predict_writes(pre
     numbers as comparing `predict`'s written masks with the ground-truth files by hand (with and without TTA)."""
     from PIL import Image
 
-    from r2unet.data.io import read_mask
-    from r2unet.engine.inference import load_for_inference
-    from r2unet.predict import predict_images
+    from r2unet.data.imageio import read_mask
+    from r2unet.engine.inference import load_for_inference, predict_images
 
     out = tmp_path / "run"
     assert _train(prepared, out, "--num_epochs", "1") == 0
@@ -398,7 +398,8 @@ def test_evaluate_at_the_original_resolution_scores_the_masks_predict_writes(pre
     # a one-epoch model's probabilities sit in a narrow band: threshold at their median so that the masks are
     # neither empty nor full, and the small changes TTA makes flip some pixels
     model, cfg = load_for_inference(ckpt)
-    probs = np.concatenate([p.ravel() for _, _, p in predict_images(model, images, 32, torch.device("cpu"))])
+    probs = np.concatenate([p.ravel() for _, _, p in predict_images(model, images, 32, torch.device("cpu"),
+                                                                      BINARY_TASK)])
     threshold = str(float(np.median(probs)))
     js_of = {}
     for tta in ([], ["--tta"]):
@@ -436,7 +437,7 @@ def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expect
     carries compilation and start-up) instead of falling back to timing the whole epoch."""
     from r2unet.data.augment import AugmentConfig
     from r2unet.data.dataset import DeviceTransform
-    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.loop import build_training, train_one_epoch
     from r2unet.engine.runtime import Precision
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, warmup_steps=5,
@@ -448,9 +449,8 @@ def test_steady_throughput_skips_the_warmup_even_in_short_epochs(batches, expect
     loader = [{"images": torch.randint(0, 255, (2, 48, 48, 3), dtype=torch.uint8, generator=g),
                "masks": torch.randint(0, 2, (2, 48, 48), dtype=torch.uint8, generator=g),
                "aspect": torch.ones(2)} for _ in range(batches)]
-    state = EpochState(0)
-    train_one_epoch(model, loader, DeviceTransform(32, device, AugmentConfig()), optimizer, scaler, precision, cfg,
-                    state)
+    state = train_one_epoch(model, loader, DeviceTransform(32, device, AugmentConfig()), optimizer, scaler, precision,
+                            cfg, BINARY_TASK)
     assert state.steps == batches and state.steady_images == 2 * expected_steady
     assert state.steady_seconds > 0
 
@@ -521,7 +521,7 @@ def test_every_train_flag_comes_from_a_setting_and_shows_its_default():
     every flag's default."""
     import dataclasses
 
-    from r2unet.cli import build_parser
+    from r2unet.commands.cli import build_parser
 
     parser = build_parser()
     train = next(a for a in parser._actions if a.dest == "command").choices["train"]
@@ -557,7 +557,7 @@ def test_a_gpu_index_on_a_machine_without_a_gpu_is_said_not_ignored(tiny_data, t
 
 
 def test_the_decay_note_comes_once_per_job_and_not_before_an_error(monkeypatch, capsys):
-    from r2unet.engine.config import train_settings
+    from r2unet.engine.settings import train_settings
 
     train_settings({"num_epochs": 3})
     assert "decaying over all 3 epochs" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -38,8 +38,9 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
     from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
     from r2unet.engine import distributed as D
     from r2unet.engine.config import TrainConfig
-    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.loop import EpochRun, build_training
     from r2unet.engine.runtime import Precision
+    from r2unet.engine.task import BINARY_TASK
 
     device = torch.device("cuda")
     n = 6
@@ -62,9 +63,11 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
             checked.append(n - 1)
 
     try:
-        state = EpochState(0)
-        train_one_epoch(model, loader, transform, optimizer, scaler, precision, cfg, state, on_step=watch,
-                        channels_last=True)
+        steps = EpochRun(model, loader, transform, optimizer, scaler, precision, cfg, BINARY_TASK, 0,
+                         channels_last=True)
+        for state in steps:
+            watch(state)
+        state = steps.state
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checked == [n - 1] and state.steps == n

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r2unet.data.io import DataError, class_colors, read_label_map, read_mask, save_label_map
+from r2unet.data.imageio import DataError, class_colors, read_label_map, read_mask, save_label_map
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 
 LABELS = np.array([[0, 1, 2, 2], [0, 0, 1, 2], [1, 1, 0, 0]], np.uint8)

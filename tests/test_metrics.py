@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from r2unet.metrics import ALL_METRICS, MetricAccumulator, confusion_counts, segmentation_metrics
+from r2unet.engine.metrics import ALL_METRICS, MetricAccumulator, confusion_counts, segmentation_metrics
 
 
 def _numpy_reference(probs, target, threshold=0.5):
-    """Plain NumPy, one image at a time, written independently of r2unet.metrics."""
+    """Plain NumPy, one image at a time, written independently of r2unet.engine.metrics."""
     rows = []
     for p, g in zip(probs, target):
         p = p.ravel() > threshold
@@ -151,7 +151,7 @@ def test_per_image_scores_are_kept_in_order_and_average_to_the_split_score():
 
 
 def test_mean_spread_sd_and_bootstrap_interval():
-    from r2unet.metrics import mean_spread
+    from r2unet.engine.metrics import mean_spread
 
     rng = np.random.default_rng(3)
     x = rng.uniform(0.4, 1.0, size=400)
@@ -169,7 +169,7 @@ def test_mean_spread_sd_and_bootstrap_interval():
 
 
 def test_per_image_spread_covers_the_isic_thresholded_score():
-    from r2unet.metrics import per_image_spread
+    from r2unet.engine.metrics import per_image_spread
 
     spread = per_image_spread({"JS": [0.9, 0.6, 0.8, 0.5], "DC": [0.95, 0.75, 0.89, 0.67]})
     assert set(spread) == {"JS", "DC", "JS_thresholded"}
@@ -178,7 +178,7 @@ def test_per_image_spread_covers_the_isic_thresholded_score():
 
 
 def test_threshold_lists_and_ranges():
-    from r2unet.metrics import parse_thresholds
+    from r2unet.engine.metrics import parse_thresholds
 
     assert parse_thresholds("0.3:0.7:0.1") == [0.3, 0.4, 0.5, 0.6, 0.7]  # stop included despite float steps
     assert parse_thresholds("0.6, 0.4,0.6") == [0.4, 0.6]

@@ -8,12 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.data.augment import AugmentConfig, train_batch
 from r2unet.data.dataset import split_cache
-from r2unet.data.io import LabelMapsFound, read_label_map
+from r2unet.data.imageio import LabelMapsFound, read_label_map
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
-from r2unet.metrics import ClassAccumulator
+from r2unet.data.targets import LabelMaps
+from r2unet.engine.metrics import ClassAccumulator
 
 
 def test_class_scores_are_counted_per_image_and_class():
@@ -55,7 +56,7 @@ def three_classes(tmp_path_factory):
 
 def test_a_label_cache_keeps_class_indices_in_a_folder_of_its_own(three_classes):
     data = three_classes / "data"
-    cache = split_cache(data, "valid", 32, labels=(3, None), progress=False, log=lambda *_: None)
+    cache = split_cache(data, "valid", 32, targets=LabelMaps(3), progress=False, log=lambda *_: None)
     assert cache.folder.name == "valid-48-3classes" and set(np.unique(cache.masks)) == {0, 1, 2}
     with pytest.raises(LabelMapsFound, match="look like 3 classes"):  # read as binary masks, classes would merge
         split_cache(data, "valid", 32, progress=False, log=lambda *_: None)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from r2unet.cli import main
-from r2unet.data.io import DataError, NotBinaryMask, label_map_found, read_mask
+from r2unet.commands.cli import main
+from r2unet.data.imageio import DataError, NotBinaryMask, label_map_found, read_mask
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 
 TINY_TRAIN = ["--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
@@ -130,7 +130,7 @@ def test_an_onnx_whose_output_has_several_channels_and_no_class_count_does_not_m
     import onnx
 
     from r2unet import create_model
-    from r2unet.export import load_onnx
+    from r2unet.engine.onnx import load_onnx
 
     torch.manual_seed(0)
     path = tmp_path / "m.onnx"
@@ -158,12 +158,12 @@ def onnx_graphs(tmp_path_factory):
     import warnings
 
     from r2unet import create_model
-    from r2unet.export import export_onnx
+    from r2unet.engine.onnx import export_onnx
 
     root = tmp_path_factory.mktemp("onnx")
     torch.manual_seed(0)
     model = create_model("U_Net", base_channels=4).eval()
-    export_onnx(model, root / "dynamic.onnx", image_size=32, check=False, log=lambda *_: None)
+    export_onnx(model, root / "dynamic.onnx", image_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         torch.onnx.export(model, (torch.zeros(1, 3, 32, 32),), str(root / "fixed.onnx"), input_names=["image"],
@@ -230,7 +230,8 @@ def test_an_onnx_with_a_fixed_input_shape_runs_at_that_shape_or_says_why_not(onn
 # ----------------------------------------------------------------------------- palettes against the colour table
 def test_a_palette_that_orders_its_colours_its_own_way_is_read_by_colour_and_named(tmp_path, capsys):
     from r2unet.data.dataset import split_cache
-    from r2unet.data.io import class_colors, read_label_map
+    from r2unet.data.imageio import class_colors, read_label_map
+    from r2unet.data.targets import LabelMaps
 
     generate_dataset(tmp_path / "raw", num_images=12, seed=6, max_side=120, num_classes=3)
     masks = sorted((tmp_path / "raw" / MASK_DIR).iterdir())
@@ -253,7 +254,8 @@ def test_a_palette_that_orders_its_colours_its_own_way_is_read_by_colour_and_nam
     assert warned and all(sum(p.name in line for line in warned) == 1 for p in masks[::3])  # each named, once
     # the cache the training reads holds the classes the colours say, for every mask
     for split in ("train", "valid", "test"):
-        cache = split_cache(data, split, 32, labels=(3, colours), progress=False, log=lambda *_: None)
+        cache = split_cache(data, split, 32, targets=LabelMaps(3, tuple(colours)), progress=False,
+                            log=lambda *_: None)
         for name, row in zip(cache.names, cache.masks):
             small = np.asarray(Image.fromarray(truth[name.replace(".jpg", "_segmentation.png")]).resize(
                 row.shape[::-1], Image.NEAREST))
@@ -403,7 +405,7 @@ def test_an_image_between_one_and_two_times_the_pixel_limit_is_refused_everywher
 def test_size_checks_read_headers_only_and_png_exif_orientation_is_still_seen(tmp_path, monkeypatch):
     from PIL import ImageFile
 
-    from r2unet.data.io import image_size, mask_frame, read_image
+    from r2unet.data.imageio import image_size, mask_frame, read_image
     from r2unet.data.pairs import Pair, check_pair
 
     photo = np.zeros((300, 400, 3), np.uint8)

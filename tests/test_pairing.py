@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.data.dataset import split_cache
-from r2unet.data.io import DataError
+from r2unet.data.imageio import DataError
 from r2unet.data.pairs import CASE_RULE, checked_pairs, pair_files
 from r2unet.data.prepare import prepare_split
 
@@ -124,7 +124,7 @@ def test_without_recursive_a_case_layout_says_where_to_look(tmp_path):
 
 
 def test_predict_finds_ground_truth_of_any_common_naming(tmp_path):
-    from r2unet.predict import find_gt, gt_masks
+    from r2unet.commands.predict import find_gt, gt_masks
 
     _mask(tmp_path / "gt" / "a_GT.PNG")
     _mask(tmp_path / "gt" / "b.bmp")

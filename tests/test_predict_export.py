@@ -4,11 +4,12 @@ import torch
 from PIL import Image
 
 from r2unet import create_model
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.engine.checkpoint import save_checkpoint
 from r2unet.engine.config import TrainConfig
-from r2unet.plots import plot_curves, redraw, sample_grid
-from r2unet.predict import _upsample_probs, predict_logits
+from r2unet.engine.inference import _upsample_probs, predict_logits
+from r2unet.engine.plots import plot_curves, redraw, sample_grid
+from r2unet.engine.task import BINARY_TASK
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_overlays_show_the_photos_own_pixels_not_the_reduced_decode(checkpoint, 
     shown = np.asarray(Image.open(tmp_path / "out" / "big_overlay.jpg")).astype(int)
     decoded = np.asarray(Image.open(src / "big.jpg")).astype(int)
     mask = np.asarray(Image.open(tmp_path / "out" / "big_segmentation.png")) > 0
-    from r2unet.plots import contour
+    from r2unet.engine.plots import contour
 
     away = ~contour(mask)
     for _ in range(4):  # stay clear of the drawn outline and its JPEG ringing
@@ -84,7 +85,7 @@ def test_overlays_show_the_photos_own_pixels_not_the_reduced_decode(checkpoint, 
 
 
 def test_threaded_prediction_keeps_order_and_values(checkpoint, tmp_path):
-    from r2unet.predict import predict_images
+    from r2unet.engine.inference import predict_images
 
     _, model = checkpoint
     rng = np.random.default_rng(3)
@@ -92,8 +93,8 @@ def test_threaded_prediction_keeps_order_and_values(checkpoint, tmp_path):
     for i in range(7):  # three batches of 3, 3, 1 with different sizes, so a mix-up shows in the shapes
         paths.append(tmp_path / f"im{i}.png")
         Image.fromarray(rng.integers(0, 255, (20 + 7 * i, 50 - 3 * i, 3), dtype=np.uint8)).save(paths[-1])
-    one = list(predict_images(model, paths, 32, torch.device("cpu"), batch_size=3, workers=1))
-    many = list(predict_images(model, paths, 32, torch.device("cpu"), batch_size=3, workers=4))
+    one = list(predict_images(model, paths, 32, torch.device("cpu"), BINARY_TASK, batch_size=3, workers=1))
+    many = list(predict_images(model, paths, 32, torch.device("cpu"), BINARY_TASK, batch_size=3, workers=4))
     assert [p for p, _, _ in many] == paths
     for (_, _, a), (_, _, b), path in zip(one, many, paths):
         assert a.shape == Image.open(path).size[::-1] and np.array_equal(a, b)
@@ -124,15 +125,15 @@ def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
         p0 = torch.sigmoid(model(x))
         ph = torch.sigmoid(model(x.flip(3))).flip(3)
         pv = torch.sigmoid(model(x.flip(2))).flip(2)
-        got = torch.sigmoid(predict_logits(model, x, tta=True))
+        got = torch.sigmoid(predict_logits(model, x, BINARY_TASK, tta=True))
     assert torch.allclose(got, (p0 + ph + pv) / 3, atol=1e-5)
     assert not torch.allclose(got, p0, atol=1e-6)
 
 
 def test_banded_upsampling_equals_one_interpolate():
     logits = torch.randn(1, 16, 16)
-    small = _upsample_probs(logits, 300, 200, max_pixels=10**9)
-    banded = _upsample_probs(logits, 300, 200, max_pixels=5000)
+    small = _upsample_probs(logits, 300, 200, BINARY_TASK, max_pixels=10**9)
+    banded = _upsample_probs(logits, 300, 200, BINARY_TASK, max_pixels=5000)
     assert np.abs(small - banded).max() < 1e-5
 
 
@@ -250,7 +251,8 @@ def test_curves_and_grid_are_valid_pngs(tmp_path):
     imgs = np.zeros((2, 32, 32, 3), np.uint8)
     masks = np.zeros((2, 32, 32), bool)
     masks[:, 8:20, 8:20] = True
-    sample_grid(imgs, masks, masks, tmp_path / "grid.png", "t")
+    sample_grid([[(imgs[i], "image"), (masks[i], "ground truth"), (masks[i], "prediction")] for i in range(2)],
+                tmp_path / "grid.png", "t")
     im = Image.open(tmp_path / "grid.png")
     assert im.format == "PNG" and im.size[0] > im.size[1]  # two rows of three panels
     (tmp_path / "metrics.jsonl").write_text("".join(__import__("json").dumps(r) + "\n" for r in rows) + '{"epo')
@@ -305,7 +307,7 @@ def test_predict_defaults_to_the_checkpoints_threshold_and_precision(checkpoint,
 
 
 def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_path, monkeypatch, capsys):
-    import r2unet.predict as P
+    import r2unet.engine.inference as P
 
     path, _ = checkpoint
     src = _random_photos(tmp_path / "in", [(40 + i, 50) for i in range(5)], "q", seed=2)

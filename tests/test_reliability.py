@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from r2unet import create_model
-from r2unet.cli import main
+from r2unet.commands.cli import main
 from r2unet.engine import checkpoint as ckpt_mod
 from r2unet.engine.checkpoint import CheckpointError, load_file, load_weights, model_state, save_checkpoint
 from r2unet.engine.config import TrainConfig
+from r2unet.engine.task import BINARY_TASK, BinaryTask
 
 TINY = ["--model_type", "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2",
         "--num_workers", "0", "--device", "cpu", "--num_epochs_decay", "0", "--log_every", "1"]
@@ -52,9 +53,10 @@ def test_files_that_are_not_checkpoints_are_named_as_such(tmp_path, capsys):
                           ("empty.pt", "not a PyTorch checkpoint"), ("model.onnx", "is an ONNX model")):
         with pytest.raises(CheckpointError, match=message):
             load_file(tmp_path / name)
+    # evaluate takes an exported model too: one that onnxruntime cannot read is named as such
     assert main(["evaluate", "--checkpoint", str(tmp_path / "model.onnx"), "--data_path", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "is an ONNX model" in err and "refusing" not in err
+    assert "model.onnx: not a readable ONNX model" in err and "refusing" not in err
     # both of torch.save's formats still load, and a malicious old-format pickle is still refused
     model = create_model("U_Net", base_channels=4)
     torch.save(model.state_dict(), tmp_path / "old.pkl", _use_new_zipfile_serialization=False)
@@ -102,21 +104,21 @@ def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monkeypatch):
-    from r2unet.engine import loop, trainer
+    from r2unet.engine import trainer
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=3,
                       num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"), log_every=1, max_nonfinite_steps=3)
-    real_loss = loop.bce_dice_loss
+    real_loss = BinaryTask.loss
     calls = {"n": 0}
 
-    def loss_goes_nan_in_epoch_2(logits, target, dice):
+    def loss_goes_nan_in_epoch_2(task, logits, target, dice):
         calls["n"] += 1
-        loss = real_loss(logits, target, dice)
+        loss = real_loss(task, logits, target, dice)
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss
 
     steps_per_epoch = 14 // 2  # 14 training images of the shared fixture, batch 2
-    monkeypatch.setattr(loop, "bce_dice_loss", loss_goes_nan_in_epoch_2)
+    monkeypatch.setattr(BinaryTask, "loss", loss_goes_nan_in_epoch_2)
     with pytest.raises(trainer.TrainingError, match=r"epoch 2, step 3"):
         trainer.fit(cfg, log=lambda *_: None)
     last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -125,20 +127,20 @@ def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monk
 
 
 def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatch):
-    from r2unet.engine import loop, trainer
+    from r2unet.engine import trainer
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=1,
                       num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"), log_every=1, amp="off")
-    real_loss = loop.bce_dice_loss
+    real_loss = BinaryTask.loss
     calls = {"n": 0}
 
-    def one_nan(logits, target, dice):
+    def one_nan(task, logits, target, dice):
         calls["n"] += 1
-        loss = real_loss(logits, target, dice)
+        loss = real_loss(task, logits, target, dice)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop, "bce_dice_loss", one_nan)
+    monkeypatch.setattr(BinaryTask, "loss", one_nan)
     results = trainer.fit(cfg, log=lambda *_: None)
     assert results["test"] is not None and all(v == v for v in results["test"].values())
     last = load_file(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -164,7 +166,7 @@ def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were():
     statistics to NaN, and they stayed NaN for the rest of the run (and in best.pt). Now a skipped step leaves the
     model exactly as a run without that batch would."""
     from r2unet.data.dataset import DeviceTransform
-    from r2unet.engine.loop import EpochState, build_training, train_one_epoch
+    from r2unet.engine.loop import build_training, train_one_epoch
     from r2unet.engine.runtime import Precision
 
     cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=4, image_size=32, batch_size=2, device="cpu",
@@ -180,7 +182,7 @@ def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were():
         model, optimizer, scaler = build_training(cfg, device, Precision(None, device), cfg.lr, channels_last=False)
         transform = DeviceTransform(32, device, None)  # no augmentation: both runs see the same pixels
         state = train_one_epoch(model, loader, _NaNOnBatches(transform, bad), optimizer, scaler,
-                                Precision(None, device), cfg, EpochState(0))
+                                Precision(None, device), cfg, BINARY_TASK, 0)
         models.append(model)
         skipped.append(getattr(state, "skipped", None))
     with_nan, without = (dict(m.state_dict()) for m in models)
@@ -374,7 +376,7 @@ def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(tiny_dat
     """Ctrl-C inside a step's forward pass (BatchNorm statistics already updated) or during the end-of-epoch
     validation (the LR schedule used to step twice on resume), then --resume: the same weights and statistics, bit
     for bit, and the same learning rates, as a run never interrupted."""
-    from r2unet.engine import loop, trainer
+    from r2unet.engine import trainer
 
     def cfg(name, resume=False):
         return TrainConfig(model_type="R2U_Net", t=1, base_channels=4, image_size=32, batch_size=2, num_epochs=3,
@@ -382,12 +384,12 @@ def test_resume_after_an_interrupt_anywhere_equals_an_uninterrupted_run(tiny_dat
                            output_dir=str(tmp_path / name), augmentation_prob=1.0, resume=resume)
 
     trainer.fit(cfg("straight"), log=lambda *_: None)
-    target, name = (loop, "bce_dice_loss") if where == "inside the forward pass" else (trainer, "evaluate")
+    target, name = (BinaryTask, "loss") if where == "inside the forward pass" else (trainer, "evaluate")
     real, calls = getattr(target, name), {"n": 0}
 
     def interrupted(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == (10 if target is loop else 1):  # epoch 2, step 3 / the first validation
+        if calls["n"] == (10 if target is BinaryTask else 1):  # epoch 2, step 3 / the first validation
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -407,26 +409,26 @@ def test_nonfinite_steps_are_counted_across_short_epochs(tiny_data, tmp_path, mo
     """Epochs shorter than --log_every were never checked, and the count of non-finite steps in a row restarted
     every epoch: a diverged run with short epochs trained on to the end. Now the count runs across epochs and every
     epoch's end is a check point."""
-    from r2unet.engine import loop, trainer
+    from r2unet.engine import trainer
 
     cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, batch_size=2, num_epochs=5,
                       num_epochs_decay=0, num_workers=0, device="cpu", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"), max_nonfinite_steps=10)  # log_every 10 > 7 steps/epoch
-    real_loss, calls = loop.bce_dice_loss, {"n": 0}
+    real_loss, calls = BinaryTask.loss, {"n": 0}
 
-    def nan_after_the_first_epoch(logits, target, dice):
+    def nan_after_the_first_epoch(task, logits, target, dice):
         calls["n"] += 1
-        loss = real_loss(logits, target, dice)
+        loss = real_loss(task, logits, target, dice)
         return loss * float("nan") if calls["n"] > 7 else loss
 
-    monkeypatch.setattr(loop, "bce_dice_loss", nan_after_the_first_epoch)
+    monkeypatch.setattr(BinaryTask, "loss", nan_after_the_first_epoch)
     with pytest.raises(trainer.TrainingError, match=r"14 consecutive steps \(epoch 3, step 7\)"):
         trainer.fit(cfg, log=lambda *_: None)
     assert load_file(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == 2
 
 
 def test_an_infinite_learning_rate_is_refused(tmp_path, capsys):
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     assert main(["train", "--lr", "inf", "--output_dir", str(tmp_path / "o")]) == 2
     assert "--lr: must be > 0 and finite, got inf" in capsys.readouterr().err
@@ -444,7 +446,7 @@ def test_a_full_disk_while_saving_names_the_file_and_the_free_space(small_disk):
 
 @pytest.mark.parametrize("kind", ["bare state_dict", "copy of best.pt"])
 def test_resume_from_a_last_pt_that_is_not_a_training_checkpoint_says_what_it_is(tiny_data, tmp_path, capsys, kind):
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     run = tmp_path / "run"
     flags = ["--data_path", str(tiny_data), "--output_dir", str(run), "--model_type", "U_Net", "--base_channels", "4",
@@ -484,7 +486,7 @@ def test_temporary_files_of_killed_writers_are_cleaned_up(tmp_path):
      "--image_size: the training size must be a positive multiple of 16"),
 ])
 def test_sizes_that_cannot_work_are_named_before_any_work(tmp_path, capsys, argv, message):
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
 
     argv = [str(tmp_path / a) if a in ("IMG", "GT", "OUT") else a for a in argv]
     assert main(argv) == 2
@@ -496,8 +498,8 @@ def test_sizes_that_cannot_work_are_named_before_any_work(tmp_path, capsys, argv
 def test_a_signal_inside_a_first_import_is_still_an_interrupt(tiny_data, tmp_path, monkeypatch, capsys):
     """SIGTERM landing inside a module's first import (it happened in matplotlib's, drawing curves.png) surfaces as
     an ImportError raised from the interrupt; it used to end in a traceback and exit 1 with nothing saved."""
-    from r2unet import plots
-    from r2unet.cli import main
+    from r2unet.commands.cli import main
+    from r2unet.engine import plots
     from r2unet.errors import Terminated
 
     def import_interrupted(*args, **kwargs):
@@ -541,7 +543,7 @@ def test_a_cache_larger_than_the_free_space_is_refused_before_any_row_is_written
     """Rows were written into sparse memory-mapped files: on a disk that fills up, that is a SIGBUS ("Bus error",
     exit 135) that leaves the decoding workers running. The blocks are now claimed first; a disk without room is
     named with the space needed. In a subprocess: on the old code the SIGBUS would kill the test run itself."""
-    done = subprocess.run([sys.executable, "-m", "r2unet.cli", "train", "--data_path", str(tiny_data), "--cache_dir",
+    done = subprocess.run([sys.executable, "-m", "r2unet", "train", "--data_path", str(tiny_data), "--cache_dir",
                            str(small_disk / "cache"), "--output_dir", str(small_disk.parent / "run"), *TINY,
                            "--image_size", "128", "--num_workers", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, (done.returncode, done.stderr[-2000:])

@@ -25,9 +25,9 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvico
 
 from conftest import prepared_synthetic  # noqa: E402
 
-from r2unet.cli import main  # noqa: E402
-from r2unet.predict import Predictor  # noqa: E402
-from r2unet.serve import Segmenter, create_app  # noqa: E402
+from r2unet.commands.cli import main  # noqa: E402
+from r2unet.commands.serve import Segmenter, create_app  # noqa: E402
+from r2unet.engine.inference import Predictor  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

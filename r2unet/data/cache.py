@@ -31,16 +31,9 @@ from PIL import Image
 
 from ..fileio import atomic_write_text, free_space
 from ..progress import track
-from .io import (
-    DataError,
-    NotBinaryMask,
-    label_maps_among,
-    mask_frame,
-    read_image,
-    read_label_map,
-    read_mask,
-)
+from .imageio import DataError, NotBinaryMask, label_maps_among, mask_frame, read_image
 from .pairs import checked_pairs, note_ambiguous, report_problems
+from .targets import BINARY, Targets
 
 CACHE_VERSION = 1
 
@@ -55,23 +48,19 @@ def _file_fp(p: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def decode_pair(image: str, mask: str, side: int, labels: tuple | None = None, notes: list[str] | None = None
+def decode_pair(image: str, mask: str, side: int, targets: Targets = BINARY, notes: list[str] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8 0/1, original (h, w)).
-    ``labels`` (num_classes, class colours or None): the mask is a label map, kept as class indices (resized by
-    nearest neighbour: a class is never blended into another); ``notes`` hears its name when it is a palette image
+    """Decode one pair at the cache size: (image (S, S, 3) uint8, mask (S, S) uint8, original (h, w)); ``targets``
+    reads the mask file and shrinks it (``targets.py``). ``notes`` hears the mask's name when it is a palette image
     whose indices are not the classes of the colour table (it is read by colour: ``read_label_map``)."""
-    m = read_mask(mask) if labels is None else read_label_map(mask, *labels, notes=notes)
+    m = targets.read(mask, notes)
     h, w = m.shape
     oriented, _ = mask_frame(image, (w, h))  # the photo as shown, or its stored pixels (an EXIF-unaware mask)
     if oriented is None:
         raise DataError(f"{mask}: mask size {w}x{h} does not match image {Path(image).name}")
     img = read_image(image, min_size=(side, side), oriented=oriented)
     small = np.asarray(Image.fromarray(img).resize((side, side), Image.BILINEAR))
-    if labels is not None:
-        return small, np.asarray(Image.fromarray(m).resize((side, side), Image.NEAREST)), (h, w)
-    small_mask = np.asarray(Image.fromarray(m.astype(np.uint8) * 255).resize((side, side), Image.BOX)) >= 128
-    return small, small_mask.astype(np.uint8), (h, w)
+    return small, targets.shrink(m, side), (h, w)
 
 
 def _exit_with(parent: int) -> None:
@@ -114,10 +103,10 @@ def _exit_with(parent: int) -> None:
 def _decode_row(args):
     """(row, image, mask, (h, w), error, notes) of one pair; the error a message, or the ``NotBinaryMask`` that
     stops the build."""
-    row, image, mask, side, labels = args
+    row, image, mask, side, targets = args
     notes: list[str] = []
     try:
-        return row, *decode_pair(image, mask, side, labels, notes), None, notes
+        return row, *decode_pair(image, mask, side, targets, notes), None, notes
     except NotBinaryMask as exc:  # not a bad file: the set is label maps (the builder stops and says so)
         return row, None, None, None, exc, notes
     except DataError as exc:
@@ -182,30 +171,28 @@ def build_cache(
     skip_bad: bool = False,
     progress: bool | None = None,
     log=print,
-    labels: tuple | None = None,
+    targets: Targets = BINARY,
 ) -> SplitCache:
     """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
     progress bar while decoding (default: on a terminal); without it, a ``log`` line once a minute on long builds.
-    An up-to-date cache is opened without writing anything (it may sit on a read-only file system). ``labels``:
-    (num_classes, class colours or None) for label maps (see ``decode_pair``)."""
-    classes = labels[0] if labels else 1
+    An up-to-date cache is opened without writing anything (it may sit on a read-only file system). ``targets``:
+    what the masks are (``targets.py``: binary masks or label maps)."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
     # Problems are reported together after decoding the good pairs, so one run lists every bad file.
 
     meta_path = cache_dir / "meta.json"
-    old = _read_meta(meta_path, side, classes)
+    old = _read_meta(meta_path, side, targets)
     entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
                 "hw": None} for p in pairs]
     if old is not None and _up_to_date(cache_dir, old["entries"], entries):
-        if classes == 1 and not old.get("masks_checked") and (found := label_maps_among([p.mask for p in pairs])):
-            raise found  # a cache built before masks were checked for class labels: a sample is checked
+        targets.check([p.mask for p in pairs], old)  # a cache built before masks were checked: a sample
         report_problems(problems, skip_bad, log)
-        return open_cache(cache_dir, side, classes)
+        return open_cache(cache_dir, side, targets)
     try:
         return _build(pairs, problems, entries, old, cache_dir, side, image_dir, num_workers, skip_bad, progress,
-                      log, labels)
+                      log, targets)
     except OSError as exc:  # a read-only or full file system, no permission
         raise DataError(f"cannot write the cache in {cache_dir}: {exc.strerror or exc}; choose a writable folder "
                         "with --cache_dir (train, evaluate)") from exc
@@ -231,10 +218,10 @@ def _row_usable(done, prev: dict, entry: dict) -> bool:
 
 
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
-           log, labels=None) -> SplitCache:
-    meta_path, classes = cache_dir / "meta.json", labels[0] if labels else 1
-    if classes == 1 and old and not old.get("masks_checked") and (found := label_maps_among([p.mask for p in pairs])):
-        raise found  # rows kept from a build before masks were checked for class labels: a sample is checked
+           log, targets: Targets) -> SplitCache:
+    meta_path = cache_dir / "meta.json"
+    if old:
+        targets.check([p.mask for p in pairs], old)  # rows kept from a build before masks were checked: a sample
     old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
     same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +260,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
             os.replace(cache_dir / f"{f}.new", cache_dir / f)
         arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
     # Write the meta first with the rows not yet decoded marked, so an interrupted build is resumable.
-    _write_meta(meta_path, side, entries, classes)
+    _write_meta(meta_path, side, entries, targets)
 
     todo = [i for i in range(n) if not arrays["done.npy"][i]]
     failed, reordered = [], []
@@ -281,7 +268,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
         workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
         log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
         note_ambiguous([pairs[i] for i in todo], log)
-        jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side, labels) for i in todo]
+        jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side, targets) for i in todo]
         pool = ProcessPoolExecutor(workers, initializer=_exit_with, initargs=(os.getpid(),)) if workers > 1 else None
         with pool or nullcontext():
             results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
@@ -293,7 +280,7 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
                         pool.shutdown(wait=False, cancel_futures=True)
                     for arr in arrays.values():
                         arr.flush()
-                    _write_meta(meta_path, side, entries, classes)
+                    _write_meta(meta_path, side, entries, targets)
                     raise label_maps_among([p.mask for p in pairs], found=[err])
                 if err:
                     failed.append((i, err))
@@ -305,17 +292,17 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
                 if k % 64 == 63:
                     for arr in arrays.values():
                         arr.flush()
-                    _write_meta(meta_path, side, entries, classes)
+                    _write_meta(meta_path, side, entries, targets)
         for arr in arrays.values():
             arr.flush()
-        _write_meta(meta_path, side, entries, classes)
+        _write_meta(meta_path, side, entries, targets)
     del arrays
     if reordered:
         log(f"warning: {len(reordered)} palette label map(s) number their classes differently from --class_colors ("
             + ", ".join(reordered[:5]) + (" ..." if len(reordered) > 5 else "") + "); read by their colours, so each "
             "pixel has the class --class_colors gives its colour")
     report_problems(problems + [err for _, err in failed], skip_bad, log)
-    return open_cache(cache_dir, side, classes)
+    return open_cache(cache_dir, side, targets)
 
 
 def _new_arrays(cache_dir: Path, shapes: dict, dtypes: dict) -> dict:
@@ -356,10 +343,10 @@ def _reserve(cache_dir: Path, names: list[str]) -> None:
             os.close(fd)
 
 
-def open_cache(cache_dir: str | Path, side: int, classes: int = 1) -> SplitCache:
+def open_cache(cache_dir: str | Path, side: int, targets: Targets = BINARY) -> SplitCache:
     """Open a complete cache read-only; rows that failed to decode (skipped bad files) are left out."""
     cache_dir = Path(cache_dir)
-    meta = _read_meta(cache_dir / "meta.json", side, classes)
+    meta = _read_meta(cache_dir / "meta.json", side, targets)
     if meta is None:
         raise DataError(f"{cache_dir}: no cache at size {side}; build it with build_cache")
     done = np.load(cache_dir / "done.npy")
@@ -371,20 +358,16 @@ def open_cache(cache_dir: str | Path, side: int, classes: int = 1) -> SplitCache
     return SplitCache(cache_dir, [entries[i]["image"] for i in keep], hw, keep)
 
 
-def _read_meta(path: Path, side: int, classes: int = 1) -> dict | None:
+def _read_meta(path: Path, side: int, targets: Targets) -> dict | None:
     try:
         meta = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if meta.get("version") != CACHE_VERSION or meta.get("side") != side or meta.get("classes", 1) != classes:
+    if meta.get("version") != CACHE_VERSION or meta.get("side") != side or not targets.matches(meta):
         return None
     return meta
 
 
-def _write_meta(path: Path, side: int, entries: list[dict], classes: int = 1) -> None:
-    meta = {"version": CACHE_VERSION, "side": side, "entries": entries}
-    if classes > 1:  # binary caches stay as they were
-        meta["classes"] = classes
-    else:  # each row decoded by a build that refuses label maps read as binary masks
-        meta["masks_checked"] = True
+def _write_meta(path: Path, side: int, entries: list[dict], targets: Targets) -> None:
+    meta = {"version": CACHE_VERSION, "side": side, "entries": entries, **targets.meta()}
     atomic_write_text(path, json.dumps(meta))

@@ -14,7 +14,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .augment import AugmentConfig, eval_batch, train_batch
 from .cache import SplitCache, build_cache, cache_side, open_cache
-from .io import DataError
+from .imageio import DataError
+from .targets import BINARY, Targets
 
 CACHE_DIRNAME = ".r2unet_cache"
 
@@ -41,9 +42,9 @@ class CachedBatches(Dataset):
 
 
 def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None,
-                  classes: int = 1) -> Path:
+                  targets: Targets) -> Path:
     root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
-    return root / (f"{split}-{cache_side(image_size)}" + (f"-{classes}classes" if classes > 1 else ""))
+    return root / targets.cache_name(f"{split}-{cache_side(image_size)}")
 
 
 def require_split(data_path: str | Path, split: str) -> None:
@@ -56,21 +57,21 @@ def require_split(data_path: str | Path, split: str) -> None:
 
 
 def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
-                labels: tuple | None = None, **build_kwargs) -> SplitCache:
+                targets: Targets = BINARY, **build_kwargs) -> SplitCache:
     """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it.
-    ``labels``: (num_classes, class colours or None) when the masks are label maps."""
+    ``targets``: what the masks are (``targets.py``)."""
     data_path = Path(data_path)
     require_split(data_path, split)
-    folder = _cache_folder(data_path, split, image_size, cache_dir, labels[0] if labels else 1)
-    return build_cache(data_path / split, data_path / f"{split}_GT", folder, image_size=image_size, labels=labels,
+    folder = _cache_folder(data_path, split, image_size, cache_dir, targets)
+    return build_cache(data_path / split, data_path / f"{split}_GT", folder, image_size=image_size, targets=targets,
                        **build_kwargs)
 
 
 def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None,
-                     classes: int = 1) -> SplitCache:
+                     targets: Targets = BINARY) -> SplitCache:
     """Open an existing cache (built by another process) without revalidating it."""
-    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, classes), cache_side(image_size),
-                      classes)
+    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, targets), cache_side(image_size),
+                      targets)
 
 
 def make_loader(

@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import DataError, image_size, is_image_file, mask_frame
+from .imageio import DataError, image_size, is_image_file, mask_frame
 
 SPLITS = ("train", "valid", "test")
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}

@@ -18,8 +18,9 @@ import shutil
 from pathlib import Path
 
 from ..fileio import atomic_write, atomic_write_text
-from .io import DataError, is_image_file, label_maps_among
+from .imageio import DataError, is_image_file
 from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems
+from .targets import BINARY, Targets
 
 MANIFEST_NAME = "r2unet_manifest.json"
 MANIFEST_VERSION = 1
@@ -96,10 +97,12 @@ def prepare_split(
     cache_workers: int | None = None,
     mask_suffix: str | None = None,
     recursive: bool = False,
-    cache_labels: tuple | None = None,
+    masks: Targets = BINARY,
     resplit: bool = False,
 ) -> dict:
     """Split and copy (or link) the pairs; return the manifest (also written to disk).
+
+    ``masks``: what the masks are (``targets.py``: binary masks, or label maps of several classes).
 
     Splits are stable: on a folder prepared before (its manifest), every image keeps its split and only images new
     to the source are assigned (``_assign``); ``resplit`` shuffles everything anew.
@@ -127,8 +130,8 @@ def prepare_split(
     report_problems(bad, skip_bad, log)
     if not pairs:
         raise DataError(f"{origin_data_path}: no usable image/mask pairs")
-    if cache_labels is None and (found := label_maps_among([p.mask for p in pairs])):
-        raise found  # before any file is written: binarised, label maps would train on empty or merged masks
+    masks.check([p.mask for p in pairs])  # before any file is written: binarised, label maps would train on
+    # empty or merged masks
     previous = _load_manifest(manifest_path)
     ours = _files_we_wrote(previous, targets, overwrite, log)
     assignment, how = _assign(pairs, origin_data_path, ratios, seed, previous, resplit)
@@ -155,12 +158,12 @@ def prepare_split(
         + (f" ({how['note']})" if how.get("note") else "") + f"; manifest {manifest_path}")
     if data_path is not None and cache_size is not None:
         manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log,
-                                 cache_labels)
+                                 masks)
     return manifest
 
 
 def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_size: int, workers: int | None,
-                  skip_bad: bool, log, labels: tuple | None = None) -> dict:
+                  skip_bad: bool, log, targets: Targets) -> dict:
     """Decode every split into its cache. With ``skip_bad``, a pair whose headers were fine but whose pixels do not
     decode (a truncated JPEG) leaves the split too: its placed files are removed, the manifest names its source
     among the skipped, and the cache is brought in line. Nothing that later reads the split meets it again."""
@@ -170,7 +173,7 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
         if not manifest["splits"][split]:
             continue
         cache = split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log,
-                            labels=labels)
+                            targets=targets)
         usable = set(cache.names)
         bad = [e for e in manifest["splits"][split] if e["image"] not in usable]
         if not bad:
@@ -189,7 +192,7 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
         _write_manifest(manifest_path, manifest)
         log(f"{split}: removed {len(bad)} pair(s) whose image or mask does not decode; their sources: "
             + ", ".join(sources[:5]) + (" ..." if len(sources) > 5 else ""))
-        split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log, labels=labels)
+        split_cache(data_path, split, cache_size, num_workers=workers, skip_bad=skip_bad, log=log, targets=targets)
     return manifest
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..fileio import atomic_save_image
-from .io import DataError, save_label_map
+from .imageio import DataError, save_label_map
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"

@@ -15,9 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write, free_space, naming
-from ..messages import first_line
 from .runtime import CompileWithFallback
 
 

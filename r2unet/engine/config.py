@@ -8,16 +8,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..messages import quote
+from ..data.targets import check_classes
+from ..errors import ConfigError, quote
 from ..models import DEFAULT_T, SIZE_MULTIPLE, list_models
 
 # torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
-
-
-class ConfigError(ValueError):
-    """An invalid setting; the message names the flag."""
 
 
 def setting(default, help: str, *, choices=None, seed: bool = False, flag: str | None = None):
@@ -40,7 +37,7 @@ class TrainConfig:
                      seed=True)
     image_size: int = setting(224, "square training size, a multiple of 16", seed=True)
     img_ch: int = setting(3, "input channels: 3 (RGB) or 1 (grayscale)", seed=True)
-    output_ch: int = setting(1, "output channels (set to --num_classes when that is 2 or more)", seed=True)
+    output_ch: int = setting(1, "output channels: 1 (binary), or --num_classes (what label maps need)", seed=True)
     num_classes: int = setting(1, "1: binary masks (sigmoid, the reference's); K >= 2: label maps of K classes, the "
                                   "background included (softmax)")
     class_colors: str | None = setting(None, "JSON/YAML list of [r, g, b] per class, for label maps stored as RGB "
@@ -118,13 +115,11 @@ class TrainConfig:
                 bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.img_ch not in (1, 3):
             bad("img_ch", f"must be 1 (grayscale) or 3 (RGB), got {self.img_ch}")
-        _check_num_classes(self.num_classes)
-        if self.num_classes > 1 and self.output_ch == 1:
-            self.output_ch = self.num_classes  # one logit per class
-        elif self.num_classes > 1 and self.output_ch != self.num_classes:
-            bad("output_ch", f"must be --num_classes ({self.num_classes}) for label maps, got {self.output_ch}")
-        if self.num_classes > 1 and self.class_colors and not self.class_colors.lstrip().startswith("["):
-            self.class_colors = json.dumps(load_class_colors(self.class_colors, self.num_classes))  # a file's colours
+        check_classes(self.num_classes)
+        if self.output_ch not in (1, self.num_classes):  # the network's outputs follow the task (engine.task)
+            bad("output_ch", f"must be 1 or --num_classes ({self.num_classes}), got {self.output_ch}; --num_classes K "
+                "trains K classes")
+        load_class_colors(self.class_colors, self.num_classes)  # a file or list that is not K colours is named
         if self.lr_batch_size is not None and self.lr_batch_size < 1:
             bad("lr_batch_size", f"must be >= 1, got {self.lr_batch_size}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
@@ -162,6 +157,11 @@ class TrainConfig:
             except ValueError:
                 bad("loss_scale_value", f"must be a positive number or 'dynamic', got {quote(self.loss_scale)}")
         return self
+
+    def updated(self, **given) -> TrainConfig:
+        """A new, validated config: these settings with ``given`` (a value None is not given). How a command
+        (evaluate, predict, serve, export, bench) combines a checkpoint's settings with its flags."""
+        return TrainConfig.from_dict({**self.to_dict(), **{k: v for k, v in given.items() if v is not None}}).validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -294,52 +294,6 @@ def add_train_flags(parser) -> None:
         groups[seed].add_argument(*names, dest=dest, default=argparse.SUPPRESS, **spec)
 
 
-def train_settings(given: dict, log=print) -> TrainConfig:
-    """The run's settings from the flags ``given`` on the command line: defaults < the ``--config`` file < on
-    ``--resume``, the settings the run was started with (its last.pt) < the flags given. The reference's ``--apex``
-    maps onto ``--amp`` (unless --amp is given), ``--world-size`` must match the processes torchrun started, and a
-    default decay longer than a short run becomes the whole run (said in a line)."""
-    import os
-
-    given = dict(given)
-    values: dict = {}
-    if "config" in given:
-        values.update(read_config_file(given.pop("config")))
-    apex, level = given.pop("apex", None), given.pop("apex_opt_level", "O1")
-    if "amp" not in given and apex is not None:
-        given["amp"] = "fp16" if apex and level in ("O1", "O2") else "off"
-    if "loss_scale" in given:
-        given["loss_scale"] = str(given["loss_scale"])
-    world = given.pop("world_size", None)
-    if world is not None and world > 1 and int(os.environ.get("WORLD_SIZE", "1")) != world:
-        raise ConfigError(f"--world-size {world}: launch the processes with torchrun, e.g. "
-                          f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
-    resume = given.get("resume", values.get("resume", False))
-    typed = "num_epochs_decay" in given or "num_epochs_decay" in values  # on this command line or in --config
-    decay_from = "defaults to {}"  # else a decay nobody typed now (the default, or the resumed run's) adapts
-    if resume:
-        last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
-            "last.pt"
-        if last.exists():
-            from .checkpoint import load_file, require_training_state
-
-            saved = require_training_state(load_file(last), last)["config"]
-            values.update({k: v for k, v in saved.items() if k != "extra"})
-            if "num_epochs_decay" in saved:
-                decay_from = "was {} in the resumed run"
-    values.update(given)
-    values["resume"] = bool(resume)
-    values["accept_split_change"] = bool(given.get("accept_split_change"))  # for this resume only, never carried
-    epochs = values.get("num_epochs", TrainConfig.num_epochs)
-    decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
-    shorter = not typed and decay > epochs
-    if shorter:
-        values["num_epochs_decay"] = epochs
-    cfg = TrainConfig.from_dict(values).validate()
-    if shorter and int(os.environ.get("RANK", "0")) == 0:  # once per job, and only for settings that are valid
-        log(f"note: --num_epochs_decay {decay_from.format(decay)} > --num_epochs {epochs}; decaying over all "
-            f"{epochs} epochs")
-    return cfg
 
 
 # ------------------------------------------------------------------ flags of the commands that use a trained model
@@ -398,6 +352,9 @@ def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[i
     class, the background's first."""
     if path is None:
         return None
+    if num_classes < 2:  # a flag check: colours name the classes of label maps
+        raise ConfigError("--class_colors: colours are for label maps (--num_classes K, K >= 2); binary masks have "
+                          "none")
     import yaml  # JSON is YAML too
 
     inline = str(path).lstrip().startswith("[")
@@ -414,23 +371,6 @@ def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[i
         raise ConfigError(f"--class_colors {quote(path) if inline else path}: must be a list of {num_classes} "
                           "[r, g, b] colours (0-255), one per class, the background's first")
     return [tuple(c) for c in values]
-
-
-def label_spec(cfg: TrainConfig) -> tuple | None:
-    """(num_classes, class colours or None) of a run on label maps, what the cache and the transforms take; None for
-    binary masks."""
-    return labels_from(cfg.num_classes, cfg.class_colors)
-
-
-def labels_from(num_classes: int, class_colors: str | None) -> tuple | None:
-    """``label_spec`` from the two flags (``prepare``'s too)."""
-    _check_num_classes(num_classes)
-    return (num_classes, load_class_colors(class_colors, num_classes)) if num_classes > 1 else None
-
-
-def _check_num_classes(num_classes: int) -> None:
-    if not 1 <= num_classes <= 255:  # class indices are stored as uint8
-        raise ConfigError(f"--num_classes: must be 1 (binary) or 2..255 classes, got {num_classes}")
 
 
 def show_defaults(parser: argparse.ArgumentParser) -> None:

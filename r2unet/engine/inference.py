@@ -1,25 +1,38 @@
-"""Using a trained model: load a checkpoint for inference, put it on a device in the precision training used there,
-score it on a split (``r2unet evaluate``), redraw a run's sample grid (``r2unet plot``).
+"""Turning images into probabilities and masks with a trained model: the one path that ``predict``, ``serve``,
+``evaluate --resolution original`` and ``export``'s check run.
 
-Devices and precision are decided by the rules training uses (``runtime.py``), so inference runs the way training
-did.
+- ``load_for_inference``: a model and its settings from a checkpoint, a run folder, ``.safetensors``, a reference
+  ``.pkl`` or an exported ``.onnx``; ``ready_for_inference`` puts it on a device in training's precision.
+- ``predict_images``: decoded images in, probabilities (or class maps) at each image's own size out, batched, with
+  decoding and resizing on threads while the network runs; ``predict_logits``: one batch, with flip TTA.
+- ``render_outputs``: one image's files (mask, probability map, overlay) encoded in memory.
+- ``Predictor``: a model loaded once, with its size, threshold and classes: ``segment`` one upload in memory.
 """
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
-from ..data.dataset import DeviceTransform, make_loader, split_cache
-from ..data.io import LabelMapsFound, NotBinaryMask
-from ..data.pairs import SPLITS
-from ..data.prepare import data_split
-from ..fileio import atomic_write_text
-from ..metrics import Accumulators, MetricAccumulator, accumulator_for, per_image_spread
+from ..data.augment import eval_images
+from ..data.imageio import (
+    DataError,
+    InMemory,
+    orient_as_shown,
+    read_image,
+)
+from ..data.imageio import image_size as image_size_of
+from ..data.targets import BINARY, Targets
+from ..fileio import encode_image
 from ..models import RECURRENT, list_models
 from .checkpoint import (
     CheckpointError,
@@ -30,20 +43,28 @@ from .checkpoint import (
     load_weights,
     model_state,
 )
-from .config import ConfigError, TrainConfig, label_spec
-from .loop import build_model, draw_samples, evaluate
+from .config import ConfigError, TrainConfig
+from .loop import build_model
+from .onnx import load_onnx
 from .runtime import Precision, place_model, resolve_amp, resolve_channels_last, resolve_device
+from .task import Task, task_of
+
+OUTPUT_SUFFIXES = ("_segmentation.png", "_prob.png", "_overlay.jpg")  # the files of one image, by suffix
 
 
-def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t: int | None = None,
-                       base_channels: int | None = None, img_ch: int | None = None,
-                       output_ch: int | None = None, log=print, record: dict | None = None
-                       ) -> tuple[nn.Module, TrainConfig]:
-    """A model in eval mode from an r2unet checkpoint or a bare (reference) state_dict; explicit arguments override
-    the checkpoint's config. A bare state_dict's network is read from its weights (``infer_architecture``) except
-    ``t``, which weights do not record: the reference's default 3 unless given (``log`` says which was used).
-    ``checkpoint`` may also be a run folder: its ``checkpoints/best.pt`` is used. ``record``: a dict that gets
+def load_for_inference(checkpoint: str | Path, log=print, record: dict | None = None,
+                       **given) -> tuple[nn.Module, TrainConfig]:
+    """A model in eval mode and its settings, from an r2unet checkpoint, a run folder (its ``checkpoints/best.pt``),
+    a ``.safetensors`` export, a bare (reference) state_dict or an exported ``.onnx`` (run by onnxruntime).
+
+    ``given``: settings that override the checkpoint's, None meaning not given (``TrainConfig.updated``): the
+    network's (model_type, t, base_channels, img_ch, output_ch) and how it runs (image_size, threshold, device,
+    amp). A bare state_dict's network is read from its weights (``infer_architecture``) except ``t``, which weights
+    do not record: the reference's default unless given (``log`` says which was used). ``record``: a dict that gets
     what the checkpoint recorded of its training data (``data_split``), where it did."""
+    if str(checkpoint).lower().endswith(".onnx"):  # onnxruntime on the CPU, in float32; its metadata's settings
+        model, cfg = load_onnx(checkpoint, image_size=given.get("image_size"), log=log)
+        return model, cfg.updated(threshold=given.get("threshold"))
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
         run = RunFiles(checkpoint)
@@ -52,34 +73,27 @@ def load_for_inference(checkpoint: str | Path, model_type: str | None = None, t:
                                   f"checkpoints/best.pt; pass the checkpoint file")
         checkpoint = run.best
     obj = load_file(checkpoint)
-    given = {"model_type": model_type, "t": t, "base_channels": base_channels, "img_ch": img_ch,
-             "output_ch": output_ch}
+    if given.get("model_type") is not None and given["model_type"] not in list_models():
+        raise ConfigError(f"--model_type: unknown model {given['model_type']!r}; choose one of "
+                          f"{', '.join(list_models())}")
     if is_r2unet_checkpoint(obj):
         cfg = TrainConfig.from_dict(obj["config"])
         if record is not None and obj.get("data_split"):
             record["data_split"] = obj["data_split"]
-    else:  # a bare state_dict (the reference's .pkl): its weights tell the network, all but t
+    else:  # a bare state_dict (the reference's .pkl): its weights tell the network (and classes), all but t
         cfg = TrainConfig()
         found = infer_architecture(model_state(obj))
         if found:
-            for name, value in found.items():
-                setattr(cfg, name, value)
+            cfg = cfg.updated(**found, num_classes=found["output_ch"])
             note = f"{checkpoint.name}: a bare state_dict; its weights are a {found['model_type']} with " \
                    f"base_channels {found['base_channels']}, img_ch {found['img_ch']}, output_ch {found['output_ch']}"
-            if found["model_type"] in RECURRENT and t is None:
+            if found["model_type"] in RECURRENT and given.get("t") is None:
                 note += f"; its weights do not record t: using t={cfg.t}, the reference's default (--t N if not)"
             log(note)
-    for name, value in given.items():
-        if value is not None:
-            setattr(cfg, name, value)
-    if cfg.model_type not in list_models():
-        raise ConfigError(f"--model_type: unknown model {cfg.model_type!r}; choose one of {', '.join(list_models())}")
+    cfg = cfg.updated(**given)
     model = build_model(cfg)
     load_weights(model, model_state(obj), str(checkpoint))
     return model.eval(), cfg
-
-
-RESOLUTIONS = ("training", "original")
 
 
 def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device,
@@ -99,234 +113,174 @@ class FlipAveraged(nn.Module):
     """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
     (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, task: Task):
         super().__init__()
-        self.model = model
+        self.model, self.task = model, task
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..predict import predict_logits
-
-        return predict_logits(self.model, x, tta=True)
+        return predict_logits(self.model, x, self.task, tta=True)
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
-                        device: str = "auto", threshold: float | None = None, image_size: int | None = None,
-                        amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
-                        tta: bool = False, cache_dir: str | Path | None = None,
-                        thresholds: list[float] | None = None, log=print, **model_overrides) -> dict:
-    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
+def _to_input(image: np.ndarray, image_size: int, img_ch: int) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, C, S, S) normalised, resized as in training (square, antialiased)."""
+    x = eval_images(torch.from_numpy(np.array(image)).unsqueeze(0), image_size)
+    return x.mean(1, keepdim=True) if img_ch == 1 else x
 
-    ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
-    reference); ``"original"`` scores every image at its own resolution against its mask file, as the ISIC 2018
-    challenge did, with the prediction made as ``predict`` makes it. ``tta``: average the flipped predictions
-    (``predict --tta``).
-    With ``per_image_csv``, every image's scores are written there (one row per image, in the split's order) and the
-    five images with the lowest JS are returned under ``"worst"`` and drawn in ``<csv stem>_worst.png``
-    (``"worst_picture"``): where to look first. ``amp``: None runs the forward in the precision the checkpoint was
-    trained in (its ``amp`` setting), so the scores match the run's ``results.json``. ``cache_dir``: where the
-    decode-once cache lives (default ``data_path/.r2unet_cache``). ``thresholds``: also score the split at each of
-    these thresholds (same forward passes) under ``"threshold_sweep"``, and name the one with the best mean JS
-    (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``."""
-    if split not in SPLITS:
-        raise ConfigError(f"--split must be train, valid or test, got {split!r}")
-    if resolution not in RESOLUTIONS:
-        raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
-    recorded: dict = {}
-    model, cfg = load_for_inference(checkpoint, log=log, record=recorded,
-                                    **{k: v for k, v in model_overrides.items() if v is not None})
-    split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
-    if image_size is not None:
-        cfg.image_size = image_size
-    cfg.device, cfg.amp = device, amp or cfg.amp  # default: the precision the run was trained (and tested) in
-    cfg.validate()
-    dev = resolve_device(cfg.device, cfg.device_index)
-    model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
-    threshold = cfg.threshold = threshold if threshold is not None else cfg.threshold
-    labels = _label_maps_can(cfg, thresholds)
-    scored = FlipAveraged(model) if tta else model
-    acc = accumulator_for(cfg.num_classes, threshold, dev, keep_per_image=True)
-    sweep = [MetricAccumulator(threshold=t, device=dev) for t in thresholds or ()]
-    if sweep and split == "test":
-        log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
-    fed = Accumulators(acc, *sweep) if sweep else acc
-    cache = None
-    with _binary_model_on_label_maps(checkpoint, split):
-        if resolution == "original":
-            names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
-                                            accumulator=fed, batch_size=batch_size, tta=tta, precision=precision,
-                                            channels_last=channels_last, labels=labels, log=log)
-        else:
-            cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, labels=labels, log=log)
-            names = cache.names
-            loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-            evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch,
-                                                     labels=labels is not None), precision,
-                     threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                     accumulator=fed)
-    out = acc.compute("image")
-    if labels is None:
-        out["pooled"] = acc.compute("pooled")
-    out["num_images"] = acc.num_images
-    # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
-    out["spread"] = per_image_spread(acc.per_image())
-    out["resolution"], out["tta"] = resolution, tta
-    if split_note:
-        out["split_changed"] = split_note
-    if sweep:
-        out["threshold_sweep"] = [{"threshold": a.threshold, **a.compute("image")} for a in sweep]
-        out["best_threshold"] = max(out["threshold_sweep"], key=lambda r: r["JS"])["threshold"]
-    if per_image_csv is not None:
-        out.update(_per_image_report(acc.per_image(), names, per_image_csv, split, resolution, log=log,
-                                     draw=lambda cache, rows, picture, title, row_titles: draw_samples(
-                                         scored, cache, rows, DeviceTransform(cfg.image_size, dev, None,
-                                                                              img_ch=cfg.img_ch,
-                                                                              labels=labels is not None),
-                                         precision, cfg.threshold, picture, title, row_titles),
-                                     open_cache=lambda: cache if cache is not None else split_cache(
-                                         data_path, split, cfg.image_size, cache_dir=cache_dir, log=log)))
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, x: torch.Tensor, task: Task, tta: bool = False) -> torch.Tensor:
+    """Logits (B, C, S, S). With ``tta``, the probabilities (the task's activation) of the identity, horizontal and
+    vertical flips are averaged (each flipped back) and returned as the logits of that mean."""
+    logits = model(x).float()
+    if not tta:
+        return logits
+    probs = task.probabilities(logits)
+    for dims in ((3,), (2,)):
+        probs += task.probabilities(model(x.flip(dims))).flip(dims)
+    probs /= 3
+    return task.logits(probs)
+
+
+def _decode(path: Path, image_size: int, img_ch: int) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
+    """((h, w) as displayed, the decoded image, the network input (1, C, S, S)) of one file."""
+    w, h = image_size_of(path)  # as displayed (EXIF orientation applied), like the pixels read below
+    img = read_image(path, min_size=(2 * image_size, 2 * image_size))
+    return (h, w), img, _to_input(img, image_size, img_ch)
+
+
+def default_workers() -> int:
+    """Threads for decoding, resizing and writing (PIL and torch release the GIL for that work)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device, task: Task,
+                   batch_size: int = 8, tta: bool = False, img_ch: int = 3,
+                   on_error: Callable[[Path, DataError], None] | None = None, workers: int | None = None,
+                   autocast: Callable | None = None,
+                   channels_last: bool = False) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
+    """Yield (path, image (H, W, 3) uint8, prediction at the original resolution) per image, in the order of
+    ``paths``: ``task``'s prediction, the probabilities (H, W) float32 of a binary mask, the class map of label maps.
+
+    Images are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
+    needs its full-resolution pixels in memory; the logits are resized back to the original size before the
+    activation (and the caller's threshold). ``workers`` threads decode the next batch and resize the last one's
+    probabilities while the network runs. An image that cannot be decoded raises its DataError, or with
+    ``on_error`` is passed to it and left out. ``autocast``: a context-manager factory for the forward pass (mixed
+    precision), ``channels_last``: the memory format of a channels-last model's input."""
+    model.eval().to(device)
+    paths = list(paths)
+    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
+        def decode_ahead(k: int) -> list:
+            return [(p, pool.submit(_decode, p, image_size, img_ch)) for p in batches[k]] if k < len(batches) else []
+
+        pending = decode_ahead(0)
+        for k in range(len(batches)):
+            current, pending = pending, decode_ahead(k + 1)
+            chunk, images, sizes, inputs = [], [], [], []
+            for p, decoded in current:
+                try:
+                    (h, w), img, x = decoded.result()
+                except DataError as exc:
+                    if on_error is None:
+                        raise
+                    on_error(p, exc)
+                    continue
+                chunk.append(p)
+                sizes.append((h, w))
+                images.append(img)
+                inputs.append(x)
+            if not chunk:
+                continue
+            x = torch.cat(inputs).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = predict_logits(model, x, task, tta).cpu()
+            resized = [pool.submit(_upsample_probs, lg, h, w, task) for lg, (h, w) in zip(logits, sizes)]
+            for p, img, probs in zip(chunk, images, resized):
+                yield p, img, probs.result()
+
+
+def _upsample_probs(logits: torch.Tensor, h: int, w: int, task: Task, max_pixels: int = 2**24) -> np.ndarray:
+    """Bilinear resize of (C, S, S) logits to (h, w), then ``task.at_size`` (the sigmoid of a binary mask, the
+    argmax of label maps); done in row bands for very large images."""
+    full = logits.unsqueeze(0).float().cpu()
+    finish = task.at_size
+    if h * w * full.shape[1] <= max_pixels:  # up to 16 MP in one go (64 MB): 3x faster than bands for a 12 MP photo
+        return finish(F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)).numpy()
+    out = np.empty((h, w), task.prediction_dtype)
+    band = max(1, max_pixels // max(1, w * full.shape[1]))
+    # Bands: compute source rows for each band with the same sampling grid as one big interpolate.
+    s = full.shape[-2]
+    for y0 in range(0, h, band):
+        y1 = min(h, y0 + band)
+        ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) * s / h - 0.5
+        yn = (ys + 0.5) / s * 2 - 1  # normalised, align_corners=False
+        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * full.shape[-1] / w - 0.5
+        xn = (xs + 0.5) / full.shape[-1] * 2 - 1
+        grid = torch.stack(torch.meshgrid(yn, xn, indexing="ij")[::-1], -1).unsqueeze(0)
+        up = F.grid_sample(full, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out[y0:y1] = finish(up).numpy()
     return out
 
 
-def _split_since_training(recorded: dict | None, cfg: TrainConfig, data_path, split: str, log) -> dict | None:
-    """A checkpoint scored on its own run's data whose ``split`` is no longer what it was in training: said, with
-    how many of its images the model trained on (its scores are then not the run's, and optimistic)."""
-    if not recorded or Path(data_path).resolve() != Path(cfg.data_path).resolve():
-        return None
-    now = set(data_split(data_path)["splits"][split])
-    before = set(recorded.get("splits", {}).get(split, []))
-    if now == before:
-        return None
-    seen = sorted(now & set(recorded.get("splits", {}).get("train", []))) if split != "train" else []
-    added, removed = sorted(now - before), sorted(before - now)
-    log(f"warning: the {split} split of {data_path} is not the one this model was trained with: "
-        + (f"{len(seen)} of its images were in the model's training split ({', '.join(seen[:5])}"
-           + (" ..." if len(seen) > 5 else "") + "), " if seen else "")
-        + f"{len(added)} added and {len(removed)} removed since; these scores are not the run's test scores"
-        + (", and are optimistic (the model has seen those images)" if seen else ""))
-    return {"trained_on": seen, "added": len(added), "removed": len(removed)}
+def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int], targets: Targets = BINARY) -> np.ndarray:
+    """The ground truth of ``image_path`` (H, W) as ``targets`` reads it (bool for a binary mask, class indices of a
+    label map), in the frame the image is shown in: a mask drawn on the stored pixels of an EXIF-turned photo is
+    turned too. A size that fits neither frame is a DataError."""
+    gt = targets.read(mask_path)
+    if gt.shape != shape:  # perhaps drawn on the stored pixels of an EXIF-turned photo
+        gt = orient_as_shown(gt, image_path)
+    if gt.shape != shape:
+        raise DataError(f"{mask_path}: size {gt.shape[1]}x{gt.shape[0]} differs from {image_path.name} "
+                        f"({shape[1]}x{shape[0]})")
+    return gt
 
 
-@contextmanager
-def _binary_model_on_label_maps(checkpoint, split: str):
-    """A binary model scored on masks that hold class labels: said as such (the scores would merge the classes)."""
-    try:
-        yield
-    except (NotBinaryMask, LabelMapsFound) as exc:
-        example = exc if isinstance(exc, NotBinaryMask) else max(exc.examples, key=lambda e: e.classes)
-        raise ConfigError(f"{checkpoint}: a model of binary masks (one output), but the {split} split holds label "
-                          f"maps ({example.path}: {example.found}; about {exc.classes} classes): its scores would "
-                          f"merge the classes. Evaluate a model trained on them with --num_classes {exc.classes}"
-                          ) from None
+def render_outputs(path, image: np.ndarray, prediction: np.ndarray, task: Task, *, threshold: float = 0.5,
+                   save_probs: bool = False, save_overlay: bool = False,
+                   gt: np.ndarray | None = None) -> dict[str, bytes]:
+    """The encoded files of one image's prediction, by suffix (``OUTPUT_SUFFIXES``), in memory: the probability map
+    (``save_probs``, where the task has one) and the overlay (``save_overlay``, with ``gt``'s outline when given)
+    first, the mask last. ``predict`` writes them, ``serve`` answers with them: the same bytes. ``prediction``: the
+    task's prediction at the image's size (``predict_images``); ``path``: the file (or ``InMemory`` upload) the
+    overlay reads its full-size pixels from when ``image`` was decoded smaller."""
+    mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
+    out: dict[str, bytes] = {}
+    if save_probs:
+        out[prob_suffix] = encode_image(task.probability_picture(prediction), ".png")
+    if save_overlay:
+        # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
+        base = image if image.shape[:2] == prediction.shape else read_image(path)
+        out[overlay_suffix] = encode_image(Image.fromarray(task.overlay(base, prediction, threshold, gt)), ".jpg",
+                                           quality=92)
+    out[mask_suffix] = encode_image(task.mask_picture(prediction, threshold), ".png")
+    return out
 
 
-def _label_maps_can(cfg: TrainConfig, thresholds) -> tuple | None:
-    """A checkpoint trained on label maps: its (classes, colours); a threshold sweep (binary only) is refused."""
-    labels = label_spec(cfg)
-    if labels is not None and thresholds:
-        raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {cfg.num_classes} classes "
-                          "(a class map is the argmax, with no threshold)")
-    return labels
+class Predictor:
+    """A model loaded once for prediction (``load_for_inference``): on its device, in the precision, at the size and
+    with the threshold and classes the checkpoint was trained with unless given. ``predict`` and ``serve`` share
+    it; ``model_overrides``: the network's settings (model_type, t, base_channels) for a bare state_dict."""
 
+    def __init__(self, checkpoint: str | Path, *, model_overrides: dict | None = None, device: str = "auto",
+                 amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print):
+        model, cfg = load_for_inference(checkpoint, log=log, device=device, amp=amp, image_size=image_size,
+                                        threshold=threshold, **(model_overrides or {}))
+        self.cfg, self.task = cfg, task_of(cfg)
+        self.device = resolve_device(cfg.device, cfg.device_index)
+        self.model, self.precision, self.channels_last = ready_for_inference(model, cfg, self.device, log)
+        self.image_size, self.threshold = cfg.image_size, cfg.threshold
 
-def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, accumulator, batch_size: int,
-                            tta: bool, precision: Precision, channels_last: bool, labels: tuple | None,
-                            log) -> list[str]:
-    """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
-    from ..data.pairs import checked_pairs, note_ambiguous, report_problems
-    from ..predict import score_at_original_resolution
-
-    image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
-    if not image_dir.is_dir():
-        raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
-    pairs, problems, _ = checked_pairs(image_dir, mask_dir)
-    report_problems(problems, skip_bad=False, log=log)
-    note_ambiguous(pairs, log)
-    score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, accumulator, batch_size=batch_size,
-                                 tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
-                                 channels_last=channels_last, labels=labels, log=log)
-    return [p.image.name for p in pairs]
-
-
-def _per_image_report(scores: dict, names: list[str], per_image_csv, split: str, resolution: str, log, draw,
-                      open_cache) -> dict:
-    """Every image's scores to ``per_image_csv`` (in the split's order); the five lowest-JS images named and drawn
-    in ``<csv stem>_worst.png`` (seeing the failures beats reading their names)."""
-    import csv
-    import io
-
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")  # quotes file names that hold commas
-    writer.writerow(["image", *scores])
-    writer.writerows([name, *(f"{scores[k][i]:.6f}" for k in scores)] for i, name in enumerate(names))
-    atomic_write_text(per_image_csv, text.getvalue())
-    order = sorted(range(len(names)), key=lambda i: scores["JS"][i])[:5]
-    cache = open_cache()  # the picture is drawn at the network's size, from the cache
-    row_of = {name: i for i, name in enumerate(cache.names)}
-    picture = Path(per_image_csv).with_name(Path(per_image_csv).stem + "_worst.png")
-    draw(cache, [row_of[names[i]] for i in order], picture,
-         f"lowest JS on the {split} split" + (" (scored at each image's size, drawn at the network's)"
-                                              if resolution == "original" else "")
-         + "\ngreen: prediction, blue: ground truth",
-         [f"{names[i]}  JS {scores['JS'][i]:.3f}" for i in order])
-    return {"per_image_csv": str(per_image_csv), "worst_picture": str(picture),
-            "worst": [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]}
-
-
-def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
-    """Redraw ``samples.png`` of a run from its best checkpoint and the validation images it was trained on."""
-    run = RunFiles(run_dir)
-    if not run.best.exists():
-        return None
-    model, cfg = load_for_inference(run.best)
-    data_path = Path(cfg.data_path)
-    if not (data_path / "valid").is_dir():
-        log(f"samples not redrawn: the run's data ({data_path / 'valid'}) is not here")
-        return None
-    dev = torch.device(device)
-    labels = label_spec(cfg)
-    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cfg.cache_dir, progress=False,
-                        log=lambda *_: None, labels=labels)
-    if not len(cache):
-        return None
-    best = load_file(run.best)
-    return draw_samples(model.to(dev), cache, list(range(min(6, len(cache)))),
-                        DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch, labels=labels is not None),
-                        Precision(None, dev),
-                        cfg.threshold, run.dir / "samples.png",
-                        f"best checkpoint (epoch {best.get('best_epoch', '?')})")
-
-
-def evaluation_report(metrics: dict, split: str, resolution: str, tta: bool) -> str:
-    """``evaluate``'s printout: each metric's per-image mean, sd, 95 % CI and pooled value; the threshold sweep;
-    where the per-image scores and the worst images are."""
-    where = "at each image's original resolution" if resolution == "original" else "at the network's size"
-    classes = "JS_1" in metrics  # label maps: the foreground means, then each class
-    lines = [f"{split} split, {metrics['num_images']} images {where}{', flip TTA' if tta else ''}; per-image scores"
-             + (" (JS, DC: means over the foreground classes; JS_k, DC_k: class k):" if classes
-                else ", and pooled over all pixels:")]
-    spread = metrics.get("spread", {})
-    if spread:
-        lines.append(f"  {'':<15}{'mean':>6}  {'sd':>6}  {'95% CI of the mean':>18}" + ("" if classes else "  pooled"))
-    names = [k for k in spread if k in metrics] if classes else \
-        ("ACC", "SE", "SP", "PC", "F1", "JS", "DC", "JS_thresholded")
-    for k in names:
-        line = f"  {k:<15}{metrics[k]:.4f}"
-        if k in spread:
-            lo, hi = spread[k]["ci"]
-            line += f"  {spread[k]['sd']:.4f}  {lo:>8.4f} - {hi:.4f}"
-        if "pooled" in metrics and k in metrics["pooled"]:
-            line += f"  {metrics['pooled'][k]:.4f}"
-        lines.append(line)
-    if metrics.get("threshold_sweep"):
-        lines += [f"\nthreshold sweep on the {split} split (per-image means):",
-                  f"  {'threshold':>9}  {'JS':>6}  {'DC':>6}  {'JS_thr':>6}  {'ACC':>6}"]
-        for row in metrics["threshold_sweep"]:
-            best = "  <- best JS" if row["threshold"] == metrics["best_threshold"] else ""
-            lines.append(f"  {row['threshold']:>9g}  {row['JS']:.4f}  {row['DC']:.4f}  {row['JS_thresholded']:.4f}  "
-                         f"{row['ACC']:.4f}{best}")
-        lines.append(f"use it with --threshold {metrics['best_threshold']:g} (evaluate on the test split, predict)")
-    if metrics.get("worst"):
-        lines.append(f"per-image scores: {metrics['per_image_csv']}; lowest JS: "
-                     + ", ".join(f"{w['image']} ({w['JS']:.3f})" for w in metrics["worst"])
-                     + f"; pictured in {metrics['worst_picture']}")
-    return "\n".join(lines)
+    def segment(self, upload: InMemory, tta: bool = False, save_overlay: bool = False,
+                save_probs: bool = False) -> dict[str, bytes]:
+        """One image's outputs as ``run_predict`` writes them, in memory (``render_outputs``): the same bytes, with
+        nothing on disk. A file that cannot be read raises its DataError, naming the upload."""
+        with torch.inference_mode():
+            (path, image, prediction), = predict_images(self.model, [upload], self.image_size, self.device,
+                                                        self.task, batch_size=1, tta=tta, img_ch=self.cfg.img_ch,
+                                                        workers=1, autocast=self.precision.autocast,
+                                                        channels_last=self.channels_last)
+        return render_outputs(path, image, prediction, self.task, threshold=self.threshold,
+                              save_probs=save_probs and self.task.probability_maps, save_overlay=save_overlay)

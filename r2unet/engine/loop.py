@@ -7,21 +7,23 @@ non-finite checks stay on the device between log points.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
-from .. import plots
 from ..data.augment import MEAN, STD
 from ..errors import TrainingError
-from ..metrics import MetricAccumulator, accumulator_for, probabilities
 from ..models import create_model
 from . import distributed as D
+from . import plots
 from .config import TrainConfig
+from .metrics import Accumulator
 from .runtime import CompileWithFallback, Precision, place_model, skip_nonfinite_step, synchronize
+from .task import task_of
 
 
 def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
@@ -34,7 +36,8 @@ def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
 
 # ------------------------------------------------------------------------------------------------- model and step
 def build_model(cfg: TrainConfig) -> nn.Module:
-    return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=cfg.output_ch, t=cfg.t,
+    """The network the settings describe, with the outputs its task needs (one per class of label maps)."""
+    return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=task_of(cfg).channels, t=cfg.t,
                         base_channels=cfg.base_channels)
 
 
@@ -61,29 +64,6 @@ def lr_factor(epoch: int, cfg: TrainConfig) -> float:
     return max(0.0, 1.0 - done_decay / cfg.num_epochs_decay)
 
 
-def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
-    """BCE with logits (+ soft Dice) for one channel; for several, softmax cross-entropy against the class indices
-    in ``target`` (+ soft Dice averaged over the foreground classes)."""
-    if logits.shape[1] > 1:
-        return _class_loss(logits, target, dice)
-    loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-    if dice:
-        probs = torch.sigmoid(logits.float()).flatten(1)
-        t = target.flatten(1)
-        loss = loss + (1 - (2 * (probs * t).sum(1) + 1) / (probs.sum(1) + t.sum(1) + 1)).mean()
-    return loss
-
-
-def _class_loss(logits: torch.Tensor, target: torch.Tensor, dice: bool) -> torch.Tensor:
-    labels = target[:, 0].long()
-    loss = F.cross_entropy(logits.float(), labels)
-    if dice:
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:].flatten(2)  # (B, K-1, HW)
-        t = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].flatten(2).float()
-        loss = loss + (1 - (2 * (probs * t).sum(2) + 1) / (probs.sum(2) + t.sum(2) + 1)).mean()
-    return loss
-
-
 class StepBuffers:
     """Device scalars a step reuses instead of making them every step: the non-finite flag and the unit scale of
     the finiteness check."""
@@ -93,13 +73,12 @@ class StepBuffers:
         self.unit_scale = torch.ones((), dtype=torch.float32, device=device)
 
 
-def train_step(model, x, y, precision: Precision, scaler, optimizer, buffers: StepBuffers | None,
-               dice: bool = False):
-    """One optimisation step: forward, loss, backward, and the optimiser's update unless a gradient is non-finite
-    (fp16: the GradScaler decides; otherwise a fused check on the device). Returns the logits, the loss and a
-    device bool: the step was taken with a finite loss. No host synchronisation. ``buffers`` None: a plain
-    ``optimizer.step()`` with no check (the reference's step, ``bench train``'s baseline)."""
-    logits, loss = _forward_backward(model, x, y, precision, scaler, optimizer, dice)
+def train_step(model, x, y, precision: Precision, scaler, optimizer, buffers: StepBuffers | None, loss_fn):
+    """One optimisation step: forward, ``loss_fn(logits, y)``, backward, and the optimiser's update unless a
+    gradient is non-finite (fp16: the GradScaler decides; otherwise a fused check on the device). Returns the
+    logits, the loss and a device bool: the step was taken with a finite loss. No host synchronisation. ``buffers``
+    None: a plain ``optimizer.step()`` with no check (the reference's step, ``bench train``'s baseline)."""
+    logits, loss = _forward_backward(model, x, y, precision, scaler, optimizer, loss_fn)
     finite = torch.isfinite(loss)
     if scaler.is_enabled():
         scaler.step(optimizer)
@@ -111,13 +90,13 @@ def train_step(model, x, y, precision: Precision, scaler, optimizer, buffers: St
     return logits, loss, finite
 
 
-def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, dice: bool):
+def _forward_backward(model, x, y, precision: Precision, scaler, optimizer, loss_fn):
     """Forward, loss and backward (scaled for fp16). torch.compile lowers the backward lazily, at the first
     ``backward()``: if that fails, a ``CompileWithFallback`` model falls back to eager and the step is redone."""
     for attempt in (1, 2):
         with precision.autocast():
             logits = model(x)
-        loss = bce_dice_loss(logits, y, dice)
+        loss = loss_fn(logits, y)
         optimizer.zero_grad(set_to_none=True)
         try:
             scaler.scale(loss).backward()  # a disabled scaler returns the loss as it is
@@ -177,12 +156,11 @@ class EpochState:
     skipped_device: torch.Tensor | None = None  # the part of that count still on the device (during the loop)
     in_step: bool = False  # inside a step: an interruption redoes it on resume
     augment_rng: torch.Tensor | None = None  # the augmentation RNG before the current step
-    train_metrics: MetricAccumulator | None = None  # training-batch scores (after augmentation)
+    train_metrics: Accumulator | None = None  # training-batch scores (after augmentation)
     steady_images: int = 0  # images and seconds of the steps after the warm-up (throughput)
     steady_seconds: float = 0.0
     buffers_before_step: BufferSnapshot | None = None  # the model's buffers (BatchNorm statistics) before the step
     nonfinite_run: torch.Tensor | None = None  # consecutive non-finite steps, on the device, across epochs
-    finished: bool = False  # trained, validated, recorded and the LR schedule stepped: only last.pt is left
 
     def carried(self) -> dict:
         """What a checkpoint written inside the epoch carries, to finish the epoch's statistics after a resume."""
@@ -227,54 +205,86 @@ def _warmup_steps(loader, cfg: TrainConfig, steps_done: int) -> int:
     return cfg.warmup_steps if steps_here > cfg.warmup_steps else min(1, max(0, steps_here - 1))
 
 
-def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig,
-                    state: EpochState, on_step=None, progress=None, channels_last: bool = False) -> EpochState:
-    """One pass over ``loader``, continuing ``state``. The host syncs only at log points (``cfg.log_every``), where
-    a run of ``cfg.max_nonfinite_steps`` non-finite steps stops training. Adds the steady-state images and seconds
-    (steps after ``cfg.warmup_steps``) to ``state``."""
-    model.train()
-    device = precision.device
-    state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
-    state.skipped_device = torch.zeros((), dtype=torch.int64, device=device)
-    if state.train_metrics is None:
-        state.train_metrics = accumulator_for(cfg.num_classes, cfg.threshold, device)
-    if state.nonfinite_run is None:  # a run continues the previous epoch's count (see TrainingRun.train_epoch)
-        state.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
-    buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(loader, cfg, state.steps))
-    state.buffers_before_step = snapshot = BufferSnapshot(model)
-    for batch in loader:
-        clock.before_step()
-        # what the step changes besides the weights, as it was before it: a checkpoint written inside the step
-        # resumes with this batch's augmentation and without the BatchNorm updates of its interrupted forward
-        state.augment_rng, state.in_step = transform.generator.get_state(), True
-        snapshot.take()
-        x, y = transform(batch)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits, loss, finite = train_step(model, x, y, precision, scaler, optimizer, buffers, cfg.loss == "dice_bce")
-        state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
-        snapshot.keep_if(finite)  # a skipped step leaves no trace: neither in the weights nor in the statistics
-        state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
-        state.skipped_device += (~finite).long()
-        state.train_metrics.update(probabilities(logits.detach()), y)
-        state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
-        clock.after_step(x.shape[0])
-        if state.steps % cfg.log_every == 0:
-            _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)
-            if progress is not None:
-                progress(state, float(loss.detach()))
-        if on_step is not None:
-            on_step(state)
-        if cfg.max_steps_per_epoch and state.steps >= cfg.max_steps_per_epoch:
-            break
-    images, seconds = clock.stop()
-    _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)  # epochs shorter than --log_every too
-    state.loss_sum += float(state.loss_device.item())
-    state.skipped += int(state.skipped_device.item())
-    state.loss_device = state.skipped_device = None
-    state.steady_images += images
-    state.steady_seconds += seconds
-    return state
+class EpochRun:
+    """One epoch of training, step by step: iterating it runs the steps over ``loader`` and yields the epoch's
+    ``state`` after each, so the caller decides what happens between steps (``train`` saves mid-epoch there). The
+    loop owns the state and is the only one writing it; the caller reads it, also after an interruption.
+
+    ``steps_done``, ``carried``: where a resumed epoch starts (its steps, and ``EpochState.carried()`` of the
+    checkpoint); ``nonfinite_run``: the count of non-finite steps in a row, carried across epochs. The host syncs
+    only at log points (``cfg.log_every``), where a run of ``cfg.max_nonfinite_steps`` non-finite steps stops
+    training. When the steps are done, the state holds the epoch's loss sum, skipped steps and steady-state images
+    and seconds (the steps after ``cfg.warmup_steps``)."""
+
+    def __init__(self, model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig, task,
+                 epoch: int, *, steps_done: int = 0, carried: dict | None = None, nonfinite_run=None,
+                 progress=None, channels_last: bool = False):
+        self.model, self.loader, self.transform, self.optimizer = model, loader, transform, optimizer
+        self.scaler, self.precision, self.cfg, self.task = scaler, precision, cfg, task
+        self.progress, self.channels_last = progress, channels_last
+        device = precision.device
+        self.state = EpochState(epoch, steps=steps_done, nonfinite_run=nonfinite_run,
+                                train_metrics=task.accumulator(cfg.threshold, device))
+        if carried:
+            self.state.images, self.state.loss_sum, self.state.skipped = (carried.get(k, 0) for k in
+                                                                          ("images", "loss_sum", "skipped"))
+        if self.state.nonfinite_run is None:
+            self.state.nonfinite_run = torch.zeros((), dtype=torch.int64, device=device)
+
+    def __iter__(self) -> Iterator[EpochState]:
+        model, cfg, state, transform = self.model, self.cfg, self.state, self.transform
+        model.train()
+        device = self.precision.device
+        state.loss_device = torch.zeros((), dtype=torch.float64, device=device)  # read by mid-epoch checkpoints
+        state.skipped_device = torch.zeros((), dtype=torch.int64, device=device)
+        buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(self.loader, cfg, state.steps))
+        state.buffers_before_step = snapshot = BufferSnapshot(model)
+        dice = cfg.loss == "dice_bce"
+
+        def loss_fn(logits, y):
+            return self.task.loss(logits, y, dice)
+
+        for batch in self.loader:
+            clock.before_step()
+            # what the step changes besides the weights, as it was before it: a checkpoint written inside the step
+            # resumes with this batch's augmentation and without the BatchNorm updates of its interrupted forward
+            state.augment_rng, state.in_step = transform.generator.get_state(), True
+            snapshot.take()
+            x, y = transform(batch)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits, loss, finite = train_step(model, x, y, self.precision, self.scaler, self.optimizer, buffers,
+                                              loss_fn)
+            state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
+            snapshot.keep_if(finite)  # a skipped step leaves no trace: neither in the weights nor in the statistics
+            state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
+            state.skipped_device += (~finite).long()
+            state.train_metrics.update(self.task.probabilities(logits.detach()), y)
+            state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
+            clock.after_step(x.shape[0])
+            if state.steps % cfg.log_every == 0:
+                _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)
+                if self.progress is not None:
+                    self.progress(state, float(loss.detach()))
+            yield state
+            if cfg.max_steps_per_epoch and state.steps >= cfg.max_steps_per_epoch:
+                break
+        images, seconds = clock.stop()
+        _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)  # epochs shorter than --log_every too
+        state.loss_sum += float(state.loss_device.item())
+        state.skipped += int(state.skipped_device.item())
+        state.loss_device = state.skipped_device = None
+        state.steady_images += images
+        state.steady_seconds += seconds
+
+
+def train_one_epoch(model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig, task,
+                    epoch: int = 0, **options) -> EpochState:
+    """An ``EpochRun`` run to its end, with nothing between the steps; its state."""
+    run = EpochRun(model, loader, transform, optimizer, scaler, precision, cfg, task, epoch, **options)
+    for _ in run:
+        pass
+    return run.state
 
 
 def _check_nonfinite(bad: int, cfg: TrainConfig, state: EpochState) -> None:
@@ -312,19 +322,16 @@ class JobThroughput:
 
 # ------------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
-def evaluate(model, loader, transform, precision: Precision, threshold: float = 0.5,
-             channels_last: bool = False, progress: str | None = None,
-             keep_per_image: bool = False, accumulator=None, num_classes: int = 1) -> MetricAccumulator:
-    """Accumulate metrics over ``loader`` on the device; all-reduced across processes (shards are disjoint).
-    ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
-    ``MetricAccumulator.per_image``; ``accumulator``: what to feed instead of a new ``MetricAccumulator`` (e.g.
-    ``metrics.Accumulators`` for a threshold sweep); it is returned."""
+def evaluate(model, loader, transform, precision: Precision, task, threshold: float = 0.5,
+             channels_last: bool = False, progress: str | None = None, keep_per_image: bool = False,
+             accumulator=None):
+    """Accumulate ``task``'s scores over ``loader`` on the device; all-reduced across processes (shards are
+    disjoint). ``progress``: a description to show a progress bar under (None: no bar); ``keep_per_image``: see
+    ``Accumulator.per_image``; ``accumulator``: what to feed instead of the task's (e.g. ``metrics.Accumulators``
+    for a threshold sweep); it is returned."""
     model.eval()
-    acc = accumulator if accumulator is not None else accumulator_for(num_classes, threshold, precision.device,
-                                                                      keep_per_image)
+    acc = accumulator if accumulator is not None else task.accumulator(threshold, precision.device, keep_per_image)
     if progress is not None:
-        from tqdm import tqdm
-
         loader = tqdm(loader, desc=progress, unit="batch", leave=False, dynamic_ncols=True)
     for batch in loader:
         x, y = transform(batch)
@@ -332,25 +339,23 @@ def evaluate(model, loader, transform, precision: Precision, threshold: float = 
             x = x.contiguous(memory_format=torch.channels_last)
         with precision.autocast():
             logits = model(x)
-        acc.update(probabilities(logits), y)
+        acc.update(task.probabilities(logits), y)
     acc.all_reduce()
     return acc
 
 
 @torch.no_grad()
-def draw_samples(model, cache, indices, transform, precision, threshold: float, out, title, row_titles=None):
-    """Grid of image | ground truth | prediction for the cache's images at ``indices``."""
+def draw_samples(model, cache, indices, transform, precision, task, threshold: float, out, title, row_titles=None):
+    """Grid of image | ground truth | prediction for the cache's images at ``indices`` (``task.sample_panels``)."""
     images, masks = cache.batch(indices)
     batch = {"images": torch.from_numpy(np.ascontiguousarray(images)),
              "masks": torch.from_numpy(np.ascontiguousarray(masks))}
     x, y = transform(batch)
     model.eval()
     with precision.autocast():
-        probs = probabilities(model(x))
+        probs = task.probabilities(model(x))
     rgb = x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1)
     images = ((rgb * STD + MEAN).clamp(0, 1) * 255).byte().permute(0, 2, 3, 1).cpu().numpy()
-    if probs.shape[1] > 1:  # label maps: classes in colour
-        return plots.sample_grid(images, y[:, 0].byte().cpu().numpy(), probs.argmax(1).byte().cpu().numpy(), out,
-                                 title, row_titles, num_classes=probs.shape[1])
-    return plots.sample_grid(images, (y[:, 0] > 0.5).cpu().numpy(), (probs[:, 0] > threshold).cpu().numpy(),
-                             out, title, row_titles)
+    rows = [task.sample_panels(images[i], y[i], probs[i], threshold, row_titles[i] if row_titles else None)
+            for i in range(len(images))]
+    return plots.sample_grid(rows, out, title)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..messages import first_line
+from ..errors import first_line
 from .config import AMP_CHOICES, ConfigError
 
 
@@ -219,6 +219,26 @@ def resolve_channels_last(setting: str, precision: Precision, base_channels: int
 def resolve_compile(setting: str, device: torch.device) -> bool:
     """``auto``: compile on GPUs only (on CPUs inductor's code was slower than eager bf16; benchmarks/README.md)."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a model runs on a device, decided once from the settings (``placement``): its ``precision`` (and the
+    ``note`` said about it, or None), ``channels_last`` and whether training compiles it (``compile``)."""
+
+    device: torch.device
+    precision: Precision
+    note: str | None
+    channels_last: bool
+    compile: bool
+
+
+def placement(cfg, device: torch.device) -> Placement:
+    """``cfg``'s amp, channels_last and compile settings resolved for ``device`` (the rules of ``resolve_amp``,
+    ``resolve_channels_last`` and ``resolve_compile``): what train, evaluate, predict, serve and bench run with."""
+    precision, note = resolve_amp(cfg.amp, device)
+    return Placement(device, precision, note, resolve_channels_last(cfg.channels_last, precision, cfg.base_channels),
+                     resolve_compile(cfg.compile, device))
 
 
 def configure_backends(device: torch.device, deterministic: bool = False) -> None:

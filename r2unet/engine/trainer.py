@@ -14,18 +14,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import plots
 from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
 from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
 from ..data.pairs import SPLITS
 from ..data.prepare import data_split, split_changes
-from ..errors import CheckpointError, Terminated, TrainingError
+from ..errors import CheckpointError, Terminated, TrainingError, first_line
 from ..fileio import FolderLock, append_line, atomic_write_text
-from ..messages import first_line
-from ..metrics import per_image_spread
 from ..models import RECURRENT
 from . import distributed as D
+from . import plots
 from .checkpoint import (
     RunFiles,
     load_file,
@@ -34,28 +32,27 @@ from .checkpoint import (
     require_training_state,
     save_checkpoint,
 )
-from .config import ConfigError, TrainConfig, label_spec
+from .config import ConfigError, TrainConfig
 from .loop import (
-    EpochState,
+    EpochRun,
     JobThroughput,
     build_training,
     draw_samples,
     evaluate,
     interrupt_behind,
     lr_factor,
-    train_one_epoch,
 )
+from .metrics import per_image_spread
 from .runtime import (
     CompileWithFallback,
     configure_backends,
     describe_device,
     device_type,
-    resolve_amp,
-    resolve_channels_last,
-    resolve_compile,
+    placement,
     resolve_device,
     seed_everything,
 )
+from .task import task_of
 
 
 def _terminate_as_interrupt(signum, frame):
@@ -101,25 +98,94 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
         D.cleanup()
 
 
-class TrainingRun:
-    """One run of ``train``: everything it sets up, then ``run()``."""
+def batch_and_lr(cfg: TrainConfig, world: int) -> tuple[int, int, float]:
+    """(batch per process, global batch, learning rate): ``--batch_size`` is per process, ``--global_batch_size``
+    is divided among the processes, ``--scale_lr`` scales ``--lr`` by the global batch over ``--lr_batch_size``."""
+    batch = cfg.batch_size
+    if cfg.global_batch_size is not None:
+        if cfg.global_batch_size % world:
+            raise ConfigError(f"--global_batch_size {cfg.global_batch_size} is not divisible by the {world} processes")
+        batch = cfg.global_batch_size // world
+    global_batch = batch * world
+    lr = cfg.lr * (global_batch / (cfg.lr_batch_size or batch)) if cfg.scale_lr else cfg.lr
+    return batch, global_batch, lr
 
-    def __init__(self, cfg: TrainConfig, info: D.DistInfo, log):
+
+class TrainingSetup:
+    """What a training step needs, set up from the settings in this order (the seed comes before anything draws
+    random numbers): the device and how the model runs there (``runtime.placement``), the batch and learning rate,
+    the seed and backend switches, the task, the caches of ``splits`` with their samplers, loaders and the two
+    device transforms (augmenting for training, plain for scoring), then the model, optimiser and loss scaler.
+    ``train`` (``TrainingRun``) and ``bench train`` both build on it."""
+
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, log, splits: tuple[str, ...] = SPLITS):
         self.cfg, self.info, self.log = cfg, info, log
-        self.files = RunFiles(cfg.output_dir)
         self.device = resolve_device(cfg.device, cfg.device_index, info.local_rank if info.distributed else None)
-        self.precision, precision_note = resolve_amp(cfg.amp, self.device)
-        self.channels_last = resolve_channels_last(cfg.channels_last, self.precision, cfg.base_channels)
-        self.global_batch, self.lr = self._batch_and_lr()
-        self._check_run_folder()
+        self.place = placement(cfg, self.device)
+        self.precision, self.channels_last = self.place.precision, self.place.channels_last
+        self.batch_size, self.global_batch, self.lr = batch_and_lr(cfg, info.world_size)
         seed_everything(cfg.seed + info.rank)
         configure_backends(self.device, cfg.deterministic)
         if cfg.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
-        self._setup_data()
-        self.data_split = data_split(cfg.data_path) if info.is_main else None  # recorded in every checkpoint
+        self.task = task_of(cfg)
+        self._setup_data(splits)
         self.model, self.optimizer, self.scaler = build_training(
             cfg, self.device, self.precision, self.lr, self.channels_last, sync_bn=cfg.sync_bn and info.distributed)
+
+    def _setup_data(self, splits: tuple[str, ...]) -> None:
+        """Caches, samplers, loaders and the two device transforms (augmenting for training, plain for scoring).
+        Rank 0 builds/updates the caches first; then the first process of every other node validates them (a no-op
+        on a shared file system, a build on a node-local one); then every process opens them."""
+        cfg, info, data_path, targets = self.cfg, self.info, Path(self.cfg.data_path), self.task.targets
+
+        def build():
+            return {s: split_cache(data_path, s, cfg.image_size, cache_dir=cfg.cache_dir, targets=targets,
+                                   num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
+                                   progress=sys.stderr.isatty() and info.is_main, log=self.log) for s in splits}
+
+        caches = build() if info.is_main else {}
+        D.barrier()
+        if info.local_rank == 0 and not info.is_main:
+            caches = build()
+        D.barrier()
+        self.caches = caches or {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir, targets)
+                                 for s in splits}
+        self.train_sampler = D.EpochBatchSampler(len(self.caches["train"]), self.batch_size, info, cfg.seed)
+        if len(self.train_sampler) == 0:
+            raise ConfigError(f"--batch_size {self.batch_size}: larger than this process's share of the "
+                              f"{len(self.caches['train'])} training images")
+        scored = [s for s in ("valid", "test") if s in splits]
+        self.shards = {s: D.ShardSampler(len(self.caches[s]), info) for s in scored}  # disjoint
+        pin = self.device.type == "cuda"
+        self.loaders = {
+            "train": make_loader(self.caches["train"], self.batch_size, train=True, batch_sampler=self.train_sampler,
+                                 num_workers=cfg.num_workers, pin_memory=pin),
+            **{s: make_loader(self.caches[s], self.batch_size, train=False, sampler=self.shards[s], num_workers=0,
+                              pin_memory=pin, drop_last=False) for s in scored},
+        }
+        self.augment, self.plain = (DeviceTransform(cfg.image_size, self.device, a, seed=cfg.seed + 7919 * info.rank,
+                                                    img_ch=cfg.img_ch, labels=targets.nearest)
+                                    for a in (AugmentConfig(augmentation_prob=cfg.augmentation_prob), None))
+
+    def wrap_for_training(self) -> nn.Module:
+        """The model as the training step calls it: DistributedDataParallel across processes, then compiled."""
+        model = self.model
+        if self.info.distributed:
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return CompileWithFallback(model, self.log, self.cfg.compile_mode) if self.place.compile else model
+
+
+class TrainingRun(TrainingSetup):
+    """One run of ``train``: the run folder checked, a ``TrainingSetup``, resume, then ``run()``."""
+
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, log):
+        self.cfg, self.info, self.log = cfg, info, log
+        self.files = RunFiles(cfg.output_dir)
+        self._check_run_folder()
+        super().__init__(cfg, info, log)
+        self.data_split = data_split(cfg.data_path) if info.is_main else None  # recorded in every checkpoint
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda e: lr_factor(e, cfg))
         self.start_epoch, self.start_step, self.carried, self.best_score, self.best_epoch = 0, 0, {}, float("-inf"), -1
         if cfg.resume:
@@ -128,27 +194,15 @@ class TrainingRun:
             group["lr"] = self.lr * lr_factor(self.start_epoch, cfg)
         self.bar = progress_lines.training_bar(info.is_main, len(self.train_sampler), self.global_batch)
         self.log = progress_lines.around_bars(log, self.bar)
-        self.train_model = self._wrap_for_training()
+        self.train_model = self.wrap_for_training()
         self._write_run_folder()
-        self._log_header(precision_note)
+        self._log_header(self.place.note)
         self.writer = self._tensorboard_writer()
         self.sample_idx = list(range(min(6, len(self.caches["valid"]))))
-        self.state, self.throughput = EpochState(self.start_epoch), JobThroughput()
+        self.state, self.epoch_done, self.throughput = None, False, JobThroughput()  # state: the loop's (EpochRun)
         self.last_train = None  # training-batch scores of the last epoch trained in this session
 
     # ------------------------------------------------------------------------------------------------------ set-up
-    def _batch_and_lr(self) -> tuple[int, float]:
-        """--batch_size is per process; --global_batch_size is divided among processes; --scale_lr scales lr."""
-        cfg, world = self.cfg, self.info.world_size
-        if cfg.global_batch_size is not None:
-            if cfg.global_batch_size % world:
-                raise ConfigError(f"--global_batch_size {cfg.global_batch_size} is not divisible by the {world} "
-                                  "processes")
-            cfg.batch_size = cfg.global_batch_size // world
-        global_batch = cfg.batch_size * world
-        lr = cfg.lr * (global_batch / (cfg.lr_batch_size or cfg.batch_size)) if cfg.scale_lr else cfg.lr
-        return global_batch, lr
-
     def _check_run_folder(self) -> None:
         """Rank 0 writes the run folder and is the only one that must be able to read it (nodes need not share a
         disk); the data's three splits must exist before any work."""
@@ -160,40 +214,6 @@ class TrainingRun:
             raise ConfigError(f"--resume: no checkpoint at {self.files.last}")
         for split in SPLITS:
             require_split(Path(self.cfg.data_path), split)
-
-    def _setup_data(self) -> None:
-        """Caches, samplers, loaders and the two device transforms (augmenting for training, plain for scoring).
-        Rank 0 builds/updates the caches first; then the first process of every other node validates them (a no-op
-        on a shared file system, a build on a node-local one); then every process opens them."""
-        cfg, info, data_path, labels = self.cfg, self.info, Path(self.cfg.data_path), label_spec(self.cfg)
-
-        def build():
-            return {s: split_cache(data_path, s, cfg.image_size, cache_dir=cfg.cache_dir, labels=labels,
-                                   num_workers=cfg.num_workers or None, skip_bad=cfg.skip_bad,
-                                   progress=sys.stderr.isatty() and info.is_main, log=self.log) for s in SPLITS}
-
-        caches = build() if info.is_main else {}
-        D.barrier()
-        if info.local_rank == 0 and not info.is_main:
-            caches = build()
-        D.barrier()
-        self.caches = caches or {s: open_split_cache(data_path, s, cfg.image_size, cfg.cache_dir, cfg.num_classes)
-                                 for s in SPLITS}
-        self.train_sampler = D.EpochBatchSampler(len(self.caches["train"]), cfg.batch_size, info, cfg.seed)
-        if len(self.train_sampler) == 0:
-            raise ConfigError(f"--batch_size {cfg.batch_size}: larger than this process's share of the "
-                              f"{len(self.caches['train'])} training images")
-        self.shards = {s: D.ShardSampler(len(self.caches[s]), info) for s in ("valid", "test")}  # disjoint
-        pin = self.device.type == "cuda"
-        self.loaders = {
-            "train": make_loader(self.caches["train"], cfg.batch_size, train=True, batch_sampler=self.train_sampler,
-                                 num_workers=cfg.num_workers, pin_memory=pin),
-            **{s: make_loader(self.caches[s], cfg.batch_size, train=False, sampler=self.shards[s], num_workers=0,
-                              pin_memory=pin, drop_last=False) for s in ("valid", "test")},
-        }
-        self.augment, self.plain = (DeviceTransform(cfg.image_size, self.device, a, seed=cfg.seed + 7919 * info.rank,
-                                                    img_ch=cfg.img_ch, labels=labels is not None)
-                                    for a in (AugmentConfig(augmentation_prob=cfg.augmentation_prob), None))
 
     def _resume(self) -> None:
         ckpt = _load_on_rank0(self.files.last, self.info)
@@ -247,15 +267,6 @@ class TrainingRun:
             self.best_score, self.best_epoch = float("-inf"), -1
             self.log("note: the validation split changed: best.pt will be chosen anew from the next validation")
 
-    def _wrap_for_training(self) -> nn.Module:
-        """The model as the training step calls it: DistributedDataParallel across processes, then compiled."""
-        model = self.model
-        if self.info.distributed:
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.use_compile = resolve_compile(self.cfg.compile, self.device)
-        return CompileWithFallback(model, self.log, self.cfg.compile_mode) if self.use_compile else model
-
     def _write_run_folder(self) -> None:
         if not self.info.is_main:
             return
@@ -269,10 +280,10 @@ class TrainingRun:
         cfg, caches = self.cfg, self.caches
         name = f"{cfg.model_type} (t={cfg.t})" if cfg.model_type in RECURRENT else cfg.model_type
         compiled = ("on" + (f" ({cfg.compile_mode})" if cfg.compile_mode != "default" else "")) \
-            if self.use_compile else "off"
+            if self.place.compile else "off"
         self.log(f"{name} on {describe_device(self.device)}, {self.precision.name}, compile {compiled}, "
                  f"channels_last {'on' if self.channels_last else 'off'}; {self.info.world_size} process(es) x batch "
-                 f"{cfg.batch_size} = global batch {self.global_batch}, lr {self.lr:g}; train/valid/test = "
+                 f"{self.batch_size} = global batch {self.global_batch}, lr {self.lr:g}; train/valid/test = "
                  f"{len(caches['train'])}/{len(caches['valid'])}/{len(caches['test'])} images")
         if precision_note:
             self.log(precision_note)
@@ -303,17 +314,18 @@ class TrainingRun:
         session_start = time.perf_counter()  # for the run's ETA: wall time per epoch in this session, all included
         try:
             for epoch in range(self.start_epoch, self.cfg.num_epochs):
-                row = self.train_epoch(epoch)
+                trained = self.train_epoch(epoch)
+                validated = None
                 if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.num_epochs:
-                    self.validate(epoch, row)
+                    validated = self.validate(epoch)
                 per_epoch = (time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
-                self.record(epoch, row, eta_s=per_epoch * (self.cfg.num_epochs - epoch - 1))
+                self.record(epoch, trained, validated, eta_s=per_epoch * (self.cfg.num_epochs - epoch - 1))
                 # the schedule steps once the epoch is done: an interruption before this point resumes the epoch
                 # (its last step reached) with its own learning rate
                 with warnings.catch_warnings():  # a run resumed at an epoch's end steps the schedule first
                     warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
                     self.scheduler.step()
-                self.state.finished = True
+                self.epoch_done = True
                 self.save_last(epoch + 1, 0)
                 D.barrier()
             if self.bar:
@@ -325,12 +337,16 @@ class TrainingRun:
                 raise
             if self.bar:
                 self.bar.close()
-            state = self.state
-            epoch, step = (state.epoch + 1, 0) if state.finished else (state.epoch, state.steps)
-            if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with
-                state.buffers_before_step.restore()  # the BatchNorm statistics from before it
-            self.save_last(epoch, step, None if state.finished else state.carried(),
-                           state.augment_rng if state.in_step else None)
+            state, done = self.state, self.epoch_done
+            if state is None:  # before the first step of this session
+                epoch, step = self.start_epoch, self.start_step
+            else:
+                epoch, step = (state.epoch + 1, 0) if done else (state.epoch, state.steps)
+                if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with
+                    state.buffers_before_step.restore()  # the BatchNorm statistics from before it
+            in_step = state is not None and state.in_step
+            self.save_last(epoch, step, None if done or state is None else state.carried(),
+                           state.augment_rng if in_step else None)
             self.log(f"interrupted: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
             raise interrupt from None
         finally:
@@ -340,14 +356,11 @@ class TrainingRun:
                 signal.signal(signal.SIGTERM, old_term)
 
     def train_epoch(self, epoch: int) -> dict:
-        """One epoch of training (from the step a resume landed on); the row of metrics.jsonl so far."""
+        """One epoch of training (from the step a resume landed on): its part of the metrics.jsonl row. The loop
+        (``EpochRun``) owns the epoch's state; between its steps, the run saves ``last.pt`` when it is due."""
         cfg = self.cfg
         skip = self.start_step if epoch == self.start_epoch else 0
         self.train_sampler.set_epoch(epoch, skip)
-        self.state = state = EpochState(epoch, steps=skip, nonfinite_run=self.state.nonfinite_run)
-        if skip and self.carried:
-            state.images, state.loss_sum, state.skipped = (self.carried.get(k, 0) for k in ("images", "loss_sum",
-                                                                                            "skipped"))
         total = len(self.train_sampler) + skip
         if self.bar:
             self.bar.reset(total=total)
@@ -356,10 +369,17 @@ class TrainingRun:
             progress = lambda s, loss: (self.bar.update(cfg.log_every), self.bar.set_postfix(loss=f"{loss:.4f}"))  # noqa: E731
         else:  # no terminal (a batch job's log): a line now and then, so a long epoch is not silent
             progress = progress_lines.EpochLines(self.log, epoch, cfg.num_epochs, total, skip, self.global_batch)
+        steps = EpochRun(self.train_model, self.loaders["train"], self.augment, self.optimizer, self.scaler,
+                         self.precision, cfg, self.task, epoch, steps_done=skip,
+                         carried=self.carried if skip else None,
+                         nonfinite_run=self.state.nonfinite_run if self.state else None, progress=progress,
+                         channels_last=self.channels_last)
+        self.state, self.epoch_done = steps.state, False
+        state = steps.state
         carried_images, t0 = state.images, time.perf_counter()  # images trained before a resume: not timed here
-        train_one_epoch(self.train_model, self.loaders["train"], self.augment, self.optimizer, self.scaler,
-                        self.precision, cfg, state, on_step=self._on_step, progress=progress,
-                        channels_last=self.channels_last)
+        for state in steps:
+            if cfg.save_every_steps and state.steps % cfg.save_every_steps == 0:
+                self.save_last(epoch, state.steps, state.carried())
         epoch_lr = self.optimizer.param_groups[0]["lr"]
         epoch_fps, epoch_s = self.throughput.add_epoch(state, state.images - carried_images,
                                                        time.perf_counter() - t0, self.device)
@@ -373,33 +393,31 @@ class TrainingRun:
                 "skipped_steps": int(skipped), "lr": epoch_lr, "train_img_per_s": epoch_fps, "epoch_seconds": epoch_s,
                 "train": train_scores}
 
-    def _on_step(self, state: EpochState) -> None:
-        if self.cfg.save_every_steps and state.steps % self.cfg.save_every_steps == 0:
-            self.save_last(state.epoch, state.steps, state.carried())
-
-    def validate(self, epoch: int, row: dict) -> None:
+    def validate(self, epoch: int) -> dict:
         """Score the validation split; keep ``best.pt`` on JS + DC (with no validation split: the latest epoch).
         Eager, not compiled: the compiled graph is for training mode at the training batch size. Every process
-        first takes rank 0's BatchNorm statistics, so every shard is scored with the model best.pt keeps."""
+        first takes rank 0's BatchNorm statistics, so every shard is scored with the model best.pt keeps. Its part
+        of the metrics.jsonl row: the scores, and whether they are the best so far."""
         D.broadcast_module(self.model, buffers_only=True)
         valid = None
         if len(self.caches["valid"]):
-            valid = evaluate(self.model, self.loaders["valid"], self.plain, self.precision, self.cfg.threshold,
-                             self.channels_last, "validation" if self.bar else None,
-                             num_classes=self.cfg.num_classes).compute()
-        row["valid"] = valid
+            valid = evaluate(self.model, self.loaders["valid"], self.plain, self.precision, self.task,
+                             self.cfg.threshold, self.channels_last, "validation" if self.bar else None).compute()
         score = (valid["JS"] + valid["DC"]) if valid else float(epoch)
-        if score > self.best_score:
-            self.best_score, self.best_epoch = score, epoch + 1
-            row["best"] = True
-            if self.info.is_main:
-                save_checkpoint(self.files.best, model=self.model, config=self.cfg.to_dict(), epoch=epoch + 1,
-                                best_score=self.best_score, best_epoch=self.best_epoch, data_split=self.data_split)
+        if score <= self.best_score:
+            return {"valid": valid}
+        self.best_score, self.best_epoch = score, epoch + 1
+        if self.info.is_main:
+            save_checkpoint(self.files.best, model=self.model, config=self.cfg.to_dict(), epoch=epoch + 1,
+                            best_score=self.best_score, best_epoch=self.best_epoch, data_split=self.data_split)
+        return {"valid": valid, "best": True}
 
-    def record(self, epoch: int, row: dict, eta_s: float) -> None:
-        """The epoch's line in metrics.jsonl and the log, TensorBoard, curves.png and (every few epochs) samples."""
+    def record(self, epoch: int, trained: dict, validated: dict | None, eta_s: float) -> None:
+        """The epoch's row (``trained``, then ``validated`` when it was) in metrics.jsonl and the log, TensorBoard,
+        curves.png and (every few epochs) the sample grid."""
         if not self.info.is_main:
             return
+        row = {**trained, **(validated or {})}
         append_line(self.files.metrics, json.dumps(row))
         progress_lines.log_epoch(self.log, row, self.cfg.num_epochs, eta_s)
         if self.writer:
@@ -407,7 +425,7 @@ class TrainingRun:
         plots.plot_curves(plots.read_metrics(self.files.metrics), self.files.dir / "curves.png")
         if self.sample_idx and ((epoch + 1) % self.cfg.sample_every == 0 or epoch + 1 == self.cfg.num_epochs):
             self.files.samples.mkdir(exist_ok=True)
-            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision,
+            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision, self.task,
                          self.cfg.threshold, self.files.samples / f"epoch_{epoch + 1:03d}.png", f"epoch {epoch + 1}")
 
     def save_last(self, epoch: int, step: int, extra: dict | None = None, augment_rng=None) -> None:
@@ -444,8 +462,8 @@ class TrainingRun:
     def _test_scores(self) -> tuple[dict | None, dict | None]:
         if not len(self.caches["test"]):
             return None, None
-        acc = evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.cfg.threshold,
-                       self.channels_last, "test" if self.bar else None, True, num_classes=self.cfg.num_classes)
+        acc = evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.task, self.cfg.threshold,
+                       self.channels_last, "test" if self.bar else None, keep_per_image=True)
         # every image's scores, from all shards: sd and a 95 % bootstrap interval per mean (error bars)
         per = acc.per_image()
         rows = dict(zip(D.gather_lists(self.shards["test"].indices), D.gather_lists(list(zip(*per.values())))))
@@ -456,7 +474,7 @@ class TrainingRun:
         files, test, spread = self.files, results["test"], results["test_spread"]
         atomic_write_text(files.results, json.dumps(results, indent=2) + "\n")
         if self.sample_idx:  # the kept model, as 'r2unet plot' redraws it (samples/ holds the epochs)
-            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision,
+            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision, self.task,
                          self.cfg.threshold, files.dir / "samples.png", f"best checkpoint (epoch {self.best_epoch})")
         if test:
             self.log(f"test (best epoch {results['best_epoch']}): "

@@ -24,13 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import DataError
 from ..fileio import atomic_save_image
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"})
-
-
-class DataError(ValueError):
-    """A problem with the user's data: the message names the file and what is wrong."""
 
 
 class InMemory:

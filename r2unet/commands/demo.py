@@ -6,11 +6,11 @@ import json
 import sys
 from pathlib import Path
 
-from .data.prepare import prepare_split
-from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
-from .engine.config import TrainConfig
-from .engine.trainer import fit
-from .fileio import atomic_write_text
+from ..data.prepare import prepare_split
+from ..data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from ..engine.config import TrainConfig
+from ..engine.trainer import fit
+from ..fileio import atomic_write_text
 
 MIN_IMAGES = 20
 

@@ -1,41 +1,40 @@
-"""ONNX export with dynamic batch and spatial size, checked against PyTorch with onnxruntime."""
+"""ONNX: export a model with dynamic batch and spatial size (checked against PyTorch with onnxruntime), and run an
+exported file as a model (``OnnxModel``, ``load_onnx``: its metadata checked against its graph)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data.augment import MEAN, STD
-from .data.io import class_colors
-from .errors import ExportError
-from .fileio import atomic_write, check_writable
-from .models import SIZE_MULTIPLE
+from ..data.augment import MEAN, STD
+from ..errors import ExportError
+from ..fileio import atomic_write, check_writable
+from ..models import SIZE_MULTIPLE
+from . import runtime
+from .config import ConfigError, TrainConfig
 
 OPSET = 18  # supported by onnxruntime >= 1.14 and by torch's exporter
 
 
-def preprocessing_note(image_size: int, img_ch: int = 3, num_classes: int = 1) -> str:
-    """How an image becomes the network's input, in words (for deployers of the exported model)."""
+def preprocessing_note(image_size: int, img_ch: int = 3, output: str = "mask = sigmoid(logits) > threshold") -> str:
+    """How an image becomes the network's input and its logits a mask (``output``, the task's ``output_note``), in
+    words, for deployers of the exported model."""
     channels = "RGB" if img_ch == 3 else "grayscale (the mean of R, G and B)"
-    output = "mask = sigmoid(logits) > threshold" if num_classes == 1 else \
-        f"class map = argmax over the {num_classes} logits (class 0 the background)"
     return (f"{channels}, float in [0, 1] (uint8 / 255), resized to {image_size}x{image_size} (bilinear, "
             f"antialiased, aspect ratio not kept), normalised as (x - {MEAN}) / {STD}, layout NCHW; "
             f"{output}, resized back to the image's size")
 
 
 def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 224, img_ch: int = 3,
-                check: bool = True, tolerance: float = 1e-4, metadata: dict | None = None, log=print) -> dict:
-    """Write ``output`` (input ``image`` (N, C, H, W), output ``logits`` (N, 1, H, W); N, H, W dynamic, H and W
-    multiples of 16) and, with ``check``, compare onnxruntime with PyTorch on a random input of another size.
-    The file's metadata (``metadata_props``) records the preprocessing and ``metadata`` (e.g. the run's model type
-    and threshold), so the model can be deployed without this package."""
+                metadata: dict | None = None, output_note: str = "mask = sigmoid(logits) > threshold") -> dict:
+    """Write ``output`` (input ``image`` (N, C, H, W), output ``logits`` (N, K, H, W); N, H, W dynamic, H and W
+    multiples of 16). The file's metadata (``metadata_props``) records the preprocessing (``preprocessing_note``)
+    and ``metadata`` (e.g. the run's model type, threshold and classes), so the model can be deployed without this
+    package. ``r2unet export`` then checks it against PyTorch through the inference path."""
     try:
         import onnx  # noqa: F401
-        import onnxruntime as ort
     except ImportError:
         raise ExportError("export needs onnx and onnxruntime: pip install 'r2unet[export]'") from None
     model = model.eval().float().cpu()
@@ -46,30 +45,14 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 22
         raise ExportError(f"--image_size: must be a positive multiple of {SIZE_MULTIPLE} (the networks pool 4 "
                           f"times), got {image_size}")
     example = torch.randn(1, img_ch, image_size, image_size)
-    classes = int((metadata or {}).get("num_classes", 1))
-    props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch, classes), "r2unet.image_size": image_size,
-             **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}
+    props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch, output_note),
+             "r2unet.image_size": image_size, **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}
     try:
         atomic_write(output, lambda tmp: (_export(model, example, tmp), _add_metadata(tmp, props)))
     finally:  # the exporter's side files (external data) next to the temporary file
         for side in output.parent.glob(f".{output.name}.tmp*"):
             side.unlink(missing_ok=True)
-    report = {"path": str(output), "opset": OPSET}
-    if check:
-        g = torch.Generator().manual_seed(0)
-        h, w = image_size + SIZE_MULTIPLE, max(SIZE_MULTIPLE, image_size - SIZE_MULTIPLE)
-        x = torch.randn(2, img_ch, h, w, generator=g)
-        with torch.no_grad():
-            ref = model(x).numpy()
-        session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
-        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-        diff = float(np.abs(got - ref).max())
-        report.update(max_abs_diff=diff, check_shape=list(x.shape))
-        log(f"onnxruntime vs PyTorch on a {tuple(x.shape)} input: max |diff| = {diff:.2e} (tolerance {tolerance:g})")
-        if not diff <= tolerance:
-            raise ExportError(f"{output}: ONNX output differs from PyTorch by {diff:.3e} > {tolerance:g}; "
-                              "the exported model is not faithful (file kept for inspection)")
-    return report
+    return {"path": str(output), "opset": OPSET}
 
 
 def _add_metadata(path: Path, entries: dict) -> None:
@@ -100,35 +83,6 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
                                             "logits": {0: "batch", 2: "height", 3: "width"}})
         except Exception as exc2:  # noqa: BLE001
             raise ExportError(f"ONNX export failed: {exc}; fallback exporter: {exc2}") from None
-
-
-def _class_metadata(cfg) -> dict:
-    """A model of label maps: its class count and the colours its class maps are drawn in."""
-    if cfg.num_classes <= 1:
-        return {}
-    from .engine.config import load_class_colors
-
-    colors = load_class_colors(cfg.class_colors, cfg.num_classes) or class_colors(cfg.num_classes)
-    return {"num_classes": cfg.num_classes, "class_colors": json.dumps([list(c) for c in colors])}
-
-
-def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overrides: dict | None = None,
-                      image_size: int | None = None, check: bool = True, log=print) -> str:
-    """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime) or, for a ``.safetensors`` output, its
-    weights with the run's settings as metadata. Returns a line saying what was written."""
-    from .engine.checkpoint import save_weights_safetensors
-    from .engine.inference import load_for_inference
-
-    model, cfg = load_for_inference(checkpoint, log=log,
-                                    **{k: v for k, v in (model_overrides or {}).items() if v is not None})
-    if str(output).endswith(".safetensors"):
-        save_weights_safetensors(model, output, cfg.to_dict())
-        return (f"wrote {output} (weights, and the run's settings as metadata: use it as --checkpoint {output}; it "
-                "holds no code and no optimizer state)")
-    report = export_onnx(model, output, image_size=image_size or cfg.image_size, img_ch=cfg.img_ch, check=check,
-                         metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
-                                   "threshold": cfg.threshold, **_class_metadata(cfg)}, log=log)
-    return f"wrote {report['path']} (opset {report['opset']})"
 
 
 class OnnxModel(torch.nn.Module):
@@ -170,7 +124,6 @@ def _fixed(shape, axis: int) -> int | None:
     value = shape[axis] if len(shape) > axis else None
     return value if isinstance(value, int) and value > 0 else None
 
-
 # bytes of activations per pixel of the input and channel of the first stage, at onnxruntime's peak for one image:
 # measured 6.0 for R2U-Net (t=2, base 16) at 512 and 1024 px; 8 leaves room
 ONNX_BYTES_PER_PIXEL_CHANNEL = 8 * 4
@@ -181,9 +134,6 @@ def load_onnx(path: str | Path, image_size: int | None = None, log=print):
     network, input size, threshold and classes are read from its metadata, and checked against the graph: the
     class count against the output's channels, the input size against a fixed input shape and against the memory
     one image at that size needs. Each inconsistency names the file and the key."""
-    from .engine.config import ConfigError, TrainConfig
-    from .engine.runtime import available_memory
-
     model = OnnxModel(path)
     meta = {k.removeprefix("r2unet."): v for k, v in model.metadata.items() if k.startswith("r2unet.")}
     if "image_size" not in meta:
@@ -211,7 +161,7 @@ def load_onnx(path: str | Path, image_size: int | None = None, log=print):
                             "'r2unet export', whose graphs take any size)")
     base = number("base_channels", 64, high=4096)
     need = size * size * base * ONNX_BYTES_PER_PIXEL_CHANNEL
-    free = available_memory()
+    free = runtime.available_memory()
     if free is not None and need > free:
         raise ExportError(f"{path}: " + (f"--image_size {size}" if image_size else f"metadata r2unet.image_size {size}")
                           + f" needs about {need / 2**30:.1f} GiB for one image (base_channels {base}), more than the "
@@ -235,7 +185,7 @@ def load_onnx(path: str | Path, image_size: int | None = None, log=print):
                           t=number("t", TrainConfig.t), base_channels=base, image_size=size,
                           threshold=number("threshold", 0.5, kind=float, low=0.0, high=1.0), num_classes=classes,
                           class_colors=meta.get("class_colors") if classes > 1 else None,
-                          img_ch=channels or 3, device="cpu", amp="off").validate()
+                          img_ch=channels or 3, device="cpu", amp="off", channels_last="off").validate()
     except ConfigError as exc:
         raise ExportError(f"{path}: its metadata: {str(exc).removeprefix('--')}") from None
     return model.eval(), cfg

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.io import class_colors
-from .fileio import atomic_write_bytes
-from .models import RECURRENT
+from ..data.imageio import class_colors
+from ..fileio import atomic_write_bytes
+from ..models import RECURRENT
 
 
 def _pyplot():
@@ -126,26 +126,14 @@ def blend(image: np.ndarray, labels: np.ndarray, num_classes: int, alpha: float 
     return out
 
 
-def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str | Path, title: str = "",
-                row_titles: list[str] | None = None, num_classes: int = 1) -> Path:
-    """Rows of image | ground truth | prediction (with contours on the image). images (N, H, W, 3) uint8,
-    gts/preds (N, H, W) bool, or class indices with ``num_classes`` > 1 (drawn in the class colours);
-    ``row_titles``: a label per row (e.g. the file name) above its image."""
+def sample_grid(rows: list[list[tuple[np.ndarray, str]]], out: str | Path, title: str = "") -> Path:
+    """A grid of pictures, one row per sample: each a list of (picture, label), a picture (H, W, 3) uint8 or (H, W)
+    bool or 0..1 (drawn in grey); the task makes the rows (``Task.sample_panels``)."""
     plt = _pyplot()
-    n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
-    for i in range(n):
-        if num_classes > 1:
-            js = float(np.mean([_jaccard(preds[i] == k, gts[i] == k) for k in range(1, num_classes)]))
-            panels = ((blend(images[i], preds[i], num_classes), row_titles[i] if row_titles else "image + prediction"),
-                      (color_labels(gts[i], num_classes), "ground truth"),
-                      (color_labels(preds[i], num_classes), f"prediction  mean JS={js:.2f}"))
-        else:
-            js = _jaccard(preds[i], gts[i])
-            first = row_titles[i] if row_titles else "image (green: pred, blue: truth)"
-            panels = ((overlay(images[i], preds[i], gts[i]), first),
-                      (gts[i], "ground truth"), (preds[i], f"prediction  JS={js:.2f}"))
-        for ax, (pic, label) in zip(axes[i], panels):
+    n, columns = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n, columns, figsize=(2.5 * columns, 2.5 * n), squeeze=False)
+    for row, panels in zip(axes, rows):
+        for ax, (pic, label) in zip(row, panels):
             ax.imshow(pic, cmap="gray", vmin=0, vmax=1) if pic.ndim == 2 else ax.imshow(pic)
             ax.set_title(label, fontsize=8)
             ax.axis("off")
@@ -158,7 +146,7 @@ def sample_grid(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, out: str
     return out
 
 
-def _jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
+def jaccard(pred: np.ndarray, gt: np.ndarray) -> float:
     union = np.logical_or(pred, gt).sum()
     return 1.0 if union == 0 else float(np.logical_and(pred, gt).sum() / union)
 

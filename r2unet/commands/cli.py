@@ -9,11 +9,12 @@ import sys
 
 from PIL import Image
 
-from . import __version__
-from .data.io import MAX_PIXELS_ENV, DataError, set_max_pixels
-from .data.pairs import SPLITS
-from .engine import config as settings  # flags and settings: light, no torch
-from .engine.config import (
+from .. import __version__
+from ..data.imageio import MAX_PIXELS_ENV, DataError, set_max_pixels
+from ..data.pairs import SPLITS
+from ..data.targets import targets_for
+from ..engine import config as settings  # flags and settings: light, no torch
+from ..engine.config import (
     COMPILE_MODES,
     ConfigError,
     TrainConfig,
@@ -22,9 +23,9 @@ from .engine.config import (
     positive_float,
     positive_int,
 )
-from .errors import CheckpointError, ExportError, Terminated, TrainingError
-from .messages import for_user, parse_command_line
-from .models import DEFAULT_T, list_models
+from ..errors import CheckpointError, ExportError, Terminated, TrainingError, for_user
+from ..models import DEFAULT_T, list_models
+from .args import parse_command_line
 
 
 # ------------------------------------------------------------------------------------------------------- commands
@@ -45,7 +46,7 @@ def _synth(p) -> None:
 
 
 def _cmd_synth(args) -> None:
-    from .data.synth import generate_dataset
+    from ..data.synth import generate_dataset
 
     out = generate_dataset(args.output, num_images=args.num_images, seed=args.seed, max_side=args.max_side,
                            progress=sys.stderr.isatty(), overwrite=args.overwrite, num_classes=args.num_classes)
@@ -79,7 +80,7 @@ def _prepare(p) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from .data.prepare import prepare_split
+    from ..data.prepare import prepare_split
 
     targets = None if args.data_path else {
         s: (getattr(args, f"{s}_path"), getattr(args, f"{s}_GT_path")) for s in SPLITS}
@@ -88,7 +89,8 @@ def _cmd_prepare(args) -> None:
                   seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
                   progress=sys.stderr.isatty(), cache_size=None if args.no_cache else args.image_size,
                   cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive,
-                  cache_labels=settings.labels_from(args.num_classes, args.class_colors), resplit=args.resplit)
+                  masks=targets_for(args.num_classes, settings.load_class_colors(args.class_colors, args.num_classes)),
+                  resplit=args.resplit)
 
 
 def _train(p) -> None:
@@ -98,11 +100,13 @@ def _train(p) -> None:
 
 def _train_config(args) -> TrainConfig:
     """The run's settings from the flags given (precedence and the reference's flags: ``train_settings``)."""
-    return settings.train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command", "parser")})
+    from ..engine.settings import train_settings  # torch: not for --help
+
+    return train_settings({k: v for k, v in vars(args).items() if k not in ("func", "command", "parser")})
 
 
 def _cmd_train(args) -> None:
-    from .engine.trainer import fit
+    from ..engine.trainer import fit
 
     fit(_train_config(args))  # Ctrl-C / SIGTERM: fit saves last.pt and says so; main() exits with 130
 
@@ -129,8 +133,8 @@ def _evaluate(p) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from .engine.inference import evaluate_checkpoint, evaluation_report
-    from .metrics import parse_thresholds
+    from ..engine.evaluation import evaluate_checkpoint, evaluation_report
+    from ..engine.metrics import parse_thresholds
 
     metrics = evaluate_checkpoint(args.checkpoint, args.data_path, split=args.split, batch_size=args.batch_size,
                                   device=args.device, threshold=args.threshold, image_size=args.image_size,
@@ -190,8 +194,8 @@ def _plot(p) -> None:
 
 
 def _cmd_plot(args) -> None:
-    from .engine.inference import redraw_samples
-    from .plots import redraw
+    from ..engine.evaluation import redraw_samples
+    from ..engine.plots import redraw
 
     paths = [*redraw(args.run_dir), *([] if args.curves_only else [redraw_samples(args.run_dir)])]
     print("\n".join(f"wrote {path}" for path in paths if path is not None))
@@ -205,7 +209,7 @@ def _compare(p) -> None:
 
 
 def _cmd_compare(args) -> None:
-    from .plots import compare_runs, comparison_table
+    from ..engine.plots import compare_runs, comparison_table
 
     path, runs = compare_runs(args.run_dirs, args.output)
     print(json.dumps({"picture": str(path), "runs": runs}) if args.json else f"{comparison_table(runs)}\nwrote {path}")

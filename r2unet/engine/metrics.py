@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 METRIC_NAMES = ("ACC", "SE", "SP", "PC", "F1", "JS", "DC")
 ALL_METRICS = METRIC_NAMES + ("JS_thresholded",)
@@ -79,24 +80,86 @@ def segmentation_metrics(
     return acc.compute(reduction)
 
 
-class MetricAccumulator:
-    """Accumulates metric state over batches on the device: ``update`` per batch, ``compute`` at the end, ``reset``.
+class Accumulator:
+    """Scores accumulated on the device over batches, the one interface of binary masks (``MetricAccumulator``) and
+    label maps (``ClassAccumulator``): ``update(probs, target)`` per batch (device work only, no host
+    synchronisation), ``all_reduce()`` across processes, then ``compute()`` (the means over images; ``"pooled"``
+    where ``reductions`` has it), ``per_image()`` (every image's scores, with ``keep_per_image``) and
+    ``num_images``. ``names``: the scores ``per_image`` holds, ``JS`` and ``DC`` among them."""
 
-    ``update`` launches only device work (no host synchronisation). The state is a handful of sums, so it can be
-    all-reduced across processes with ``all_reduce()``, after which ``compute`` gives the scores of the whole split.
-    """
+    names: tuple[str, ...] = ()
+    reductions: tuple[str, ...] = ("image",)
 
-    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu", keep_per_image: bool = False):
-        self.threshold = threshold
-        self.device = torch.device(device)
-        self.keep_per_image = keep_per_image  # also keep every image's scores, in update order (per_image())
+    def __init__(self, device: torch.device | str = "cpu", keep_per_image: bool = False):
+        self.device, self.keep_per_image = torch.device(device), keep_per_image
         self.reset()
 
     def reset(self) -> None:
-        # Float64 sums: [per-image score sums (7), sum of thresholded JS, image count] and pooled counts (4).
-        self.image_sums = torch.zeros(len(METRIC_NAMES) + 2, dtype=torch.float64, device=self.device)
-        self.pooled_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
         self._per_image: list[torch.Tensor] = []
+        self._count = torch.zeros(1, dtype=torch.float64, device=self.device)  # images seen
+
+    def _sums(self) -> list[torch.Tensor]:
+        """The tensors of state that add up across processes."""
+        return [self._count]
+
+    def _add_rows(self, rows: torch.Tensor) -> None:
+        """Every image's scores of a batch (B, len(names)) float64, on the device."""
+        if self.keep_per_image:
+            self._per_image.append(rows)
+        # the image count is made on the device (torch.full), not copied from the host: a host-to-GPU copy of a
+        # new tensor waits for the GPU queue to drain, once per step
+        self._count += torch.full((1,), float(len(rows)), dtype=torch.float64, device=self.device)
+
+    def all_reduce(self) -> None:
+        """Sum the state over all processes of the default process group (no-op when not distributed)."""
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for t in self._sums():
+                dist.all_reduce(t)
+
+    def per_image(self) -> dict[str, list[float]]:
+        """Every image's scores in update order (``keep_per_image=True``; this process's images only)."""
+        if not self.keep_per_image:
+            raise ValueError(f"per_image() needs {type(self).__name__}(keep_per_image=True)")
+        rows = torch.cat(self._per_image).cpu() if self._per_image else torch.zeros(0, len(self.names))
+        return {k: rows[:, i].tolist() for i, k in enumerate(self.names)}
+
+    @property
+    def num_images(self) -> int:
+        return int(self._count.item())
+
+    def compute(self, reduction: str = "image") -> dict[str, float]:
+        if reduction not in self.reductions:
+            raise ValueError(f"reduction must be one of {', '.join(map(repr, self.reductions))}, got {reduction!r}")
+        if self.num_images == 0:
+            raise ValueError("no images were accumulated; cannot compute metrics")
+        return self._compute(reduction)
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _compute(self, reduction: str) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class MetricAccumulator(Accumulator):
+    """Binary scores (``ACC SE SP PC F1 JS DC`` per image, ``JS_thresholded``; pooled counts too) of probabilities
+    thresholded at ``threshold`` against binary targets, following the module docstring."""
+
+    names = METRIC_NAMES
+    reductions = ("image", "pooled")
+
+    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu", keep_per_image: bool = False):
+        self.threshold = threshold
+        super().__init__(device, keep_per_image)
+
+    def reset(self) -> None:
+        super().reset()
+        # Float64 sums: per-image score sums (7) and of the thresholded JS; pooled counts (4).
+        self.image_sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=self.device)
+        self.pooled_counts = torch.zeros(4, dtype=torch.int64, device=self.device)
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [*super()._sums(), self.image_sums, self.pooled_counts]
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
@@ -104,42 +167,13 @@ class MetricAccumulator:
         scores = scores_from_counts(counts)
         js = scores["JS"]
         rows = torch.stack([scores[k] for k in METRIC_NAMES], dim=1)  # (B, 7)
-        if self.keep_per_image:
-            self._per_image.append(rows)
-        per_image = rows.sum(0)
-        # the image count is made on the device (torch.full), not copied from the host: a host-to-GPU copy of a
-        # new tensor waits for the GPU queue to drain, once per step
-        extra = torch.stack((torch.where(js >= ISIC_JS_THRESHOLD, js, torch.zeros_like(js)).sum(),
-                             torch.full((), float(len(js)), dtype=torch.float64, device=self.device)))
-        self.image_sums += torch.cat((per_image, extra))
+        self._add_rows(rows)
+        thresholded = torch.where(js >= ISIC_JS_THRESHOLD, js, torch.zeros_like(js)).sum()
+        self.image_sums += torch.cat((rows.sum(0), thresholded[None]))
         self.pooled_counts += counts.sum(0)
 
-    def all_reduce(self) -> None:
-        """Sum the state over all processes of the default process group (no-op when not distributed)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.image_sums)
-            dist.all_reduce(self.pooled_counts)
-
-    def per_image(self) -> dict[str, list[float]]:
-        """Every image's scores in update order (``keep_per_image=True``; this process's images only)."""
-        if not self.keep_per_image:
-            raise ValueError("per_image() needs MetricAccumulator(keep_per_image=True)")
-        rows = torch.cat(self._per_image).cpu() if self._per_image else torch.zeros(0, len(METRIC_NAMES))
-        return {k: rows[:, i].tolist() for i, k in enumerate(METRIC_NAMES)}
-
-    @property
-    def num_images(self) -> int:
-        return int(self.image_sums[-1].item())
-
-    def compute(self, reduction: str = "image") -> dict[str, float]:
-        if reduction not in ("image", "pooled"):
-            raise ValueError(f"reduction must be 'image' or 'pooled', got {reduction!r}")
-        sums = self.image_sums.cpu()
-        n = sums[-1].item()
-        if n == 0:
-            raise ValueError("no images were accumulated; cannot compute metrics")
+    def _compute(self, reduction: str) -> dict[str, float]:
+        sums, n = self.image_sums.cpu(), self.num_images
         if reduction == "image":
             out = {k: (sums[i] / n).item() for i, k in enumerate(METRIC_NAMES)}
         else:
@@ -149,36 +183,23 @@ class MetricAccumulator:
         return out
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """The network's logits as probabilities: sigmoid for one channel (binary), softmax over the classes else."""
-    logits = logits.float()
-    return torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-
-
-def accumulator_for(num_classes: int, threshold: float = 0.5, device: torch.device | str = "cpu",
-                    keep_per_image: bool = False):
-    """The metric accumulator of a run: binary (``MetricAccumulator``) or of ``num_classes`` classes."""
-    if num_classes > 1:
-        return ClassAccumulator(num_classes, device, keep_per_image)
-    return MetricAccumulator(threshold=threshold, device=device, keep_per_image=keep_per_image)
-
-
-class ClassAccumulator:
-    """Metrics of label maps with ``num_classes`` classes (0 the background), accumulated on the device like
-    ``MetricAccumulator``: per image and class, ``DC_k`` and ``JS_k`` from the pixels predicted (argmax) and labelled
-    k (an image where class k is neither labelled nor predicted scores 1 for k, as an empty binary mask does);
-    ``DC`` and ``JS`` are the means over the foreground classes 1..K-1, ``ACC`` the share of pixels of the right
-    class. Every score is averaged over images."""
+class ClassAccumulator(Accumulator):
+    """Scores of label maps with ``num_classes`` classes (0 the background): per image and class, ``DC_k`` and
+    ``JS_k`` from the pixels predicted (argmax) and labelled k (an image where class k is neither labelled nor
+    predicted scores 1 for k, as an empty binary mask does); ``DC`` and ``JS`` are the means over the foreground
+    classes 1..K-1, ``ACC`` the share of pixels of the right class. Every score is averaged over images."""
 
     def __init__(self, num_classes: int, device: torch.device | str = "cpu", keep_per_image: bool = False):
-        self.num_classes, self.device, self.keep_per_image = num_classes, torch.device(device), keep_per_image
-        fg = range(1, num_classes)
-        self.names = ["ACC", "JS", "DC"] + [f"{m}_{k}" for k in fg for m in ("JS", "DC")]
-        self.reset()
+        self.num_classes = num_classes
+        self.names = ("ACC", "JS", "DC") + tuple(f"{m}_{k}" for k in range(1, num_classes) for m in ("JS", "DC"))
+        super().__init__(device, keep_per_image)
 
     def reset(self) -> None:
-        self.sums = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=self.device)  # scores + count
-        self._per_image: list[torch.Tensor] = []
+        super().reset()
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64, device=self.device)
+
+    def _sums(self) -> list[torch.Tensor]:
+        return [*super()._sums(), self.sums]
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
@@ -196,34 +217,11 @@ class ClassAccumulator:
         per_class = torch.stack((js, dc), dim=2).flatten(1)  # JS_1, DC_1, JS_2, DC_2, ...
         rows = torch.cat((acc[:, None], js.mean(1, keepdim=True), dc.mean(1, keepdim=True), per_class), dim=1)
         rows = rows.to(self.device)
-        if self.keep_per_image:
-            self._per_image.append(rows)
-        count = torch.full((1,), float(len(rows)), dtype=torch.float64, device=self.device)
-        self.sums += torch.cat((rows.sum(0), count))
+        self._add_rows(rows)
+        self.sums += rows.sum(0)
 
-    def all_reduce(self) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(self.sums)
-
-    def per_image(self) -> dict[str, list[float]]:
-        if not self.keep_per_image:
-            raise ValueError("per_image() needs keep_per_image=True")
-        rows = torch.cat(self._per_image).cpu() if self._per_image else torch.zeros(0, len(self.names))
-        return {k: rows[:, i].tolist() for i, k in enumerate(self.names)}
-
-    @property
-    def num_images(self) -> int:
-        return int(self.sums[-1].item())
-
-    def compute(self, reduction: str = "image") -> dict[str, float]:
-        if reduction != "image":
-            raise ValueError("label maps are scored per image (reduction='image')")
-        sums = self.sums.cpu()
-        n = sums[-1].item()
-        if n == 0:
-            raise ValueError("no images were accumulated; cannot compute metrics")
+    def _compute(self, reduction: str) -> dict[str, float]:
+        sums, n = self.sums.cpu(), self.num_images
         return {k: (sums[i] / n).item() for i, k in enumerate(self.names)}
 
 
@@ -231,7 +229,7 @@ class Accumulators:
     """Several accumulators fed the same probabilities: ``update`` and ``all_reduce`` go to each (e.g. a split's
     scores at its threshold and at every threshold of a sweep, from one forward pass)."""
 
-    def __init__(self, *accumulators: MetricAccumulator):
+    def __init__(self, *accumulators: Accumulator):
         self.accumulators = accumulators
 
     def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:

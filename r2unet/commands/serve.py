@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .data.io import DataError, InMemory
-from .predict import OUTPUT_SUFFIXES, Predictor
+from ..data.imageio import DataError, InMemory
+from ..engine.inference import OUTPUT_SUFFIXES, Predictor
 
 PAGE = Path(__file__).with_name("serve_page.html")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -60,10 +60,9 @@ class Segmenter:
         self.lock = threading.Lock()
 
     def info(self) -> dict:
-        cfg = self.predictor.cfg
-        return {"status": "ok", "model_type": cfg.model_type, "num_classes": max(1, cfg.num_classes),
-                "classes": (["background", "lesion"] if cfg.num_classes <= 1
-                            else ["background"] + [f"class {k}" for k in range(1, cfg.num_classes)]),
+        cfg, task = self.predictor.cfg, self.predictor.task
+        return {"status": "ok", "model_type": cfg.model_type, "num_classes": task.classes,
+                "classes": list(task.class_names),
                 "input_size": self.predictor.image_size, "threshold": self.predictor.threshold,
                 "tta": self.tta, "device": str(self.predictor.device), "max_bytes": self.max_bytes,
                 "max_request_bytes": self.max_request_bytes, "max_files": self.max_files}
@@ -77,7 +76,7 @@ class Segmenter:
             raise BadInput(413, f"{name}: {_mib(len(data))} is over the limit of {_mib(self.max_bytes)} per file "
                                 "(r2unet serve --max_mb)")
         _check_format(data, name)
-        probabilities = probabilities and self.predictor.cfg.num_classes <= 1
+        probabilities = probabilities and self.predictor.task.probability_maps
         try:
             with self.lock:
                 files = self.predictor.segment(InMemory(name, data), tta=self.tta, save_overlay=overlay,
@@ -86,39 +85,23 @@ class Segmenter:
             message = str(exc).split("\n  ")[-1]
             raise BadInput(413 if "too large" in message else 400, message) from None
         mask = files[OUTPUT_SUFFIXES[0]]
-        result = {"file": name, "mask_png": mask, **self._area(mask)}
+        result = {"file": name, "mask_png": mask, **self.predictor.task.area(_pixels(mask))}
         if overlay:
             result["overlay_jpg"] = files[OUTPUT_SUFFIXES[2]]
         if probabilities:
-            result["probability"] = _summary(files[OUTPUT_SUFFIXES[1]], self.predictor.threshold)
+            probs = _pixels(files[OUTPUT_SUFFIXES[1]]).astype(np.float64) / 255  # predict --save_probs, 8-bit
+            result["probability"] = self.predictor.task.summary(probs, self.predictor.threshold)
         return result
-
-    def _area(self, mask_png: bytes) -> dict:
-        with Image.open(io.BytesIO(mask_png)) as img:
-            values = np.asarray(img)
-        h, w = values.shape
-        if self.predictor.cfg.num_classes <= 1:
-            fg = int(np.count_nonzero(values))
-            return {"width": w, "height": h, "area_pixels": fg, "area_percent": round(100 * fg / (h * w), 3)}
-        counts = np.bincount(values.ravel(), minlength=self.predictor.cfg.num_classes)
-        return {"width": w, "height": h, "area_pixels": int(counts[1:].sum()),
-                "area_percent": round(100 * float(counts[1:].sum()) / (h * w), 3),
-                "classes": {f"class {k}": {"area_pixels": int(c), "area_percent": round(100 * int(c) / (h * w), 3)}
-                            for k, c in enumerate(counts) if k > 0}}
 
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
-def _summary(prob_png: bytes, threshold: float) -> dict:
-    """The probability map (``predict --save_probs``, 8-bit) in a few numbers."""
-    with Image.open(io.BytesIO(prob_png)) as img:
-        probs = np.asarray(img, dtype=np.float64) / 255
-    inside = probs[probs > threshold]
-    return {"mean": round(float(probs.mean()), 4), "max": round(float(probs.max()), 4),
-            "mean_inside_mask": round(float(inside.mean()), 4) if inside.size else None,
-            "uncertain_percent": round(100 * float(((probs > 0.25) & (probs < 0.75)).mean()), 3)}
+def _pixels(png: bytes) -> np.ndarray:
+    """The values of a PNG the server made (a mask, a probability map)."""
+    with Image.open(io.BytesIO(png)) as img:
+        return np.asarray(img)
 
 
 def _check_format(data: bytes, name: str) -> None:

@@ -1,38 +1,7 @@
-"""Turning exceptions into one readable line for the user."""
-
-from __future__ import annotations
+"""Reading a command line: a flag the command does not have is named by the command's own usage, with the flag
+meant when it is a near miss."""
 
 import difflib
-import reprlib
-
-MESSAGE_LIMIT = 20_000  # characters of one error message; more is cut, saying how much
-
-_QUOTE = reprlib.Repr()
-_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxtuple, _QUOTE.maxdict, _QUOTE.maxset = 3, 6, 6, 6, 6
-_QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlong = 80, 80, 40
-
-
-def quote(value) -> str:
-    """``repr(value)`` bounded in size, however large or deeply nested the value (a YAML alias bomb expands to
-    gigabytes when printed whole): what a message quotes of the user's input."""
-    return _QUOTE.repr(value)
-
-
-def first_line(exc: BaseException, limit: int | None = None) -> str:
-    """The first line of ``exc``'s message (at most ``limit`` characters), or "" when it has none."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:limit] if text else ""
-
-
-def for_user(exc: BaseException) -> str:
-    """What a command prints for an error it stops on: an OS error on a file (a full disk, a read-only or forbidden
-    destination) as "FILE: reason"; every other error's own message."""
-    if isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError) and exc.filename:
-        return f"{exc.filename}: {exc.strerror or exc}"
-    text = str(exc)
-    if len(text) > MESSAGE_LIMIT:
-        text = text[:MESSAGE_LIMIT] + f" ... ({len(text) - MESSAGE_LIMIT:,} more characters)"
-    return text
 
 
 def parse_command_line(parser, argv: list[str]):

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from .data.augment import AugmentConfig
-from .data.dataset import DeviceTransform, make_loader, split_cache
-from .engine import runtime
-from .engine.runtime import describe_device, resolve_compile, resolve_device, synchronize
-from .messages import first_line
-from .models import DEFAULT_T
+from ..data.augment import AugmentConfig
+from ..data.dataset import DeviceTransform, make_loader, split_cache
+from ..data.prepare import prepare_split
+from ..data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from ..engine import distributed as D
+from ..engine import runtime
+from ..engine.config import TrainConfig
+from ..engine.loop import StepBuffers, train_one_epoch, train_step
+from ..engine.runtime import Precision, describe_device, place_model, resolve_compile, resolve_device, synchronize
+from ..engine.task import BINARY_TASK
+from ..engine.trainer import TrainingSetup
+from ..errors import first_line
+from ..models import DEFAULT_T, create_model
 
 
 def train_report(result: dict) -> str:
@@ -74,8 +83,6 @@ def bench_data(
 
 def train_flops_per_image(model: torch.nn.Module, batch_size: int, image_size: int, img_ch: int = 3) -> float:
     """FLOPs of one training step (forward + backward) per image, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     device = next(model.parameters()).device
     x = torch.randn(batch_size, img_ch, image_size, image_size, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -106,10 +113,6 @@ def model_step(model_type, t, base_channels, image_size, batch_size, device, *, 
     """A model-only training step on fixed device tensors: ``train``'s own ``loop.train_step`` (forward,
     BCE-with-logits, backward, Adam), without the data pipeline. With ``fused`` it is train's step exactly (fused
     Adam skipping non-finite steps on the device); without, the reference's plain ``optimizer.step()``."""
-    from .engine.loop import StepBuffers, train_step
-    from .engine.runtime import Precision, place_model
-    from .models import create_model
-
     torch.backends.cudnn.benchmark = cudnn_benchmark  # a global switch: each row sets its own
     torch.manual_seed(0)
     model = place_model(create_model(model_type, t=t, base_channels=base_channels), device, channels_last)
@@ -124,7 +127,7 @@ def model_step(model_type, t, base_channels, image_size, batch_size, device, *, 
     buffers = StepBuffers(device) if fused else None
 
     def step():
-        train_step(fwd, x, y, precision, scaler, opt, buffers)
+        train_step(fwd, x, y, precision, scaler, opt, buffers, BINARY_TASK.loss)
 
     return step, model
 
@@ -254,15 +257,6 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
                             log=print) -> dict:
     """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
     loss, backward, optimizer and training metrics (train_one_epoch)."""
-    import tempfile
-
-    from .data.prepare import prepare_split
-    from .data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
-    from .engine import distributed as D
-    from .engine.config import TrainConfig
-    from .engine.loop import EpochState, build_training, train_one_epoch
-    from .engine.runtime import CompileWithFallback, configure_backends, resolve_amp, resolve_channels_last
-
     tmp = None
     if data_path is None:
         tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-")
@@ -276,28 +270,20 @@ def _bench_default_training(model_type, t, base_channels, image_size, batch_size
         cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
                           batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
                           max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
-                          compile=compile_flag, compile_mode=compile_mode)
-        configure_backends(dev)
-        precision, _ = resolve_amp(cfg.amp, dev)
-        channels_last = resolve_channels_last(cfg.channels_last, precision, cfg.base_channels)
-        cache = split_cache(data_path, "train", image_size, log=lambda *_: None, progress=False)
-        sampler = D.EpochBatchSampler(len(cache), batch_size, D.DistInfo(), seed=0)
-        loader = make_loader(cache, batch_size, train=True, batch_sampler=sampler, pin_memory=dev.type == "cuda",
-                             num_workers=cfg.num_workers)
-        transform = DeviceTransform(image_size, dev, AugmentConfig(augmentation_prob=cfg.augmentation_prob))
-        model, optimizer, scaler = build_training(cfg, dev, precision, cfg.lr, channels_last)
-        use_compile = resolve_compile(cfg.compile, dev)
-        train_model = CompileWithFallback(model, log, compile_mode) if use_compile else model
+                          compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
+        setup = TrainingSetup(cfg, D.DistInfo(), log, splits=("train",))  # what train sets up, but the run folder
+        train_model = setup.wrap_for_training()
         images = seconds = 0.0
         epoch = 0
         while images < batch_size * steps:
-            sampler.set_epoch(epoch)
-            state = EpochState(epoch)
-            train_one_epoch(train_model, loader, transform, optimizer, scaler, precision, cfg, state,
-                            channels_last=channels_last)
+            setup.train_sampler.set_epoch(epoch)
+            state = train_one_epoch(train_model, setup.loaders["train"], setup.augment, setup.optimizer,
+                                    setup.scaler, setup.precision, cfg, setup.task, epoch,
+                                    channels_last=setup.channels_last)
             images += state.steady_images
             seconds += state.steady_seconds
             epoch += 1
+        precision, channels_last, use_compile = setup.precision, setup.channels_last, setup.place.compile
         compiled = (", compile" + (f" {compile_mode}" if compile_mode != "default" else "")) if use_compile else ""
         name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}{compiled}, data+aug)"
         row = {"config": name, "img_per_s": images / max(seconds, 1e-9)}

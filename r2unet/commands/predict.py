@@ -1,0 +1,151 @@
+"""``r2unet predict``: a folder (or file) of images in, a mask per image (and probability maps, overlays) out, at
+each image's own size: a file loop around ``engine.inference`` that reads ahead and writes behind on threads."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.imageio import DataError, is_image_file
+from ..data.pairs import mask_stem_for
+from ..engine.inference import OUTPUT_SUFFIXES, Predictor, default_workers, predict_images, read_gt_for, render_outputs
+from ..engine.task import BINARY_TASK, Task
+from ..fileio import atomic_write_bytes, is_whole_image
+from ..progress import track
+
+
+def list_inputs(path: str | Path) -> list[Path]:
+    """The images to segment: ``path`` itself, or the images in the folder ``path`` (not its subfolders), leaving out
+    files named like predict's own outputs (so a folder used as both input and output is not segmented twice).
+    Two images whose outputs would have the same name (``a.jpg`` and ``a.png``) are refused before any work."""
+    path = Path(path)
+    if path.is_file():
+        if not is_image_file(path):
+            raise DataError(f"{path}: not an image (expected .jpg .jpeg .png .bmp .tif .tiff)")
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith(".")
+                       and not p.name.endswith(OUTPUT_SUFFIXES))
+        if not files:
+            raise DataError(f"{path}: no images found (looked for .jpg .jpeg .png .bmp .tif .tiff)")
+        by_stem: dict[str, list[str]] = {}
+        for p in files:
+            by_stem.setdefault(p.stem, []).append(p.name)
+        clashes = [" and ".join(names) for names in by_stem.values() if len(names) > 1]
+        if clashes:
+            raise DataError(f"{path}: images whose masks would overwrite each other (same name, other extension): "
+                            + "; ".join(clashes) + ". Rename or move one of each.")
+        return files
+    raise DataError(f"--input: {path} does not exist")
+
+
+def find_gt(masks: dict[str, Path], image: Path) -> Path | None:
+    """``image``'s mask among ``masks`` (lower-cased stem -> file, see ``gt_masks``), by the pairing rules."""
+    return next((masks[s.lower()] for s in mask_stem_for(image.stem) if s.lower() in masks), None)
+
+
+def gt_masks(gt_dir: Path) -> dict[str, Path]:
+    """The mask files of a --gt_dir by lower-cased stem (the pairing rules compare names so)."""
+    return {p.stem.lower(): p for p in sorted(gt_dir.iterdir(), reverse=True) if p.is_file() and is_image_file(p)}
+
+
+def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
+                device: torch.device, task: Task = BINARY_TASK, batch_size: int = 8, tta: bool = False,
+                threshold: float = 0.5, save_probs: bool = False, save_overlay: bool = False,
+                gt_dir: str | Path | None = None, img_ch: int = 3, progress: bool | None = None,
+                autocast: Callable | None = None, channels_last: bool = False, skip_existing: bool = False,
+                log=print) -> list[Path]:
+    """Write ``<stem>_segmentation.png`` for each input (the task's mask file: 0/255 for a binary mask, a palette
+    PNG of the classes for label maps), plus probability maps and overlays on request (``render_outputs``).
+    ``autocast``, ``channels_last``: see ``predict_images``; ``progress``: a bar (default: on a terminal), else a
+    ``log`` line once a minute. Every file is written whole or not at all; ``skip_existing`` leaves out the images
+    whose requested outputs are all there already (to continue an interrupted run). Returns the masks written.
+
+    Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
+    names every skipped file and carries the written paths."""
+    if (save_probs and not task.probability_maps) or (gt_dir and not task.outlines_truth):
+        raise DataError(f"{'--save_probs' if save_probs else '--gt_dir'}: for binary masks only; this model segments "
+                        f"{task.classes} classes")
+    paths = list_inputs(input_path)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    suffixes = [s for s, wanted in zip(OUTPUT_SUFFIXES, (True, save_probs, save_overlay)) if wanted]
+    if skip_existing:  # done: every output there and whole (a file cut short by a full disk is made again)
+        broken = [f for p in paths for s in suffixes if (f := output / f"{p.stem}{s}").is_file()
+                  and not is_whole_image(f)]
+        if broken:
+            log(f"{len(broken)} output file(s) in {output} are incomplete and are made again: "
+                + ", ".join(f.name for f in broken[:5]) + (" ..." if len(broken) > 5 else ""))
+        todo = [p for p in paths if not all(is_whole_image(output / f"{p.stem}{s}") for s in suffixes)]
+        if len(todo) < len(paths):
+            log(f"skipping {len(paths) - len(todo)} image(s) whose outputs are already in {output} "
+                f"(--skip_existing); {len(todo)} to go")
+        paths = todo
+        if not paths:
+            return []
+    gt_dir = Path(gt_dir) if gt_dir else None
+    if gt_dir is not None and not gt_dir.is_dir():
+        raise DataError(f"--gt_dir: {gt_dir} does not exist")
+    gt_index = gt_masks(gt_dir) if gt_dir is not None else {}
+    failed: list[str] = []
+    results = predict_images(model, paths, image_size, device, task, batch_size, tta, img_ch,
+                             on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
+                             channels_last=channels_last)
+    results = track(results, len(paths), "predict", log=log, terminal=progress)
+
+    def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
+        gt_path = find_gt(gt_index, path) if save_overlay else None
+        outputs = render_outputs(path, image, probs, task, threshold=threshold, save_probs=save_probs,
+                                 save_overlay=save_overlay,
+                                 gt=None if gt_path is None else read_gt_for(gt_path, path, probs.shape))
+        for suffix, data in outputs.items():  # the mask last: its file marks the image done
+            atomic_write_bytes(output / f"{path.stem}{suffix}", data)
+        return output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
+
+    workers = default_workers()
+    written: list[Path] = []
+    with ThreadPoolExecutor(workers) as pool:  # encoding and writing overlap the next images' prediction
+        in_flight: deque = deque()
+        try:
+            for path, image, probs in results:
+                in_flight.append(pool.submit(write, path, image, probs))
+                while len(in_flight) > workers:  # bounded: each holds a full-resolution probability map
+                    written.append(in_flight.popleft().result())
+            while in_flight:
+                written.append(in_flight.popleft().result())
+        except KeyboardInterrupt:  # the writes already queued finish (whole files) as the pool shuts down
+            log(f"interrupted: the files written to {output} so far are complete; run the same command with "
+                "--skip_existing to continue")
+            raise
+    if failed:
+        raise PartialPrediction(written, failed)
+    return written
+
+
+class PartialPrediction(DataError):
+    """Some inputs could not be read: the others were written (``written``); ``failed`` names each skipped file."""
+
+    def __init__(self, written: list[Path], failed: list[str]):
+        self.written, self.failed = written, failed
+        listing = "\n  ".join(failed)
+        super().__init__(f"{len(failed)} image(s) could not be read and were skipped ({len(written)} mask(s) "
+                         f"written):\n  {listing}")
+
+
+def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
+                       model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
+                       image_size: int | None = None, threshold: float | None = None, log=print,
+                       **options) -> list[Path]:
+    """``r2unet predict``: load ``checkpoint`` (a ``Predictor``) and run ``run_predict`` with its settings on
+    ``input_path``; ``options``: ``run_predict``'s."""
+    p = Predictor(checkpoint, model_overrides=model_overrides, device=device, amp=amp, image_size=image_size,
+                  threshold=threshold, log=log)
+    with torch.inference_mode():
+        return run_predict(p.model, input_path, output, p.image_size, p.device, p.task, threshold=p.threshold,
+                           autocast=p.precision.autocast, channels_last=p.channels_last, img_ch=p.cfg.img_ch, log=log,
+                           **options)

@@ -1,0 +1,54 @@
+"""The settings a command runs with, resolved once: ``train_settings`` (defaults < config file < a resumed run's
+settings < the flags given)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .checkpoint import load_file, require_training_state
+from .config import ConfigError, TrainConfig, read_config_file
+
+
+def train_settings(given: dict, log=print) -> TrainConfig:
+    """The run's settings from the flags ``given`` on the command line: defaults < the ``--config`` file < on
+    ``--resume``, the settings the run was started with (its last.pt) < the flags given. The reference's ``--apex``
+    maps onto ``--amp`` (unless --amp is given), ``--world-size`` must match the processes torchrun started, and a
+    default decay longer than a short run becomes the whole run (said in a line)."""
+    given = dict(given)
+    values: dict = {}
+    if "config" in given:
+        values.update(read_config_file(given.pop("config")))
+    apex, level = given.pop("apex", None), given.pop("apex_opt_level", "O1")
+    if "amp" not in given and apex is not None:
+        given["amp"] = "fp16" if apex and level in ("O1", "O2") else "off"
+    if "loss_scale" in given:
+        given["loss_scale"] = str(given["loss_scale"])
+    world = given.pop("world_size", None)
+    if world is not None and world > 1 and int(os.environ.get("WORLD_SIZE", "1")) != world:
+        raise ConfigError(f"--world-size {world}: launch the processes with torchrun, e.g. "
+                          f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
+    resume = given.get("resume", values.get("resume", False))
+    typed = "num_epochs_decay" in given or "num_epochs_decay" in values  # on this command line or in --config
+    decay_from = "defaults to {}"  # else a decay nobody typed now (the default, or the resumed run's) adapts
+    if resume:
+        last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
+            "last.pt"
+        if last.exists():
+            saved = require_training_state(load_file(last), last)["config"]
+            values.update({k: v for k, v in saved.items() if k != "extra"})
+            if "num_epochs_decay" in saved:
+                decay_from = "was {} in the resumed run"
+    values.update(given)
+    values["resume"] = bool(resume)
+    values["accept_split_change"] = bool(given.get("accept_split_change"))  # for this resume only, never carried
+    epochs = values.get("num_epochs", TrainConfig.num_epochs)
+    decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
+    shorter = not typed and decay > epochs
+    if shorter:
+        values["num_epochs_decay"] = epochs
+    cfg = TrainConfig.from_dict(values).validate()
+    if shorter and int(os.environ.get("RANK", "0")) == 0:  # once per job, and only for settings that are valid
+        log(f"note: --num_epochs_decay {decay_from.format(decay)} > --num_epochs {epochs}; decaying over all "
+            f"{epochs} epochs")
+    return cfg
