@@ -3,7 +3,12 @@ interrupted write (Ctrl-C, a full disk) leaves the previous file or none, never 
 
 from __future__ import annotations
 
+import errno
+import io
+import json
 import os
+import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,8 +51,6 @@ def check_writable(path: str | Path) -> None:
 def naming(exc: OSError, path: Path) -> OSError:
     """``exc`` with the file it was about (a full disk's error names none), and the free space when the disk is
     full."""
-    import errno
-
     if exc.filename and exc.errno not in (errno.ENOSPC, errno.EDQUOT):
         return exc
     reason = exc.strerror or str(exc)
@@ -58,8 +61,6 @@ def naming(exc: OSError, path: Path) -> OSError:
 
 def free_space(folder: Path) -> str:
     """"N MiB free in FOLDER", for messages about a full disk ("" when the file system will not say)."""
-    import shutil
-
     try:
         return f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free in {folder}"
     except OSError:
@@ -107,8 +108,6 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """``data`` written whole under ``path`` or not at all: one checked write (a short write on a full disk is an
     error, and the size on disk is compared), then ``atomic_write``'s fsync and rename. Encoders that write to a file
     descriptor themselves (Pillow's JPEG encoder) ignore a short write; encoding to memory first leaves them none."""
-    import errno
-
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -123,8 +122,6 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 
 def encode_image(image: Any, suffix: str, **options) -> bytes:
     """A PIL image encoded in memory in the format its file suffix names (what ``atomic_save_image`` writes)."""
-    import io
-
     buffer = io.BytesIO()
     image.save(buffer, format=IMAGE_FORMATS.get(suffix.lower(), suffix.lstrip(".").upper()), **options)
     return buffer.getvalue()
@@ -170,9 +167,6 @@ class FolderLock:
 
     def acquire(self) -> str | None:
         """None when the lock is ours; otherwise a message naming the holder (nothing was changed)."""
-        import json
-        import socket
-
         self._created_folder = not self.folder.exists()
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         for _ in range(2):

@@ -8,6 +8,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
+from tqdm import tqdm
+
 LOG_INTERVAL_S = 60.0
 
 T = TypeVar("T")
@@ -18,8 +20,6 @@ def track(iterable: Iterable[T], total: int, desc: str, unit: str = "img", log=p
     """Yield from ``iterable`` while showing progress: a bar when ``terminal`` (default: stderr is a terminal),
     else ``log("desc: i/total unit (rate unit/s)")`` at most every ``LOG_INTERVAL_S`` seconds."""
     if sys.stderr.isatty() if terminal is None else terminal:
-        from tqdm import tqdm
-
         yield from tqdm(iterable, total=total, desc=desc, unit=unit, dynamic_ncols=True)
         return
     start = last = time.perf_counter()
@@ -46,8 +46,6 @@ def around_bars(log, bar):
     """``log`` that clears the progress bars (stderr) while it prints, so a message never lands inside a bar's line."""
     if bar is None:
         return log
-    from tqdm import tqdm
-
     def write(*args, **kwargs):
         with tqdm.external_write_mode(file=sys.stderr):
             log(*args, **kwargs)
@@ -81,8 +79,6 @@ def training_bar(is_main: bool, total: int, images_per_batch: int):
     that prints (None elsewhere)."""
     if not is_main or not sys.stderr.isatty():
         return None
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="img", unit_scale=images_per_batch, dynamic_ncols=True, leave=False)
 
 

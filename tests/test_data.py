@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from r2unet.data.augment import AugmentConfig, eval_batch, train_batch
-from r2unet.data.cache import build_cache
-from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+from r2unet.data.cache import build_cache, split_cache
+from r2unet.data.dataset import DeviceTransform, make_loader
 from r2unet.data.imageio import DataError, read_image, read_mask
 from r2unet.data.prepare import SPLITS, pair_files, prepare_split, split_counts
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset

@@ -31,7 +31,7 @@ def odd_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     prepared_synthetic(root, 23, seed=5, max_side=160)
     # build the caches once, before processes race for them
-    from r2unet.data.dataset import split_cache
+    from r2unet.data.cache import split_cache
 
     for split in ("train", "valid", "test"):
         split_cache(root / "data", split, 32, progress=False, log=lambda *_: None)

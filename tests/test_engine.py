@@ -316,7 +316,8 @@ def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, m
 
 
 def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):
-    from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+    from r2unet.data.cache import split_cache
+    from r2unet.data.dataset import DeviceTransform, make_loader
     from r2unet.engine.loop import evaluate
     from r2unet.engine.runtime import Precision
     from r2unet.models import create_model

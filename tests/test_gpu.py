@@ -35,7 +35,8 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
     """Between log points a training step (cache batch -> augmentation -> forward -> loss -> backward -> fused Adam
     with the non-finite check -> metric counts) must not synchronise the host with the GPU: CUDA's sync debug mode
     turns every implicit synchronisation (.item(), a blocking host-to-device copy, ...) into an error."""
-    from r2unet.data.dataset import DeviceTransform, make_loader, split_cache
+    from r2unet.data.cache import split_cache
+    from r2unet.data.dataset import DeviceTransform, make_loader
     from r2unet.engine import distributed as D
     from r2unet.engine.config import TrainConfig
     from r2unet.engine.loop import EpochRun, build_training

@@ -10,7 +10,7 @@ from PIL import Image
 
 from r2unet.commands.cli import main
 from r2unet.data.augment import AugmentConfig, train_batch
-from r2unet.data.dataset import split_cache
+from r2unet.data.cache import split_cache
 from r2unet.data.imageio import LabelMapsFound, read_label_map
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from r2unet.data.targets import LabelMaps

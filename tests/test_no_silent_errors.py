@@ -229,7 +229,7 @@ def test_an_onnx_with_a_fixed_input_shape_runs_at_that_shape_or_says_why_not(onn
 
 # ----------------------------------------------------------------------------- palettes against the colour table
 def test_a_palette_that_orders_its_colours_its_own_way_is_read_by_colour_and_named(tmp_path, capsys):
-    from r2unet.data.dataset import split_cache
+    from r2unet.data.cache import split_cache
     from r2unet.data.imageio import class_colors, read_label_map
     from r2unet.data.targets import LabelMaps
 

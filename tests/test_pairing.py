@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from r2unet.commands.cli import main
-from r2unet.data.dataset import split_cache
+from r2unet.data.cache import split_cache
 from r2unet.data.imageio import DataError
 from r2unet.data.pairs import CASE_RULE, checked_pairs, pair_files
 from r2unet.data.prepare import prepare_split

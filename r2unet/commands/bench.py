@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .. import defaults
 from ..data.augment import AugmentConfig
-from ..data.dataset import DeviceTransform, make_loader, split_cache
+from ..data.cache import split_cache
+from ..data.dataset import DeviceTransform, make_loader
 from ..data.prepare import prepare_split
 from ..data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from ..engine import distributed as D
@@ -21,7 +23,7 @@ from ..engine.runtime import Precision, describe_device, place_model, resolve_co
 from ..engine.task import BINARY_TASK
 from ..engine.trainer import TrainingSetup
 from ..errors import first_line
-from ..models import DEFAULT_T, create_model
+from ..models import create_model
 
 
 def train_report(result: dict) -> str:
@@ -49,8 +51,8 @@ def data_report(result: dict) -> str:
 
 def bench_data(
     data_path: str | Path,
-    image_size: int = 224,
-    batch_size: int = 16,
+    image_size: int = defaults.IMAGE_SIZE,
+    batch_size: int = defaults.BATCH_SIZE,
     device: str = "cpu",
     num_workers: int = 0,
     min_images: int = 2000,
@@ -182,8 +184,9 @@ def parse_configs(spec: str, device: torch.device, use_compile: bool) -> list[st
     return ["fp32"] + [n for n in names if n != "fp32"]
 
 
-def bench_train(model_type: str = "R2U_Net", batch_size: int = 16, image_size: int = 224, t: int = DEFAULT_T,
-                base_channels: int = 64, device: str = "auto", steps: int = 20, warmup: int = 5,
+def bench_train(model_type: str = defaults.MODEL_TYPE, batch_size: int = defaults.BATCH_SIZE,
+                image_size: int = defaults.IMAGE_SIZE, t: int = defaults.T,
+                base_channels: int = defaults.BASE_CHANNELS, device: str = "auto", steps: int = 20, warmup: int = 5,
                 compile_model: str = "auto", compile_mode: str = "default", configs: str = "all",
                 data_path: str | Path | None = None, log=print) -> dict:
     """img/s of a plain fp32 eager step, each optimisation added, and the default training configuration, measured

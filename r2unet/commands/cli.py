@@ -9,23 +9,21 @@ import sys
 
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, defaults
 from ..data.imageio import MAX_PIXELS_ENV, DataError, set_max_pixels
 from ..data.pairs import SPLITS
 from ..data.targets import targets_for
-from ..engine import config as settings  # flags and settings: light, no torch
-from ..engine.config import (
-    COMPILE_MODES,
-    ConfigError,
-    TrainConfig,
+from ..engine.config import COMPILE_MODES, ConfigError, TrainConfig, load_class_colors
+from ..errors import CheckpointError, ExportError, Terminated, TrainingError, for_user
+from ..models import list_models
+from .args import (
     add_checkpoint_flags,
     add_train_flags,
+    parse_command_line,
     positive_float,
     positive_int,
+    show_defaults,
 )
-from ..errors import CheckpointError, ExportError, Terminated, TrainingError, for_user
-from ..models import DEFAULT_T, list_models
-from .args import parse_command_line
 
 
 # ------------------------------------------------------------------------------------------------------- commands
@@ -69,7 +67,7 @@ def _prepare(p) -> None:
                    "a model may have trained on into other splits)")
     p.add_argument("--skip_bad", action="store_true", help="list and skip bad files instead of stopping")
     p.add_argument("--link", choices=["copy", "hardlink", "symlink"], default="copy")
-    p.add_argument("--image_size", type=int, default=224, help="training size the cache is built for")
+    p.add_argument("--image_size", type=int, default=defaults.IMAGE_SIZE, help="training size the cache is built for")
     p.add_argument("--num_workers", type=int, default=None, help="processes decoding images (default: all cores)")
     p.add_argument("--no_cache", action="store_true", help="only split; the cache is built when training starts")
     p.add_argument("--mask_suffix", help="masks are named <image stem>SUFFIX.<ext> (default: found, see README)")
@@ -89,7 +87,7 @@ def _cmd_prepare(args) -> None:
                   seed=args.seed, overwrite=args.overwrite, skip_bad=args.skip_bad, link=args.link,
                   progress=sys.stderr.isatty(), cache_size=None if args.no_cache else args.image_size,
                   cache_workers=args.num_workers, mask_suffix=args.mask_suffix, recursive=args.recursive,
-                  masks=targets_for(args.num_classes, settings.load_class_colors(args.class_colors, args.num_classes)),
+                  masks=targets_for(args.num_classes, load_class_colors(args.class_colors, args.num_classes)),
                   resplit=args.resplit)
 
 
@@ -258,8 +256,9 @@ def _bench(p) -> None:
     p.add_argument("what", choices=["data", "train"])
     p.add_argument("--data_path", help="prepared dataset (data: required; train: default a synthetic one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--model_type", default="R2U_Net", choices=list_models())
-    for name, default in (("image_size", 224), ("batch_size", 16), ("t", DEFAULT_T), ("base_channels", 64),
+    p.add_argument("--model_type", default=defaults.MODEL_TYPE, choices=list_models())
+    for name, default in (("image_size", defaults.IMAGE_SIZE), ("batch_size", defaults.BATCH_SIZE),
+                          ("t", defaults.T), ("base_channels", defaults.BASE_CHANNELS),
                           ("steps", 20), ("warmup", 5), ("num_workers", 0)):
         p.add_argument(f"--{name}", type=int, default=default, help={"steps": "timed steps per configuration",
                                                                         "warmup": "untimed steps first"}.get(name))
@@ -311,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                            usage="%(prog)s [-h] --data_path DIR [--output_dir DIR] [FLAGS]" if train else None)
         add_flags(p)
         p.set_defaults(func=run, parser=p)
-        settings.show_defaults(p)
+        show_defaults(p)
     return parser
 
 

@@ -6,8 +6,10 @@ import json
 import sys
 from pathlib import Path
 
+from .. import defaults
 from ..data.prepare import prepare_split
 from ..data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+from ..engine.checkpoint import RunFiles
 from ..engine.config import TrainConfig
 from ..engine.trainer import fit
 from ..fileio import atomic_write_text
@@ -22,7 +24,7 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
     if num_images < MIN_IMAGES:  # 70 % of them must fill a batch of 8, with validation and test images left
         raise ValueError(f"--num_images: the demo needs at least {MIN_IMAGES} images, got {num_images}")
     epochs = num_epochs or 20
-    if (run / "checkpoints" / "last.pt").exists():
+    if RunFiles(run).last.exists():
         raise ValueError(f"{output} already holds a demo run; choose another --output (nothing was deleted)")
     if not (raw / IMAGE_DIR).is_dir():
         log(f"1/3 writing {num_images} synthetic lesion images to {raw}")
@@ -33,7 +35,7 @@ def run_demo(output: str | Path = "runs/demo", num_images: int = 160, num_epochs
     # Small enough for a laptop CPU; float32 on every CPU (bf16 is native on some CPUs only, and trains to other
     # numbers), so the demo scores the same on each up to rounding; Adam's usual beta1 0.9 (the reference's 0.5 made
     # the validation curve swing from epoch to epoch at this size).
-    cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=8, image_size=64, batch_size=8, amp="off",
+    cfg = TrainConfig(model_type=defaults.MODEL_TYPE, t=2, base_channels=8, image_size=64, batch_size=8, amp="off",
                       num_epochs=epochs, num_epochs_decay=epochs * 2 // 5, lr=1e-3, beta1=0.9, num_workers=0,
                       data_path=str(data), output_dir=str(run), seed=seed, sample_every=5, device="cpu")
     log(f"3/3 training a small R2U-Net (base_channels {cfg.base_channels}, {cfg.image_size}x{cfg.image_size}) "

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..data.imageio import DataError, is_image_file
 from ..data.pairs import mask_stem_for
 from ..engine.inference import OUTPUT_SUFFIXES, Predictor, default_workers, predict_images, read_gt_for, render_outputs
@@ -55,9 +56,10 @@ def gt_masks(gt_dir: Path) -> dict[str, Path]:
 
 
 def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
-                device: torch.device, task: Task = BINARY_TASK, batch_size: int = 8, tta: bool = False,
-                threshold: float = 0.5, save_probs: bool = False, save_overlay: bool = False,
-                gt_dir: str | Path | None = None, img_ch: int = 3, progress: bool | None = None,
+                device: torch.device, task: Task = BINARY_TASK, batch_size: int = defaults.PREDICT_BATCH,
+                tta: bool = False, threshold: float = defaults.THRESHOLD, save_probs: bool = False,
+                save_overlay: bool = False, gt_dir: str | Path | None = None, img_ch: int = 3,
+                progress: bool | None = None,
                 autocast: Callable | None = None, channels_last: bool = False, skip_existing: bool = False,
                 log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` for each input (the task's mask file: 0/255 for a binary mask, a palette

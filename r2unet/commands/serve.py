@@ -28,6 +28,7 @@ import math
 import socket
 import threading
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 from PIL import Image
@@ -259,8 +260,6 @@ BATCH_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-da
 def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set[str] | None = None):
     """The FastAPI application: the page at ``/``, ``POST /predict``, ``POST /predict/batch``, ``GET /health``,
     behind ``RequestGuard`` (``hosts`` None: the loopback names; ``origins``: cross-site origins allowed)."""
-    from typing import Annotated
-
     from fastapi import FastAPI, Query, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response

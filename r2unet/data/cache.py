@@ -18,10 +18,15 @@ are added and removed ones dropped, so a dataset folder that changes under a cac
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,10 +34,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .. import defaults
 from ..fileio import atomic_write_text, free_space
 from ..progress import track
 from .imageio import DataError, NotBinaryMask, label_maps_among, mask_frame, read_image
-from .pairs import checked_pairs, note_ambiguous, report_problems
+from .pairs import checked_pairs, note_ambiguous, report_problems, split_folders
 from .targets import BINARY, Targets
 
 CACHE_VERSION = 1
@@ -67,14 +73,7 @@ def _exit_with(parent: int) -> None:
     """In each decoding worker: exit when the process that started the pool is gone (``kill -9``, a crash) instead
     of waiting on its queue forever. A forked worker on Linux asks the kernel for the signal; otherwise (forkserver,
     spawn, other systems) a thread checks every second that the process is still there."""
-    import signal
-    import sys
-    import threading
-    import time
-
     if sys.platform.startswith("linux") and os.getppid() == parent:
-        import ctypes
-
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -166,7 +165,7 @@ def build_cache(
     image_dir: str | Path,
     mask_dir: str | Path,
     cache_dir: str | Path,
-    image_size: int = 224,
+    image_size: int = defaults.IMAGE_SIZE,
     num_workers: int | None = None,
     skip_bad: bool = False,
     progress: bool | None = None,
@@ -371,3 +370,36 @@ def _read_meta(path: Path, side: int, targets: Targets) -> dict | None:
 def _write_meta(path: Path, side: int, entries: list[dict], targets: Targets) -> None:
     meta = {"version": CACHE_VERSION, "side": side, "entries": entries, **targets.meta()}
     atomic_write_text(path, json.dumps(meta))
+
+
+# ---------------------------------------------------------------------------------- the caches of a dataset's splits
+CACHE_DIRNAME = ".r2unet_cache"
+
+def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None,
+                  targets: Targets) -> Path:
+    root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
+    return root / targets.cache_name(f"{split}-{cache_side(image_size)}")
+
+def require_split(data_path: str | Path, split: str) -> None:
+    """A DataError naming what is missing and what to run, unless ``data_path`` holds ``split`` and ``split_GT``."""
+    data_path = Path(data_path)
+    for folder in split_folders(data_path, split):
+        if not folder.is_dir():
+            raise DataError(f"--data_path: {folder} is missing; a prepared dataset holds train/ train_GT/ valid/ "
+                            f"valid_GT/ test/ test_GT/ (run 'r2unet prepare --data_path {data_path} ...' first)")
+
+def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
+                targets: Targets = BINARY, **build_kwargs) -> SplitCache:
+    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it.
+    ``targets``: what the masks are (``targets.py``)."""
+    data_path = Path(data_path)
+    require_split(data_path, split)
+    folder = _cache_folder(data_path, split, image_size, cache_dir, targets)
+    return build_cache(*split_folders(data_path, split), folder, image_size=image_size, targets=targets,
+                       **build_kwargs)
+
+def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None,
+                     targets: Targets = BINARY) -> SplitCache:
+    """Open an existing cache (built by another process) without revalidating it."""
+    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, targets), cache_side(image_size),
+                      targets)

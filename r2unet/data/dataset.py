@@ -6,18 +6,12 @@ A ``CachedBatches`` dataset returns a whole batch per index list (one fancy-inde
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 
 from .augment import AugmentConfig, eval_batch, train_batch
-from .cache import SplitCache, build_cache, cache_side, open_cache
-from .imageio import DataError
-from .targets import BINARY, Targets
-
-CACHE_DIRNAME = ".r2unet_cache"
+from .cache import SplitCache
 
 
 class CachedBatches(Dataset):
@@ -39,39 +33,6 @@ class CachedBatches(Dataset):
             "aspect": self.aspect[idx],
             "index": torch.from_numpy(idx),
         }
-
-
-def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None,
-                  targets: Targets) -> Path:
-    root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
-    return root / targets.cache_name(f"{split}-{cache_side(image_size)}")
-
-
-def require_split(data_path: str | Path, split: str) -> None:
-    """A DataError naming what is missing and what to run, unless ``data_path`` holds ``split`` and ``split_GT``."""
-    data_path = Path(data_path)
-    for folder in (data_path / split, data_path / f"{split}_GT"):
-        if not folder.is_dir():
-            raise DataError(f"--data_path: {folder} is missing; a prepared dataset holds train/ train_GT/ valid/ "
-                            f"valid_GT/ test/ test_GT/ (run 'r2unet prepare --data_path {data_path} ...' first)")
-
-
-def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
-                targets: Targets = BINARY, **build_kwargs) -> SplitCache:
-    """Build (or validate and reuse) the cache of ``data_path/<split>`` + ``data_path/<split>_GT`` and open it.
-    ``targets``: what the masks are (``targets.py``)."""
-    data_path = Path(data_path)
-    require_split(data_path, split)
-    folder = _cache_folder(data_path, split, image_size, cache_dir, targets)
-    return build_cache(data_path / split, data_path / f"{split}_GT", folder, image_size=image_size, targets=targets,
-                       **build_kwargs)
-
-
-def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None,
-                     targets: Targets = BINARY) -> SplitCache:
-    """Open an existing cache (built by another process) without revalidating it."""
-    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, targets), cache_side(image_size),
-                      targets)
 
 
 def make_loader(

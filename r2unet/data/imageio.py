@@ -16,6 +16,7 @@ frame; ``mask_frame`` decides which from the sizes alone, by one rule for every 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import warnings
@@ -45,8 +46,6 @@ class InMemory:
         return Path(self.name).stem
 
     def stream(self):
-        import io
-
         return io.BytesIO(self.data)
 
 

@@ -24,6 +24,11 @@ from pathlib import Path
 from .imageio import DataError, image_size, is_image_file, mask_frame
 
 SPLITS = ("train", "valid", "test")
+
+
+def split_folders(data_path: str | Path, split: str) -> tuple[Path, Path]:
+    """(images, masks) folders of a split of a prepared dataset: ``split/`` and ``split_GT/``, the reference's."""
+    return Path(data_path) / split, Path(data_path) / f"{split}_GT"
 _IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 MASK_SUFFIXES = ("", "_segmentation", "_mask", "_masks", "_gt", "_groundtruth", "_label", "_labels", "_seg",
                  "_lesion", "_anno", "_annotation", "-mask", "-gt", "-label", "-seg")

@@ -17,9 +17,12 @@ import random
 import shutil
 from pathlib import Path
 
+from tqdm import tqdm
+
 from ..fileio import atomic_write, atomic_write_text
+from .cache import split_cache
 from .imageio import DataError, is_image_file
-from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems
+from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems, split_folders
 from .targets import BINARY, Targets
 
 MANIFEST_NAME = "r2unet_manifest.json"
@@ -167,8 +170,6 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
     """Decode every split into its cache. With ``skip_bad``, a pair whose headers were fine but whose pixels do not
     decode (a truncated JPEG) leaves the split too: its placed files are removed, the manifest names its source
     among the skipped, and the cache is brought in line. Nothing that later reads the split meets it again."""
-    from .dataset import split_cache
-
     for split in SPLITS:
         if not manifest["splits"][split]:
             continue
@@ -180,7 +181,7 @@ def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_si
             continue
         removed = set()
         for e in bad:
-            for folder, name in ((data_path / split, e["image"]), (data_path / f"{split}_GT", e["mask"])):
+            for folder, name in zip(split_folders(data_path, split), (e["image"], e["mask"])):
                 (folder / name).unlink(missing_ok=True)
                 removed.add(str((folder / name).absolute()))
         sources = [str(Path(manifest["source"]["images"]) / e.get("from", [e["image"]])[0]) for e in bad]
@@ -202,7 +203,7 @@ def _targets(data_path, targets, manifest_path) -> tuple[dict[str, tuple[Path, P
         raise ValueError("give either --data_path or all of the --{train,valid,test}_path/_GT_path flags")
     if data_path is not None:
         data_path = Path(data_path)
-        targets = {s: (data_path / s, data_path / f"{s}_GT") for s in SPLITS}
+        targets = {s: split_folders(data_path, s) for s in SPLITS}
     targets = {s: (Path(a), Path(b)) for s, (a, b) in targets.items()}
     if manifest_path is None:
         common = Path(os.path.commonpath([str(p.resolve()) for pair in targets.values() for p in pair]))
@@ -384,8 +385,6 @@ def _place_all(plan, ours: set[Path], targets: dict, link: str, manifest_path: P
     written = []
     steps = plan
     if progress:
-        from tqdm import tqdm
-
         steps = tqdm(plan, desc=f"prepare ({link})", unit="file")
     try:
         for src, dst in steps:

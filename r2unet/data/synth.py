@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+from tqdm import tqdm
 
 from ..fileio import atomic_save_image
-from .imageio import DataError, save_label_map
+from .imageio import DataError
+from .targets import targets_for
 
 IMAGE_DIR = "ISIC2018_Task1-2_Training_Input"
 MASK_DIR = "ISIC2018_Task1_Training_GroundTruth"
@@ -27,11 +29,11 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC)).clip(-1, 1)
 
 
-def synth_pair(rng: np.random.Generator, width: int, height: int, num_classes: int = 1
+def synth_pair(rng: np.random.Generator, width: int, height: int, with_core: bool = False
                ) -> tuple[np.ndarray, np.ndarray]:
-    """One (image uint8 (H, W, 3), mask bool (H, W)) pair; with ``num_classes`` 3, the mask is a label map (H, W)
-    uint8: 1 the lesion, 2 its dark core (drawn without drawing more random numbers: the image and lesion of a
-    seed are those of the binary set, but for the core)."""
+    """One (image uint8 (H, W, 3), mask bool (H, W)) pair; ``with_core``: the mask is a label map (H, W) uint8:
+    1 the lesion, 2 its dark core (drawn without drawing more random numbers: the image and lesion of a seed are
+    those of the binary set, but for the core)."""
     h, w = height, width
     skin = rng.uniform(175, 240) * np.array([1.0, 0.78, 0.66]) * rng.uniform(0.94, 1.06, 3)
     img = np.empty((h, w, 3), np.float32)
@@ -57,7 +59,7 @@ def synth_pair(rng: np.random.Generator, width: int, height: int, num_classes: i
     edge = rng.uniform(0.01, 0.08) * base_r  # soft or sharp border
     weight = np.clip((radius - dist) / edge + 0.5, 0, 1)[..., None] * contrast
     img = img * (1 - weight) + lesion * texture * weight
-    core = dist < radius * 0.5 if num_classes == 3 else None
+    core = dist < radius * 0.5 if with_core else None
     if core is not None:
         img[core] *= 0.55
     if rng.random() < 0.5:  # darker blotches inside the lesion
@@ -115,10 +117,9 @@ def generate_dataset(
                         + "); nothing was written. Choose another --output, or pass --overwrite to replace them")
     img_dir.mkdir(parents=True, exist_ok=True)
     mask_dir.mkdir(parents=True, exist_ok=True)
+    targets, with_core = targets_for(num_classes), num_classes == 3  # synth's sets: the third class is the core
     items = range(num_images)
     if progress:
-        from tqdm import tqdm
-
         items = tqdm(items, desc="synth", unit="img")
     for i in items:
         rng = np.random.default_rng([seed, i])
@@ -128,11 +129,8 @@ def generate_dataset(
             long_side = int(rng.integers(min(256, max_side // 2), min(640, max_side) + 1))
         aspect = _ASPECTS[rng.integers(len(_ASPECTS))]
         w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
-        image, mask = synth_pair(rng, w, h, num_classes)
+        image, mask = synth_pair(rng, w, h, with_core)
         name = names[i]
         atomic_save_image(Image.fromarray(image), img_dir / f"{name}.jpg", quality=90)
-        if num_classes == 3:
-            save_label_map(mask, mask_dir / f"{name}_segmentation.png", num_classes)
-        else:
-            atomic_save_image(Image.fromarray(mask.astype(np.uint8) * 255), mask_dir / f"{name}_segmentation.png")
+        atomic_save_image(targets.picture(mask), mask_dir / f"{name}_segmentation.png")
     return output

@@ -9,14 +9,19 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write, free_space, naming
+from ..models.spec import FAMILY
 from .runtime import CompileWithFallback
 
 
@@ -34,8 +39,6 @@ class RunFiles:
 
     def previous_results(self) -> dict:
         """results.json as a previous session wrote it ({} if there is none)."""
-        import json
-
         try:
             return json.loads(self.results.read_text())
         except (OSError, json.JSONDecodeError):
@@ -116,11 +119,6 @@ def load_file(path: str | Path) -> dict:
 def _load_safetensors(path: Path) -> dict:
     """A bare state_dict; for a file ``r2unet export`` wrote, the weights with the run's settings (text metadata) as
     ``{"format": "r2unet", "model": ..., "config": ...}``, so that it is used like a checkpoint."""
-    import json
-
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file as load_safetensors
-
     try:
         state = load_safetensors(str(path), device="cpu")
         with safe_open(str(path), framework="pt") as f:
@@ -181,8 +179,7 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict | None:
     first = state.get("RRCNN1.Conv_1x1.weight" if recurrent else "Conv1.conv.0.weight")  # reads the image channels
     if first is None:
         return None
-    model_type = {(False, False): "U_Net", (True, False): "R2U_Net", (False, True): "AttU_Net",
-                  (True, True): "R2AttU_Net"}[(recurrent, attention)]
+    model_type = next(name for name, kind in FAMILY.items() if kind == (recurrent, attention))
     head = state["Conv_1x1.weight"]
     return {"model_type": model_type, "base_channels": int(head.shape[1]), "img_ch": int(first.shape[1]),
             "output_ch": int(head.shape[0])}
@@ -211,10 +208,6 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str =
 
 def save_weights_safetensors(model: nn.Module, path: str | Path, config: dict | None = None) -> None:
     """The model's weights (and buffers) alone as a safetensors file; the config goes into its text metadata."""
-    import json
-
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in unwrap(model).state_dict().items()}
     metadata = {"format": FORMAT, "config": json.dumps(config or {})}
     try:

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import defaults
 from ..data.targets import check_classes
 from ..errors import ConfigError, quote
-from ..models import DEFAULT_T, SIZE_MULTIPLE, list_models
+from ..fileio import atomic_write_text
+from ..models import SIZE_MULTIPLE, list_models
 
 # torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -32,22 +33,22 @@ class TrainConfig:
     """Every setting of a training run. Each field is a ``train`` flag of the same name (``setting``'s metadata)."""
 
     # model (the reference's flags)
-    model_type: str = setting("R2U_Net", "network", choices=tuple(list_models()), seed=True)
-    t: int = setting(DEFAULT_T, "recurrence steps of R2U_Net / R2AttU_Net; 3 is the reference's training default",
+    model_type: str = setting(defaults.MODEL_TYPE, "network", choices=tuple(list_models()), seed=True)
+    t: int = setting(defaults.T, "recurrence steps of R2U_Net / R2AttU_Net; 3 is the reference's training default",
                      seed=True)
-    image_size: int = setting(224, "square training size, a multiple of 16", seed=True)
+    image_size: int = setting(defaults.IMAGE_SIZE, "square training size, a multiple of 16", seed=True)
     img_ch: int = setting(3, "input channels: 3 (RGB) or 1 (grayscale)", seed=True)
     output_ch: int = setting(1, "output channels: 1 (binary), or --num_classes (what label maps need)", seed=True)
     num_classes: int = setting(1, "1: binary masks (sigmoid, the reference's); K >= 2: label maps of K classes, the "
                                   "background included (softmax)")
     class_colors: str | None = setting(None, "JSON/YAML list of [r, g, b] per class, for label maps stored as RGB "
                                              "colours (palette and grayscale maps hold the class indices)")
-    base_channels: int = setting(64, "width of the first stage (the reference's networks: 64)")
+    base_channels: int = setting(defaults.BASE_CHANNELS, "width of the first stage (the reference's networks)")
     # optimisation (the reference's defaults: Adam lr 2e-4, betas 0.5/0.999, linear decay over the last epochs)
     num_epochs: int = setting(100, "epochs", seed=True)
     num_epochs_decay: int = setting(70, "epochs of linear LR decay at the end (at most --num_epochs; when not "
                                         "given and longer than a short run, the whole run)", seed=True)
-    batch_size: int = setting(16, "per process", seed=True)
+    batch_size: int = setting(defaults.BATCH_SIZE, "per process", seed=True)
     global_batch_size: int | None = setting(None, "alternative to --batch_size: divided among the processes")
     scale_lr: bool = setting(False, "linear scaling rule: multiply --lr by the global batch / --lr_batch_size, i.e. "
                                     "by the number of processes by default (the 8p recipe: 8 x 2e-4 = 0.0016)")
@@ -91,7 +92,7 @@ class TrainConfig:
     save_every_steps: int = setting(0, "also write last.pt every N steps inside an epoch (0: at epoch ends only)")
     log_every: int = setting(10, "steps between host syncs for logging and NaN checks")
     tensorboard: bool = setting(False, "also log to OUTPUT_DIR/tensorboard")
-    threshold: float = setting(0.5, "probability threshold of the metrics")
+    threshold: float = setting(defaults.THRESHOLD, "probability threshold of the metrics")
     resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
     accept_split_change: bool = setting(False, "with --resume: go on although the data's split is not the one the run "
                                                "trained on (best.pt is then chosen anew on the new validation split)")
@@ -176,8 +177,6 @@ class TrainConfig:
         return cfg
 
     def save(self, path: str | Path) -> None:
-        from ..fileio import atomic_write_text
-
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
 
@@ -247,106 +246,6 @@ def _typed(name: str, value, type_name: str, path: Path):
     return float(value) if base == "float" else str(value) if base == "str" else value
 
 
-# ----------------------------------------------------------------------------------------------- the train flags
-# The reference's flags that are not settings themselves: --apex and its level map onto --amp, --world-size is
-# checked against torchrun's process count, --config names a file of settings.
-EXTRA_FLAGS = {
-    "config": dict(help="YAML/TOML/JSON file of settings (keys are the flag names); flags given override it "
-                        "(default: none)"),
-    "apex": dict(type=int, choices=[0, 1], seed=True,
-                 help="1: mixed precision (fp16 with O1/O2 on GPUs; on CPUs bf16 where native, else float32) "
-                      "(default: not given, --amp decides)"),
-    "apex_opt_level": dict(choices=["O0", "O1", "O2"], seed=True, names=("--apex-opt-level", "--apex_opt_level"),
-                           help="O1/O2 with --apex 1: mixed precision; O0: float32 (default: O1)"),
-    "world_size": dict(type=int, seed=True, names=("--world-size", "--world_size"),
-                       help="number of processes; launch them with torchrun (default: the processes torchrun "
-                            "started)"),
-}
-_TYPES = {"int": int, "float": float, "str": str}
-
-
-def add_train_flags(parser) -> None:
-    """One flag per TrainConfig field (help, choices and default from the field), the reference's first, then the
-    reference's non-setting flags (EXTRA_FLAGS). Flags not given stay out of the parsed namespace
-    (``argparse.SUPPRESS``), so ``train_settings`` sees what the user typed."""
-    import argparse
-
-    groups = {True: parser.add_argument_group("the reference's flags"), False: parser.add_argument_group("r2unet")}
-    for f in dataclasses.fields(TrainConfig):
-        if "help" not in f.metadata:
-            continue
-        name = f.metadata["flag"] or f.name
-        base = f.type.replace("| None", "").strip()
-        shown = "None" if f.default is None else f.default
-        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
-        if base != "bool" and not f.metadata["choices"]:
-            kwargs["metavar"] = name.upper()
-        if base == "bool":
-            kwargs["action"] = "store_true"
-        else:
-            kwargs["type"] = _TYPES[base]
-            if f.metadata["choices"]:
-                kwargs["choices"] = list(f.metadata["choices"])
-        groups[f.metadata["seed"]].add_argument(f"--{name}", **kwargs)
-    for dest, spec in EXTRA_FLAGS.items():
-        spec = dict(spec)
-        names, seed = spec.pop("names", (f"--{dest}",)), spec.pop("seed", False)
-        groups[seed].add_argument(*names, dest=dest, default=argparse.SUPPRESS, **spec)
-
-
-
-
-# ------------------------------------------------------------------ flags of the commands that use a trained model
-def probability(text: str) -> float:
-    """argparse type of a --threshold: a probability strictly between 0 and 1."""
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """argparse type of a count that must be at least 1 (--batch_size)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """argparse type of a size that must be a positive, finite number (--max_mb)."""
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
-    """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
-    overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl "
-                        "(predict and serve also take a model from 'r2unet export', .onnx)")
-    p.add_argument("--model_type", choices=list_models(), default=None,
-                   help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
-    p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "
-                   "record them (default: the reference's training default, 3); overrides the checkpoint's")
-    p.add_argument("--base_channels", type=int, default=None, help="overrides the checkpoint's (a bare "
-                   "state_dict's is read from its weights)")
-    p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
-    if batch_size is None:
-        return
-    p.add_argument("--batch_size", type=positive_int, default=batch_size)
-    p.add_argument("--threshold", type=probability, default=None, help="default: the checkpoint's (0.5)")
-    p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
-                   help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
-                        "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "
-                        "native bf16 (AMX / AVX512-BF16), float32 on other CPUs (and channels_last where training "
-                        "uses it); off: float32")
-
-
 def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[int, int, int]] | None:
     """The ``--class_colors`` file (or its list itself, as a run's config keeps it): a list of [r, g, b], one per
     class, the background's first."""
@@ -373,11 +272,3 @@ def load_class_colors(path: str | Path | None, num_classes: int) -> list[tuple[i
     return [tuple(c) for c in values]
 
 
-def show_defaults(parser: argparse.ArgumentParser) -> None:
-    """'(default: X)' after every flag whose help does not already say its default."""
-    for action in parser._actions:
-        default = action.default
-        if not action.option_strings or default is None or default is False or default == argparse.SUPPRESS \
-                or action.help is argparse.SUPPRESS or "default" in (action.help or ""):
-            continue
-        action.help = f"{action.help} (default: {default})" if action.help else f"default: {default}"

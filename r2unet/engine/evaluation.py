@@ -12,9 +12,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.dataset import DeviceTransform, make_loader, split_cache
+from .. import defaults
+from ..data.cache import split_cache
+from ..data.dataset import DeviceTransform, make_loader
 from ..data.imageio import LabelMapsFound, NotBinaryMask
-from ..data.pairs import SPLITS, checked_pairs, note_ambiguous, report_problems
+from ..data.pairs import SPLITS, checked_pairs, note_ambiguous, report_problems, split_folders
 from ..data.prepare import data_split
 from ..fileio import atomic_write_text
 from ..progress import track
@@ -29,7 +31,8 @@ from .task import Task, task_of
 RESOLUTIONS = ("training", "original")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test", batch_size: int = 16,
+def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test",
+                        batch_size: int = defaults.BATCH_SIZE,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, cache_dir: str | Path | None = None,
@@ -142,7 +145,7 @@ def _binary_model_on_label_maps(checkpoint, split: str):
 def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, task: Task, accumulator,
                             batch_size: int, tta: bool, precision: Precision, channels_last: bool, log) -> list[str]:
     """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
-    image_dir, mask_dir = Path(data_path) / split, Path(data_path) / f"{split}_GT"
+    image_dir, mask_dir = split_folders(data_path, split)
     if not image_dir.is_dir():
         raise ConfigError(f"--data_path: {image_dir} is missing; run 'r2unet prepare' first")
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
@@ -156,8 +159,9 @@ def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfi
 
 @torch.no_grad()
 def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, task: Task,
-                                 accumulator, batch_size: int = 8, tta: bool = False, img_ch: int = 3, autocast=None,
-                                 channels_last: bool = False, progress: bool | None = None, log=print) -> None:
+                                 accumulator, batch_size: int = defaults.PREDICT_BATCH, tta: bool = False,
+                                 img_ch: int = 3, autocast=None, channels_last: bool = False,
+                                 progress: bool | None = None, log=print) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` at the image's original resolution, as the ISIC 2018
     challenge scored: the prediction is made exactly as ``predict`` makes it (``inference.predict_images``: network
     size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .. import defaults
 from ..data.augment import eval_images
 from ..data.imageio import (
     DataError,
@@ -154,7 +155,7 @@ def default_workers() -> int:
 
 
 def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device, task: Task,
-                   batch_size: int = 8, tta: bool = False, img_ch: int = 3,
+                   batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, img_ch: int = 3,
                    on_error: Callable[[Path, DataError], None] | None = None, workers: int | None = None,
                    autocast: Callable | None = None,
                    channels_last: bool = False) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
@@ -238,7 +239,8 @@ def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int], targe
     return gt
 
 
-def render_outputs(path, image: np.ndarray, prediction: np.ndarray, task: Task, *, threshold: float = 0.5,
+def render_outputs(path, image: np.ndarray, prediction: np.ndarray, task: Task, *,
+                   threshold: float = defaults.THRESHOLD,
                    save_probs: bool = False, save_overlay: bool = False,
                    gt: np.ndarray | None = None) -> dict[str, bytes]:
     """The encoded files of one image's prediction, by suffix (``OUTPUT_SUFFIXES``), in memory: the probability map

@@ -28,12 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .. import defaults
+
 METRIC_NAMES = ("ACC", "SE", "SP", "PC", "F1", "JS", "DC")
 ALL_METRICS = METRIC_NAMES + ("JS_thresholded",)
 ISIC_JS_THRESHOLD = 0.65
 
 
-def confusion_counts(probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def confusion_counts(probs: torch.Tensor, target: torch.Tensor, threshold: float = defaults.THRESHOLD) -> torch.Tensor:
     """Per-image counts, shape (N, 4) int64, columns ``tp fp fn tn``. Inputs are (N, ...) of any trailing shape."""
     if probs.shape != target.shape:
         raise ValueError(f"probs and target shapes differ: {tuple(probs.shape)} vs {tuple(target.shape)}")
@@ -69,7 +71,7 @@ def scores_from_counts(counts: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def segmentation_metrics(
-    probs: torch.Tensor, target: torch.Tensor, threshold: float = 0.5, reduction: str = "image"
+    probs: torch.Tensor, target: torch.Tensor, threshold: float = defaults.THRESHOLD, reduction: str = "image"
 ) -> dict[str, float]:
     """Scores ``ACC SE SP PC F1 JS DC JS_thresholded`` (floats) of ``probs`` against ``target``, both (N, 1, H, W).
 
@@ -148,7 +150,8 @@ class MetricAccumulator(Accumulator):
     names = METRIC_NAMES
     reductions = ("image", "pooled")
 
-    def __init__(self, threshold: float = 0.5, device: torch.device | str = "cpu", keep_per_image: bool = False):
+    def __init__(self, threshold: float = defaults.THRESHOLD, device: torch.device | str = "cpu",
+                 keep_per_image: bool = False):
         self.threshold = threshold
         super().__init__(device, keep_per_image)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import defaults
 from ..data.augment import MEAN, STD
 from ..errors import ExportError
 from ..fileio import atomic_write, check_writable
@@ -27,7 +28,7 @@ def preprocessing_note(image_size: int, img_ch: int = 3, output: str = "mask = s
             f"{output}, resized back to the image's size")
 
 
-def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = 224, img_ch: int = 3,
+def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = defaults.IMAGE_SIZE, img_ch: int = 3,
                 metadata: dict | None = None, output_note: str = "mask = sigmoid(logits) > threshold") -> dict:
     """Write ``output`` (input ``image`` (N, C, H, W), output ``logits`` (N, K, H, W); N, H, W dynamic, H and W
     multiples of 16). The file's metadata (``metadata_props``) records the preprocessing (``preprocessing_note``)
@@ -176,15 +177,16 @@ def load_onnx(path: str | Path, image_size: int | None = None, log=print):
         log(f"note: {path} has {outputs} output channels and no r2unet.num_classes in its metadata: read as a label "
             f"map of {outputs} classes (the argmax), not as a binary mask")
     classes = classes or 1
-    if classes != outputs and not (classes == 1 and outputs == 1):
+    if classes != outputs:
         raise ExportError(f"{path}: metadata r2unet.num_classes says {classes}, but its output has {outputs} "
                           f"channel(s){' (a binary model has one)' if outputs == 1 else ''}; the metadata does not "
                           "describe this graph")
     try:
         cfg = TrainConfig(model_type=meta.get("model_type", TrainConfig.model_type),
                           t=number("t", TrainConfig.t), base_channels=base, image_size=size,
-                          threshold=number("threshold", 0.5, kind=float, low=0.0, high=1.0), num_classes=classes,
-                          class_colors=meta.get("class_colors") if classes > 1 else None,
+                          threshold=number("threshold", TrainConfig.threshold, kind=float, low=0.0, high=1.0),
+                          num_classes=classes,
+                          class_colors=meta.get("class_colors"),
                           img_ch=channels or 3, device="cpu", amp="off", channels_last="off").validate()
     except ConfigError as exc:
         raise ExportError(f"{path}: its metadata: {str(exc).removeprefix('--')}") from None

@@ -3,6 +3,7 @@ several runs compared (``r2unet compare``)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -79,8 +80,6 @@ def plot_curves(rows: list[dict], out: str | Path) -> Path:
 
 def _figure_bytes(fig, path: Path, dpi: int) -> bytes:
     """The figure encoded in memory in the format of ``path``'s suffix, for one checked write."""
-    import io
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi)
     return buffer.getvalue()

@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -53,10 +56,6 @@ def describe_device(device: torch.device) -> str:
 
 def seed_everything(seed: int) -> None:
     """Python's, NumPy's and torch's generators, from one seed."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -267,8 +266,6 @@ def peak_tflops(device: torch.device, n: int | None = None) -> tuple[float, str]
     """A large (``n`` x ``n``) matmul's rate on ``device`` in the precision it runs natively (bf16 on GPUs and
     bf16-native CPUs, float32 on other CPUs: an emulated bf16 peak would be a meaningless bound) and that
     precision's name. About a second on a CPU."""
-    import time
-
     native_bf16 = device.type == "cuda" or cpu_info().native_bf16
     dtype = torch.bfloat16 if native_bf16 else torch.float32
     n = n or (8192 if device.type == "cuda" else 2048)

@@ -4,9 +4,8 @@ settings < the flags given)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from .checkpoint import load_file, require_training_state
+from .checkpoint import RunFiles, load_file, require_training_state
 from .config import ConfigError, TrainConfig, read_config_file
 
 
@@ -32,8 +31,7 @@ def train_settings(given: dict, log=print) -> TrainConfig:
     typed = "num_epochs_decay" in given or "num_epochs_decay" in values  # on this command line or in --config
     decay_from = "defaults to {}"  # else a decay nobody typed now (the default, or the resumed run's) adapts
     if resume:
-        last = Path(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))) / "checkpoints" / \
-            "last.pt"
+        last = RunFiles(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))).last
         if last.exists():
             saved = require_training_state(load_file(last), last)["config"]
             values.update({k: v for k, v in saved.items() if k != "extra"})

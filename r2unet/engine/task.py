@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .. import defaults
 from ..data.imageio import class_colors
 from ..data.targets import BINARY, LabelMaps, Targets, targets_for
 from . import plots
@@ -82,7 +83,8 @@ class BinaryTask(Task):
         """The logits whose probabilities are ``probs`` (test-time augmentation averages probabilities)."""
         return torch.logit(probs.clamp(1e-7, 1 - 1e-7))
 
-    def accumulator(self, threshold: float = 0.5, device="cpu", keep_per_image: bool = False) -> Accumulator:
+    def accumulator(self, threshold: float = defaults.THRESHOLD, device="cpu",
+                    keep_per_image: bool = False) -> Accumulator:
         return MetricAccumulator(threshold=threshold, device=device, keep_per_image=keep_per_image)
 
     def at_size(self, logits: torch.Tensor) -> torch.Tensor:
@@ -170,7 +172,8 @@ class LabelMapTask(Task):
     def logits(self, probs: torch.Tensor) -> torch.Tensor:
         return probs.clamp_min(1e-7).log()
 
-    def accumulator(self, threshold: float = 0.5, device="cpu", keep_per_image: bool = False) -> Accumulator:
+    def accumulator(self, threshold: float = defaults.THRESHOLD, device="cpu",
+                    keep_per_image: bool = False) -> Accumulator:
         return ClassAccumulator(self.classes, device, keep_per_image)
 
     def at_size(self, logits: torch.Tensor) -> torch.Tensor:

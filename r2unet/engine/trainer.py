@@ -16,7 +16,8 @@ from torch import nn
 
 from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
-from ..data.dataset import DeviceTransform, make_loader, open_split_cache, require_split, split_cache
+from ..data.cache import open_split_cache, require_split, split_cache
+from ..data.dataset import DeviceTransform, make_loader
 from ..data.pairs import SPLITS
 from ..data.prepare import data_split, split_changes
 from ..errors import CheckpointError, Terminated, TrainingError, first_line

@@ -6,8 +6,8 @@ from importlib import import_module
 from .spec import DEFAULT_T, MODEL_NAMES, RECURRENT, SIZE_MULTIPLE, list_models
 
 _LAZY = {"AttentionGate": "blocks", "ConvBlock": "blocks", "RecurrentBlock": "blocks", "RRCNNBlock": "blocks",
-         "UpConv": "blocks", "MODELS": "registry", "create_model": "registry", "AttU_Net": "unet",
-         "R2AttU_Net": "unet", "R2U_Net": "unet", "U_Net": "unet", "UNetFamily": "unet"}
+         "UpConv": "blocks", "MODELS": "registry", "create_model": "registry", "UNetFamily": "unet",
+         **dict.fromkeys(MODEL_NAMES, "unet")}
 
 __all__ = ["DEFAULT_T", "MODEL_NAMES", "RECURRENT", "SIZE_MULTIPLE", "list_models", *_LAZY]
 

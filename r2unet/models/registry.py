@@ -6,20 +6,14 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .spec import DEFAULT_T, MODEL_NAMES, RECURRENT
-from .unet import AttU_Net, R2AttU_Net, R2U_Net, U_Net
+from . import unet
+from .spec import DEFAULT_BASE_CHANNELS, DEFAULT_T, MODEL_NAMES, RECURRENT
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "U_Net": U_Net,
-    "R2U_Net": R2U_Net,
-    "AttU_Net": AttU_Net,
-    "R2AttU_Net": R2AttU_Net,
-}
-assert tuple(MODELS) == MODEL_NAMES, "spec.MODEL_NAMES lists the networks, in this order"
+MODELS: dict[str, Callable[..., nn.Module]] = {name: getattr(unet, name) for name in MODEL_NAMES}
 
 
 def create_model(
-    name: str, img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64
+    name: str, img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = DEFAULT_BASE_CHANNELS
 ) -> nn.Module:
     """Build a network by its reference name (``U_Net``, ``R2U_Net``, ``AttU_Net``, ``R2AttU_Net``).
 

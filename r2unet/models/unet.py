@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .blocks import AttentionGate, ConvBlock, RRCNNBlock, UpConv
-from .spec import DEFAULT_T, DEPTH, SIZE_MULTIPLE
+from .spec import DEFAULT_BASE_CHANNELS, DEFAULT_T, DEPTH, SIZE_MULTIPLE
 
 
 class UNetFamily(nn.Module):
@@ -38,7 +38,7 @@ class UNetFamily(nn.Module):
         recurrent: bool = False,
         attention: bool = False,
         t: int = DEFAULT_T,
-        base_channels: int = 64,
+        base_channels: int = DEFAULT_BASE_CHANNELS,
     ):
         super().__init__()
         for name, value in (("img_ch", img_ch), ("output_ch", output_ch), ("base_channels", base_channels)):
@@ -91,21 +91,23 @@ class UNetFamily(nn.Module):
         return self.Conv_1x1(d)
 
 
-def U_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = 64) -> UNetFamily:
+def U_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
     """U-Net (https://arxiv.org/abs/1505.04597)."""
     return UNetFamily(img_ch, output_ch, base_channels=base_channels)
 
 
-def R2U_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64) -> UNetFamily:
+def R2U_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T,
+            base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
     """Recurrent residual U-Net (https://arxiv.org/abs/1802.06955)."""
     return UNetFamily(img_ch, output_ch, recurrent=True, t=t, base_channels=base_channels)
 
 
-def AttU_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = 64) -> UNetFamily:
+def AttU_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
     """Attention U-Net (https://arxiv.org/abs/1804.03999)."""
     return UNetFamily(img_ch, output_ch, attention=True, base_channels=base_channels)
 
 
-def R2AttU_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T, base_channels: int = 64) -> UNetFamily:
+def R2AttU_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T,
+               base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
     """Recurrent residual U-Net with attention gates."""
     return UNetFamily(img_ch, output_ch, recurrent=True, attention=True, t=t, base_channels=base_channels)

@@ -1,0 +1,14 @@
+"""The defaults the package shares, each stated once: ``engine.config.TrainConfig`` declares the settings with them,
+and the networks, the library's functions and the commands' flags take them from here. No imports: everything may
+read it, ``r2unet --help`` included."""
+
+MODEL_TYPE = "R2U_Net"  # the network the reference trains by default
+# Recurrence steps of R2U-Net and Attention R2U-Net: 3, the reference's training default (its main.py --t), which
+# trained the reference checkpoints users bring. (Its network constructors default to 2, as the R2U-Net paper used;
+# pass t=2 / --t 2 for that.)
+T = 3
+BASE_CHANNELS = 64  # width of the first stage: the reference's networks
+IMAGE_SIZE = 224  # the square size the network sees: the reference's
+BATCH_SIZE = 16  # images per step and process, in training and evaluate
+PREDICT_BATCH = 8  # images per forward pass in predict and serve (full-size photos are decoded for each)
+THRESHOLD = 0.5  # probability above which a pixel is foreground
