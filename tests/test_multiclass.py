@@ -108,3 +108,13 @@ def test_three_classes_train_evaluate_predict_and_export(three_classes, tmp_path
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert props["r2unet.num_classes"] == "3" and json.loads(props["r2unet.class_colors"])[0] == [0, 0, 0]
     assert "argmax over the 3 logits" in props["r2unet.preprocessing"]
+
+
+def test_a_run_keeps_the_colours_of_a_class_colors_file_not_its_path(tmp_path):
+    from r2unet.engine.settings import train_settings
+
+    table = tmp_path / "colors.json"
+    table.write_text(json.dumps([[0, 0, 0], [255, 0, 0], [0, 0, 255]]))
+    cfg = train_settings({"num_classes": 3, "class_colors": str(table)})
+    table.unlink()  # the file may go; the run's settings still name the colours
+    assert json.loads(cfg.class_colors) == [[0, 0, 0], [255, 0, 0], [0, 0, 255]]

@@ -1,12 +1,14 @@
-"""The settings a command runs with, resolved once: ``train_settings`` (defaults < config file < a resumed run's
-settings < the flags given)."""
+"""The settings ``train`` runs with, resolved once: ``train_settings`` (defaults < config file < a resumed run's
+settings < the flags given). The commands that use a trained model resolve theirs once too, in
+``inference.load_for_inference``: the checkpoint's settings < the flags given (``TrainConfig.updated``)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from .checkpoint import RunFiles, load_file, require_training_state
-from .config import ConfigError, TrainConfig, read_config_file
+from .config import ConfigError, TrainConfig, load_class_colors, read_config_file
 
 
 def train_settings(given: dict, log=print) -> TrainConfig:
@@ -38,6 +40,9 @@ def train_settings(given: dict, log=print) -> TrainConfig:
             if "num_epochs_decay" in saved:
                 decay_from = "was {} in the resumed run"
     values.update(given)
+    if values.get("class_colors") and not str(values["class_colors"]).lstrip().startswith("["):
+        # the run keeps the colours themselves, not the path of a file that may change or go
+        values["class_colors"] = json.dumps(load_class_colors(values["class_colors"], values.get("num_classes", 1)))
     values["resume"] = bool(resume)
     values["accept_split_change"] = bool(given.get("accept_split_change"))  # for this resume only, never carried
     epochs = values.get("num_epochs", TrainConfig.num_epochs)
