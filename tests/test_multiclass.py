@@ -11,7 +11,7 @@ from PIL import Image
 from r2unet.commands.cli import main
 from r2unet.data.augment import AugmentConfig, train_batch
 from r2unet.data.cache import split_cache
-from r2unet.data.imageio import LabelMapsFound, read_label_map
+from r2unet.data.imageio import DataError, LabelMapsFound, read_label_map
 from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
 from r2unet.data.targets import LabelMaps
 from r2unet.engine.metrics import ClassAccumulator
@@ -118,3 +118,64 @@ def test_a_run_keeps_the_colours_of_a_class_colors_file_not_its_path(tmp_path):
     cfg = train_settings({"num_classes": 3, "class_colors": str(table)})
     table.unlink()  # the file may go; the run's settings still name the colours
     assert json.loads(cfg.class_colors) == [[0, 0, 0], [255, 0, 0], [0, 0, 255]]
+
+
+# --------------------------------------------------------------------------- 255: pixels of no class, ignored
+def test_pixels_of_no_class_are_read_and_left_out_of_the_loss_and_the_scores(tmp_path):
+    from r2unet.data.targets import IGNORE, LabelMaps
+    from r2unet.engine.task import task_for
+
+    labels = np.array([[0, 1, 1, 2], [0, IGNORE, 2, 2], [IGNORE, IGNORE, 0, 0]], np.uint8)
+    Image.fromarray(labels).save(tmp_path / "m.png")
+    assert np.array_equal(LabelMaps(3).read(tmp_path / "m.png"), labels)  # kept as it is
+    Image.fromarray(np.where(labels == IGNORE, 7, labels).astype(np.uint8)).save(tmp_path / "bad.png")
+    with pytest.raises(DataError, match="label 7 outside the 3 classes"):  # any other value is still named
+        LabelMaps(3).read(tmp_path / "bad.png")
+
+    task = task_for(3)
+    target = torch.from_numpy(labels)[None, None].float()
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 3, 3, 4, generator=g, requires_grad=True)
+    for dice in (False, True):
+        other = logits.detach().clone()
+        other[..., torch.from_numpy(labels == IGNORE)] += 5.0  # only the ignored pixels' logits differ
+        assert torch.equal(task.loss(logits, target, dice), task.loss(other, target, dice))
+        grad, = torch.autograd.grad(task.loss(logits, target, dice), logits)
+        assert (grad[..., torch.from_numpy(labels == IGNORE)] == 0).all()
+
+    right = torch.from_numpy(np.where(labels == IGNORE, 0, labels)).long()
+    probs = torch.nn.functional.one_hot(right, 3).permute(2, 0, 1)[None].float()
+    wrong_where_ignored = probs.clone()
+    wrong_where_ignored[:, :, torch.from_numpy(labels == IGNORE)] = torch.tensor([0.0, 0.0, 1.0])[:, None]
+    for p in (probs, wrong_where_ignored):
+        acc = task.accumulator()
+        acc.update(p, target)
+        scores = acc.compute()
+        assert scores["ACC"] == 1.0 and scores["JS"] == 1.0 and scores["DC"] == 1.0, scores
+
+
+def test_a_label_map_set_with_pixels_of_no_class_prepares_trains_and_evaluates(tmp_path, capsys):
+    generate_dataset(tmp_path / "raw", num_images=14, seed=8, max_side=120, num_classes=3)
+    for p in sorted((tmp_path / "raw" / MASK_DIR).iterdir()):  # a 2-pixel band of no class around each lesion
+        labels = np.asarray(Image.open(p)).copy()
+        lesion = labels > 0
+        grown = lesion.copy()
+        for axis in (0, 1):
+            for shift in (-2, 2):
+                grown |= np.roll(lesion, shift, axis)
+        labels[grown & ~lesion] = 255
+        Image.fromarray(labels).save(p)  # grey values 0, 1, 2 and 255
+    images, masks, data = tmp_path / "raw" / IMAGE_DIR, tmp_path / "raw" / MASK_DIR, tmp_path / "data"
+    argv = ["prepare", "--origin_data_path", str(images), "--origin_GT_path", str(masks), "--data_path", str(data),
+            "--image_size", "32"]
+    assert main(argv) == 2  # without --num_classes: not read as binary masks (255 would be the lesion)
+    assert "--num_classes 3" in capsys.readouterr().err
+    assert main([*argv, "--num_classes", "3"]) == 0
+    run = tmp_path / "run"
+    assert main(["train", "--data_path", str(data), "--output_dir", str(run), "--num_classes", "3", "--model_type",
+                 "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "4", "--num_epochs", "1",
+                 "--amp", "off", "--num_workers", "0", "--device", "cpu", "--loss", "dice_bce"]) == 0
+    assert np.isfinite(json.loads((run / "results.json").read_text())["test"]["JS"])
+    for resolution in ("training", "original"):
+        assert main(["evaluate", "--checkpoint", str(run), "--data_path", str(data), "--device", "cpu", "--json",
+                     "--resolution", resolution]) == 0

@@ -387,18 +387,21 @@ def _palette_labels(img: Image.Image) -> tuple[int, str, None] | None:
 def _gray_labels(values: np.ndarray, histogram: list[int] | None = None) -> tuple[int, str, None] | None:
     if values.size == 0:
         return None
-    if values.dtype == np.uint8:  # the common case: one counting pass, and two values end it (0/255, 0/1)
+    if values.dtype == np.uint8:  # the common case: counted in one pass, and two values end it (0/255, 0/1)
         counts = np.asarray(histogram) if histogram is not None else np.bincount(values.ravel(), minlength=256)
-        present = np.flatnonzero(counts)
-        top = int(present[-1])
-        if len(present) <= 2 and top > LABEL_VALUE_MAX or top <= 1:
-            return None
+    elif values.min() < 0 or values.max() >= 2**17:
+        return None
     else:
-        if values.min() < 0 or (top := int(values.max())) <= 1:
-            return None
-        present = np.flatnonzero(np.bincount(values.ravel().astype(np.int64))) if top <= LABEL_VALUE_MAX else None
-    if top <= LABEL_VALUE_MAX:
-        return top + 1, "grey values " + ", ".join(str(v) for v in present) + " (class indices, not 0/255)", None
+        counts = np.bincount(values.ravel().astype(np.int64))
+    present = np.flatnonzero(counts).tolist()
+    top = present[-1]
+    if top <= 1 or (len(present) <= 2 and top > LABEL_VALUE_MAX):
+        return None
+    classes = [v for v in present if v != 255]  # 255: a label map's pixels of no class
+    if classes and classes[-1] <= LABEL_VALUE_MAX and (classes[-1] > 1 or len(classes) < len(present)):
+        return (max(2, classes[-1] + 1), "grey values " + ", ".join(str(v) for v in present)
+                + " (class indices" + (", 255 for no class" if len(classes) < len(present) else "") + ", not 0/255)",
+                None)
     scale = 255 / 65535 if top > 255 else 1.0  # 16-bit masks are compared on the 8-bit scale
     found = _plateaus(*_interior(values), lambda v: (v * scale,), values.size)
     if len(found) <= 2:
@@ -439,24 +442,28 @@ def class_colors(num_classes: int) -> list[tuple[int, int, int]]:
 
 
 def read_label_map(path: str | os.PathLike, num_classes: int, colors: list[tuple[int, int, int]] | None = None,
-                   notes: list[str] | None = None) -> np.ndarray:
+                   notes: list[str] | None = None, ignore: int | None = None) -> np.ndarray:
     """Class labels (H, W) uint8 in 0..num_classes-1 from a label map: a palette PNG's indices, a grayscale image's
     values (8 or 16 bit), or, for an RGB(A) image, each pixel's colour looked up in ``colors`` (class k has colour
     ``colors[k]``). With ``colors``, a palette image is read by its colours too: a paint program orders a palette by
     its own rules, so its indices need not be the classes; ``notes`` then gets the file's name when they are not.
-    A value or colour outside the classes is a DataError naming the file and the value."""
+    ``ignore``: a value an index map may hold besides the classes (pixels of no class), kept as it is. A value or
+    colour outside the classes is a DataError naming the file and the value."""
     path = Path(path)
     img = _open(path)
     if img.mode == "P" and colors is not None:
         return _palette_by_colour(path, img, num_classes, colors, notes)
     if img.mode in ("P", "1", "L", "I", "I;16", "I;16B", "I;16L"):
         values = np.asarray(img).astype(np.int64)
-        top = int(values.max()) if values.size else 0
-        if top >= num_classes:
-            binary = " (0 and 255: a binary mask, which needs no --num_classes)" \
-                if set(np.unique(values).tolist()) == {0, 255} else ""
-            raise DataError(f"{path}: label {top} outside the {num_classes} classes 0..{num_classes - 1}{binary} "
-                            "(--num_classes counts the background too)")
+        present = np.unique(values).tolist()
+        if present == [0, 255]:
+            raise DataError(f"{path}: values 0 and 255 only: a binary mask, which needs no --num_classes"
+                            + (f" (in a label map, {ignore} marks pixels of no class)" if ignore is not None else ""))
+        outside = [v for v in present if v >= num_classes and v != ignore]
+        if outside:
+            raise DataError(f"{path}: label {outside[-1]} outside the {num_classes} classes 0..{num_classes - 1} "
+                            "(--num_classes counts the background too"
+                            + (f"; {ignore} marks pixels of no class)" if ignore is not None else ")"))
         return values.astype(np.uint8)
     if colors is None:
         raise DataError(f"{path}: an RGB label map needs the colour of each class (--class_colors FILE)")

@@ -1,6 +1,9 @@
 """What a mask file holds and how the cache keeps it: binary masks (one foreground) or label maps (a class per
 pixel). Everything at the data level that differs between the two is here; ``engine.task`` builds the rest of a task
 (loss, scores, pictures) on top. ``targets_for`` is the one place that tells them apart by the class count.
+
+Label maps may mark pixels of no class with ``IGNORE`` (255, the common convention for unlabelled or border pixels):
+read and cached like a class, then left out of the loss and of every score (``engine.task``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from PIL import Image
 
 from ..errors import ConfigError
 from .imageio import label_map_image, label_maps_among, read_label_map, read_mask
+
+IGNORE = 255  # in a label map: a pixel of no class
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,15 @@ class BinaryMasks:
 class LabelMaps:
     """``classes`` classes (0 the background): palette indices, grey values or RGB colours looked up in ``colors``
     (``imageio.read_label_map``), cached as class indices, shrunk by nearest neighbour (a class is never blended into
-    another)."""
+    another). ``IGNORE`` marks pixels of no class."""
 
     classes: int
     colors: tuple[tuple[int, int, int], ...] | None = None
     nearest = True
 
     def read(self, path, notes: list[str] | None = None) -> np.ndarray:
-        return read_label_map(path, self.classes, list(self.colors) if self.colors else None, notes=notes)
+        return read_label_map(path, self.classes, list(self.colors) if self.colors else None, notes=notes,
+                              ignore=IGNORE)
 
     def shrink(self, labels: np.ndarray, side: int) -> np.ndarray:
         return np.asarray(Image.fromarray(labels).resize((side, side), Image.NEAREST))

@@ -190,10 +190,12 @@ class ClassAccumulator(Accumulator):
     """Scores of label maps with ``num_classes`` classes (0 the background): per image and class, ``DC_k`` and
     ``JS_k`` from the pixels predicted (argmax) and labelled k (an image where class k is neither labelled nor
     predicted scores 1 for k, as an empty binary mask does); ``DC`` and ``JS`` are the means over the foreground
-    classes 1..K-1, ``ACC`` the share of pixels of the right class. Every score is averaged over images."""
+    classes 1..K-1, ``ACC`` the share of pixels of the right class. Every score is averaged over images. Pixels
+    labelled ``ignore`` (no class) count in no score."""
 
-    def __init__(self, num_classes: int, device: torch.device | str = "cpu", keep_per_image: bool = False):
-        self.num_classes = num_classes
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu", keep_per_image: bool = False,
+                 ignore: int | None = None):
+        self.num_classes, self.ignore = num_classes, ignore
         self.names = ("ACC", "JS", "DC") + tuple(f"{m}_{k}" for k in range(1, num_classes) for m in ("JS", "DC"))
         super().__init__(device, keep_per_image)
 
@@ -209,14 +211,17 @@ class ClassAccumulator(Accumulator):
         """``probs`` (B, K, H, W) (softmax), ``target`` (B, 1, H, W) class indices (floats or ints)."""
         pred = probs.detach().argmax(1)
         true = target.detach()[:, 0].long()
+        valid = true != self.ignore if self.ignore is not None else torch.ones_like(true, dtype=torch.bool)
         k = torch.arange(1, self.num_classes, device=pred.device).view(1, -1, 1, 1)
-        p, t = pred.unsqueeze(1) == k, true.unsqueeze(1) == k  # (B, K-1, H, W)
+        p, t = (pred.unsqueeze(1) == k) & valid.unsqueeze(1), true.unsqueeze(1) == k  # (B, K-1, H, W)
         tp = (p & t).flatten(2).sum(2).double()
         wrong = (p ^ t).flatten(2).sum(2).double()  # fp + fn
         empty = (tp + wrong) == 0
         dc = torch.where(empty, 1.0, 2 * tp / (2 * tp + wrong).clamp_min(1))
         js = torch.where(empty, 1.0, tp / (tp + wrong).clamp_min(1))
-        acc = (pred == true).flatten(1).double().mean(1)
+        pixels = valid.flatten(1).sum(1)
+        right = ((pred == true) & valid).flatten(1).sum(1).double()
+        acc = torch.where(pixels > 0, right / pixels.clamp_min(1).double(), 1.0)
         per_class = torch.stack((js, dc), dim=2).flatten(1)  # JS_1, DC_1, JS_2, DC_2, ...
         rows = torch.cat((acc[:, None], js.mean(1, keepdim=True), dc.mean(1, keepdim=True), per_class), dim=1)
         rows = rows.to(self.device)

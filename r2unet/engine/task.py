@@ -24,7 +24,7 @@ from PIL import Image
 
 from .. import defaults
 from ..data.imageio import class_colors
-from ..data.targets import BINARY, LabelMaps, Targets, targets_for
+from ..data.targets import BINARY, IGNORE, LabelMaps, Targets, targets_for
 from . import plots
 from .config import TrainConfig, load_class_colors
 from .metrics import Accumulator, ClassAccumulator, MetricAccumulator
@@ -159,11 +159,12 @@ class LabelMapTask(Task):
         """Softmax cross-entropy against the class indices in ``target`` (B, 1, H, W), + soft Dice averaged over the
         foreground classes (``dice``)."""
         labels = target[:, 0].long()
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)  # pixels of no class: no part in it
         if dice:
-            probs = torch.softmax(logits.float(), dim=1)[:, 1:].flatten(2)  # (B, K-1, HW)
-            onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].flatten(2).float()
-            loss = loss + _soft_dice(probs, onehot, 2)
+            valid = (labels != IGNORE).unsqueeze(1).flatten(2)  # (B, 1, HW)
+            probs = torch.softmax(logits.float(), dim=1)[:, 1:].flatten(2) * valid  # (B, K-1, HW)
+            onehot = F.one_hot(labels.masked_fill(labels == IGNORE, 0), logits.shape[1]).permute(0, 3, 1, 2)
+            loss = loss + _soft_dice(probs, onehot[:, 1:].flatten(2).float() * valid, 2)
         return loss
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -174,7 +175,7 @@ class LabelMapTask(Task):
 
     def accumulator(self, threshold: float = defaults.THRESHOLD, device="cpu",
                     keep_per_image: bool = False) -> Accumulator:
-        return ClassAccumulator(self.classes, device, keep_per_image)
+        return ClassAccumulator(self.classes, device, keep_per_image, ignore=IGNORE)
 
     def at_size(self, logits: torch.Tensor) -> torch.Tensor:
         """The class map (h, w) uint8: the argmax of the logits resized to the image's size."""
@@ -211,8 +212,11 @@ class LabelMapTask(Task):
                       title: str | None) -> list[tuple[np.ndarray, str]]:
         """Image with the predicted classes laid over it | ground truth | prediction, in the class colours."""
         gt, pred = truth[0].byte().cpu().numpy(), probs.argmax(0).byte().cpu().numpy()
-        js = float(np.mean([plots.jaccard(pred == k, gt == k) for k in range(1, self.classes)]))
-        colour = lambda labels: plots.color_labels(labels, self.classes)  # noqa: E731
+        valid = gt != IGNORE
+        js = float(np.mean([plots.jaccard((pred == k) & valid, gt == k) for k in range(1, self.classes)]))
+        table = np.full((256, 3), 128, np.uint8)  # pixels of no class in grey
+        table[:self.classes] = plots.color_labels(np.arange(self.classes), self.classes)
+        colour = lambda labels: table[labels]  # noqa: E731
         return [(plots.blend(image, pred, self.classes), title or "image + prediction"),
                 (colour(gt), "ground truth"), (colour(pred), f"prediction  mean JS={js:.2f}")]
 
