@@ -218,15 +218,45 @@ def _row_usable(done, prev: dict, entry: dict) -> bool:
 
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
            log, targets: Targets) -> SplitCache:
-    meta_path = cache_dir / "meta.json"
+    """Decode the rows the cache lacks into its arrays (keeping every row still valid), then open it."""
     if old:
         targets.check([p.mask for p in pairs], old)  # rows kept from a build before masks were checked: a sample
-    old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])} if old else {}
-    same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     cache_dir.mkdir(parents=True, exist_ok=True)
+    arrays = _arrays_keeping_rows(cache_dir, side, entries, old)
+
+    def save_meta():
+        for arr in arrays.values():
+            arr.flush()
+        _write_meta(cache_dir / "meta.json", side, entries, targets)
+
+    save_meta()  # first, with the rows not yet decoded marked, so an interrupted build is resumable
+    todo = [i for i in range(len(entries)) if not arrays["done.npy"][i]]
+    failed, reordered = [], []
+    if todo:
+        workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
+        log(f"caching {len(todo)} of {len(entries)} images from {image_dir} at {side}x{side} ({workers} worker(s))")
+        note_ambiguous([pairs[i] for i in todo], log)
+        failed, reordered = _decode_rows(arrays, todo, pairs, entries, side, targets, workers, save_meta,
+                                         lambda rows: track(rows, len(todo), f"cache {Path(image_dir).name}", log=log,
+                                                            terminal=progress))
+        save_meta()
+    arrays.clear()  # the memory maps closed before the cache is opened read-only
+    if reordered:
+        log(f"warning: {len(reordered)} palette label map(s) number their classes differently from --class_colors ("
+            + ", ".join(reordered[:5]) + (" ..." if len(reordered) > 5 else "") + "); read by their colours, so each "
+            "pixel has the class --class_colors gives its colour")
+    report_problems(problems + [err for _, err in failed], skip_bad, log)
+    return open_cache(cache_dir, side, targets)
+
+
+def _arrays_keeping_rows(cache_dir: Path, side: int, entries: list[dict], old: dict | None) -> dict:
+    """The cache's arrays, open for writing, with every row still valid kept (``_row_usable``; its size copied
+    into ``entries``) and the others marked not done: the arrays as they are when the files are the same list,
+    else new arrays (blocks claimed up front) into which the valid rows are carried over."""
     n = len(entries)
     shapes = {"images.npy": (n, side, side, 3), "masks.npy": (n, side, side), "done.npy": (n,)}
     dtypes = {"images.npy": np.uint8, "masks.npy": np.uint8, "done.npy": np.bool_}
+    same_layout = old is not None and [e["image"] for e in old["entries"]] == [e["image"] for e in entries]
     if same_layout and all((cache_dir / f).exists() for f in shapes):
         _reserve(cache_dir, list(shapes))  # a cache from before blocks were claimed up front may be sparse
         arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
@@ -237,71 +267,57 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
                 e["hw"] = prev["hw"]
             else:
                 done[i] = False
-    else:
-        arrays = _new_arrays(cache_dir, shapes, dtypes)
-        arrays["done.npy"][:] = False
-        if old:  # carry over rows that are still valid (files renamed, added or removed elsewhere)
-            try:
-                old_arrays = {f: np.load(cache_dir / f, mmap_mode="r") for f in shapes}
-            except (OSError, ValueError):
-                old_arrays = None
-            for i, e in enumerate(entries):
-                j, prev = old_rows.get(e["image"], (None, None))
-                if old_arrays is not None and prev and _row_usable(old_arrays["done.npy"][j], prev, e):
-                    arrays["images.npy"][i] = old_arrays["images.npy"][j]
-                    arrays["masks.npy"][i] = old_arrays["masks.npy"][j]
-                    arrays["done.npy"][i] = True
-                    e["hw"] = prev["hw"]
-            del old_arrays
-        for arr in arrays.values():
-            arr.flush()
-        for f in shapes:
-            os.replace(cache_dir / f"{f}.new", cache_dir / f)
-        arrays = {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
-    # Write the meta first with the rows not yet decoded marked, so an interrupted build is resumable.
-    _write_meta(meta_path, side, entries, targets)
-
-    todo = [i for i in range(n) if not arrays["done.npy"][i]]
-    failed, reordered = [], []
-    if todo:
-        workers = max(1, min(num_workers or os.cpu_count() or 1, len(todo)))
-        log(f"caching {len(todo)} of {n} images from {image_dir} at {side}x{side} ({workers} worker(s))")
-        note_ambiguous([pairs[i] for i in todo], log)
-        jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side, targets) for i in todo]
-        pool = ProcessPoolExecutor(workers, initializer=_exit_with, initargs=(os.getpid(),)) if workers > 1 else None
-        with pool or nullcontext():
-            results = pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs)
-            results = track(results, len(jobs), f"cache {Path(image_dir).name}", log=log, terminal=progress)
-            for k, (i, img, mask, hw, err, notes) in enumerate(results):
-                reordered += notes
-                if isinstance(err, NotBinaryMask):  # binarised, its classes would vanish or merge: stop, say so
-                    if pool:
-                        pool.shutdown(wait=False, cancel_futures=True)
-                    for arr in arrays.values():
-                        arr.flush()
-                    _write_meta(meta_path, side, entries, targets)
-                    raise label_maps_among([p.mask for p in pairs], found=[err])
-                if err:
-                    failed.append((i, err))
-                    continue
-                arrays["images.npy"][i] = img
-                arrays["masks.npy"][i] = mask
+        return arrays
+    arrays = _new_arrays(cache_dir, shapes, dtypes)
+    arrays["done.npy"][:] = False
+    if old:  # carry over rows that are still valid (files renamed, added or removed elsewhere)
+        old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])}
+        try:
+            old_arrays = {f: np.load(cache_dir / f, mmap_mode="r") for f in shapes}
+        except (OSError, ValueError):
+            old_arrays = None
+        for i, e in enumerate(entries):
+            j, prev = old_rows.get(e["image"], (None, None))
+            if old_arrays is not None and prev and _row_usable(old_arrays["done.npy"][j], prev, e):
+                arrays["images.npy"][i] = old_arrays["images.npy"][j]
+                arrays["masks.npy"][i] = old_arrays["masks.npy"][j]
                 arrays["done.npy"][i] = True
-                entries[i]["hw"] = list(hw)
-                if k % 64 == 63:
-                    for arr in arrays.values():
-                        arr.flush()
-                    _write_meta(meta_path, side, entries, targets)
-        for arr in arrays.values():
-            arr.flush()
-        _write_meta(meta_path, side, entries, targets)
-    del arrays
-    if reordered:
-        log(f"warning: {len(reordered)} palette label map(s) number their classes differently from --class_colors ("
-            + ", ".join(reordered[:5]) + (" ..." if len(reordered) > 5 else "") + "); read by their colours, so each "
-            "pixel has the class --class_colors gives its colour")
-    report_problems(problems + [err for _, err in failed], skip_bad, log)
-    return open_cache(cache_dir, side, targets)
+                e["hw"] = prev["hw"]
+        del old_arrays
+    for arr in arrays.values():
+        arr.flush()
+    for f in shapes:
+        os.replace(cache_dir / f"{f}.new", cache_dir / f)
+    return {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
+
+
+def _decode_rows(arrays: dict, todo: list[int], pairs, entries: list[dict], side: int, targets: Targets,
+                 workers: int, save_meta, track_rows) -> tuple[list, list[str]]:
+    """Decode the pairs of the rows ``todo`` (in ``workers`` processes) into ``arrays``, saving the meta every 64
+    rows: (rows that failed with their message, names of palette maps read by colour). A label map read as a binary
+    mask stops the build (``LabelMapsFound``), the rows done so far kept."""
+    failed, reordered = [], []
+    jobs = [(i, str(pairs[i].image), str(pairs[i].mask), side, targets) for i in todo]
+    pool = ProcessPoolExecutor(workers, initializer=_exit_with, initargs=(os.getpid(),)) if workers > 1 else None
+    with pool or nullcontext():
+        results = track_rows(pool.map(_decode_row, jobs, chunksize=4) if pool else map(_decode_row, jobs))
+        for k, (i, img, mask, hw, err, notes) in enumerate(results):
+            reordered += notes
+            if isinstance(err, NotBinaryMask):  # binarised, its classes would vanish or merge: stop, say so
+                if pool:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                save_meta()
+                raise label_maps_among([p.mask for p in pairs], found=[err])
+            if err:
+                failed.append((i, err))
+                continue
+            arrays["images.npy"][i] = img
+            arrays["masks.npy"][i] = mask
+            arrays["done.npy"][i] = True
+            entries[i]["hw"] = list(hw)
+            if k % 64 == 63:
+                save_meta()
+    return failed, reordered
 
 
 def _new_arrays(cache_dir: Path, shapes: dict, dtypes: dict) -> dict:

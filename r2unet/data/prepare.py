@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..fileio import atomic_write, atomic_write_text
 from .cache import split_cache
 from .imageio import DataError, is_image_file
-from .pairs import SPLITS, checked_pairs, log_pairing, pair_files, report_problems, split_folders
+from .pairs import SPLITS, PairingReport, checked_pairs, log_pairing, pair_files, report_problems, split_folders
 from .targets import BINARY, Targets
 
 MANIFEST_NAME = "r2unet_manifest.json"
@@ -122,19 +122,7 @@ def prepare_split(
     targets, manifest_path = _targets(data_path, targets, manifest_path)
     _refuse_reading_from_targets(origin_data_path, origin_GT_path, targets)
     ratios = _checked_ratios(train_ratio, valid_ratio, test_ratio, log)
-    report = pair_files(origin_data_path, origin_GT_path, mask_suffix, recursive)
-    pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path, report=report)
-    if ignored:
-        log(f"ignoring {len(ignored)} non-image file(s): " + ", ".join(p.name for p in ignored[:5])
-            + (" ..." if len(ignored) > 5 else ""))
-    if report.passed_over:
-        log(f"passed over {len(report.passed_over)} entr{'y' if len(report.passed_over) == 1 else 'ies'}:\n  "
-            + "\n  ".join(report.passed_over))
-    report_problems(bad, skip_bad, log)
-    if not pairs:
-        raise DataError(f"{origin_data_path}: no usable image/mask pairs")
-    masks.check([p.mask for p in pairs])  # before any file is written: binarised, label maps would train on
-    # empty or merged masks
+    pairs, bad, report = _sources(origin_data_path, origin_GT_path, mask_suffix, recursive, skip_bad, masks, log)
     previous = _load_manifest(manifest_path)
     ours = _files_we_wrote(previous, targets, overwrite, log)
     assignment, how = _assign(pairs, origin_data_path, ratios, seed, previous, resplit)
@@ -163,6 +151,27 @@ def prepare_split(
         manifest = _build_caches(manifest, Path(data_path), manifest_path, cache_size, cache_workers, skip_bad, log,
                                  masks)
     return manifest
+
+
+def _sources(origin_data_path, origin_GT_path, mask_suffix: str | None, recursive: bool, skip_bad: bool,
+             masks: Targets, log) -> tuple[list, list[str], PairingReport]:
+    """The pairs to split, checked before any file is written: (usable pairs, problems skipped, the pairing
+    report). Non-images and entries passed over (links to nothing, loops) are said; bad pairs stop the split unless
+    ``skip_bad``; masks that are not what ``masks`` says (label maps read as binary: their classes would vanish or
+    merge) stop it."""
+    report = pair_files(origin_data_path, origin_GT_path, mask_suffix, recursive)
+    pairs, bad, ignored = checked_pairs(origin_data_path, origin_GT_path, report=report)
+    if ignored:
+        log(f"ignoring {len(ignored)} non-image file(s): " + ", ".join(p.name for p in ignored[:5])
+            + (" ..." if len(ignored) > 5 else ""))
+    if report.passed_over:
+        log(f"passed over {len(report.passed_over)} entr{'y' if len(report.passed_over) == 1 else 'ies'}:\n  "
+            + "\n  ".join(report.passed_over))
+    report_problems(bad, skip_bad, log)
+    if not pairs:
+        raise DataError(f"{origin_data_path}: no usable image/mask pairs")
+    masks.check([p.mask for p in pairs])
+    return pairs, bad, report
 
 
 def _build_caches(manifest: dict, data_path: Path, manifest_path: Path, cache_size: int, workers: int | None,
