@@ -602,14 +602,15 @@ def test_a_turned_photo_whose_frames_have_one_size_is_taken_as_shown_and_named(t
 
 def test_predict_writes_masks_at_the_displayed_size_of_exif_rotated_photos(tmp_path):
     from r2unet.commands.predict import run_predict
+    from r2unet.engine.inference import Segmenter
     from r2unet.models import create_model
 
     (tmp_path / "in").mkdir()
     stored, _ = _rotated_photo(tmp_path / "in" / "photo.jpg")
     (tmp_path / "gt").mkdir()  # ground truth drawn on the stored pixels: the overlay turns it like the photo
     Image.fromarray(((stored[..., 0] > 150) * 255).astype(np.uint8)).save(tmp_path / "gt" / "photo_segmentation.png")
-    run_predict(create_model("U_Net", base_channels=4), tmp_path / "in", tmp_path / "out", 32, torch.device("cpu"),
-                save_overlay=True, gt_dir=tmp_path / "gt", progress=False)
+    run_predict(Segmenter.of(create_model("U_Net", base_channels=4), image_size=32), tmp_path / "in",
+                tmp_path / "out", save_overlay=True, gt_dir=tmp_path / "gt", progress=False)
     with Image.open(tmp_path / "out" / "photo_segmentation.png") as m, Image.open(tmp_path / "out" /
                                                                                "photo_overlay.jpg") as o:
         assert m.size == o.size == (40, 60)

@@ -7,7 +7,7 @@ from r2unet import create_model
 from r2unet.commands.cli import main
 from r2unet.engine.checkpoint import save_checkpoint
 from r2unet.engine.config import TrainConfig
-from r2unet.engine.inference import _upsample_probs, predict_logits
+from r2unet.engine.inference import _at_size, predict_logits
 from r2unet.engine.plots import plot_curves, redraw, sample_grid
 from r2unet.engine.task import BINARY_TASK
 
@@ -132,8 +132,8 @@ def test_tta_is_the_mean_of_flipped_predictions(checkpoint):
 
 def test_banded_upsampling_equals_one_interpolate():
     logits = torch.randn(1, 16, 16)
-    small = _upsample_probs(logits, 300, 200, BINARY_TASK, max_pixels=10**9)
-    banded = _upsample_probs(logits, 300, 200, BINARY_TASK, max_pixels=5000)
+    small = _at_size([logits], 300, 200, BINARY_TASK, max_pixels=10**9)
+    banded = _at_size([logits], 300, 200, BINARY_TASK, max_pixels=5000)
     assert np.abs(small - banded).max() < 1e-5
 
 
@@ -315,7 +315,7 @@ def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_
             "--overlay"]
     assert main([*args, "--output", str(tmp_path / "clean")]) == 0
 
-    real, calls = P._upsample_probs, {"n": 0}
+    real, calls = P._at_size, {"n": 0}
 
     def interrupted_on_the_fourth(*a, **k):
         calls["n"] += 1
@@ -324,10 +324,10 @@ def test_an_interrupted_prediction_continues_with_skip_existing(checkpoint, tmp_
         return real(*a, **k)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(P, "_upsample_probs", interrupted_on_the_fourth)
+    monkeypatch.setattr(P, "_at_size", interrupted_on_the_fourth)
     assert main([*args, "--output", str(out)]) == 130
     assert "run the same command with --skip_existing" in capsys.readouterr().out
-    monkeypatch.setattr(P, "_upsample_probs", real)
+    monkeypatch.setattr(P, "_at_size", real)
     done = sorted(p.name for p in out.glob("*_segmentation.png"))
     assert 0 < len(done) < 5 and not list(out.glob(".*"))  # whole files only, no temporary ones left
     before = {name: (out / name).stat().st_mtime_ns for name in done}

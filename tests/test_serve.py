@@ -26,8 +26,8 @@ uvicorn = pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvico
 from conftest import prepared_synthetic  # noqa: E402
 
 from r2unet.commands.cli import main  # noqa: E402
-from r2unet.commands.serve import Segmenter, create_app  # noqa: E402
-from r2unet.engine.inference import Predictor  # noqa: E402
+from r2unet.commands.serve import Service, create_app  # noqa: E402
+from r2unet.engine.inference import Segmenter  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def served(tmp_path_factory):
         assert main(["train", "--data_path", str(data), "--output_dir", str(run), "--model_type", "U_Net",
                      "--base_channels", "4", "--image_size", "32", "--batch_size", "4", "--num_epochs", "2",
                      "--amp", "off", "--num_workers", "0", "--device", "cpu"]) == 0
-    segmenter = Segmenter(Predictor(run, device="cpu", log=lambda *_: None), max_bytes=200_000)
+    segmenter = Service(Segmenter(run, device="cpu", log=lambda *_: None), max_bytes=200_000)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(create_app(segmenter), log_level="warning"))
@@ -178,8 +178,8 @@ def test_an_exported_onnx_model_is_served_too(served, tmp_path):
 
     _, run, images = served
     assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "m.onnx")]) == 0
-    from_onnx = Segmenter(Predictor(tmp_path / "m.onnx", log=lambda *_: None))
-    assert from_onnx.info()["input_size"] == Predictor(run, device="cpu", log=lambda *_: None).image_size
+    from_onnx = Service(Segmenter(tmp_path / "m.onnx", log=lambda *_: None))
+    assert from_onnx.info()["input_size"] == Segmenter(run, device="cpu", log=lambda *_: None).image_size
     assert main(["predict", "--checkpoint", str(run), "--input", str(images[0].parent), "--output",
                  str(tmp_path / "masks"), "--device", "cpu", "--amp", "off"]) == 0
     for image in images:
@@ -238,7 +238,7 @@ def _multipart(files: list[tuple[str, str, bytes]], boundary: str = "b0undary") 
 def small_limits(served):
     """The served model behind limits small enough to test: 100 KB a file, 300 KB a request, 4 files a batch."""
     _, run, images = served
-    return Segmenter(Predictor(run, device="cpu", log=lambda *_: None), max_bytes=100_000,
+    return Service(Segmenter(run, device="cpu", log=lambda *_: None), max_bytes=100_000,
                      max_request_bytes=300_000, max_files=4), images
 
 
@@ -340,7 +340,7 @@ def test_no_upload_touches_the_disk_and_a_server_failure_is_json(small_limits, m
     def broken(*args, **kwargs):
         raise RuntimeError("the device fell off the bus")
 
-    monkeypatch.setattr(segmenter.predictor, "segment", broken)
+    monkeypatch.setattr(segmenter.segmenter, "segment_batch", broken)
     headers, body = _multipart([("file", images[0].name, images[0].read_bytes())])
     status, answer, _ = _asgi(app, "POST", "/predict", headers, [body])
     assert status == 500 and "RuntimeError: the device fell off the bus" in answer["detail"]

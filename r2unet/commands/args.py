@@ -116,11 +116,14 @@ def positive_float(text: str) -> float:
 
 
 def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
-    """The flags of the commands that use a trained model (evaluate, predict, export): --checkpoint, the model
-    overrides, the input size, and with ``batch_size`` those evaluate and predict share."""
-    p.add_argument("--checkpoint", required=True,
-                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, or the reference's .pkl "
-                        "(predict and serve also take a model from 'r2unet export', .onnx)")
+    """The flags of the commands that use a trained model (evaluate, predict, serve, export): --checkpoint, the
+    model overrides, the input size, and with ``batch_size`` those of the commands that segment images, which also
+    take several models (an ensemble)."""
+    ensemble = batch_size is not None
+    p.add_argument("--checkpoint", required=True, action="append" if ensemble else "store",
+                   help="r2unet checkpoint, a run folder (its best.pt), .safetensors, an .onnx from 'r2unet export', "
+                        "or the reference's .pkl" + ("; given more than once (or a folder of runs), the models' "
+                                                     "probabilities are averaged: an ensemble" if ensemble else ""))
     p.add_argument("--model_type", choices=list_models(), default=None,
                    help="overrides the checkpoint's (a bare state_dict's is read from its weights)")
     p.add_argument("--t", type=int, default=None, help="recurrence steps: a bare state_dict's weights do not "

@@ -236,6 +236,8 @@ def _serve(p) -> None:
     p.add_argument("--max_request_mb", type=positive_float, default=None,
                    help="largest request body (a batch of files), in MiB (default: twice --max_mb)")
     p.add_argument("--max_files", type=positive_int, default=16, help="most files in one /predict/batch request")
+    p.add_argument("--batch_wait_ms", type=float, default=5, help="requests that arrive within this many ms of each "
+                   "other run as one batch (of at most --batch_size images)")
     p.add_argument("--allowed_hosts", metavar="NAMES", help="comma list of further host names clients use to reach "
                    "this server (a proxy's, a LAN name); '*': any (default: this machine's names)")
     p.add_argument("--allowed_origins", metavar="ORIGINS", help="comma list of origins (https://example.org) whose "
@@ -248,7 +250,8 @@ def _cmd_serve(args) -> None:
 
     serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
           amp=args.amp, image_size=args.image_size, threshold=args.threshold, max_request_mb=args.max_request_mb,
-          max_files=args.max_files, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
+          max_files=args.max_files, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
+          max_batch=args.batch_size, batch_wait_ms=args.batch_wait_ms)
 
 
 def _bench(p) -> None:

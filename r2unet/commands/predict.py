@@ -4,7 +4,6 @@ each image's own size: a file loop around ``engine.inference`` that reads ahead 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import torch
 from .. import defaults
 from ..data.imageio import DataError, is_image_file
 from ..data.pairs import mask_stem_for
-from ..engine.inference import OUTPUT_SUFFIXES, Predictor, default_workers, predict_images, read_gt_for, render_outputs
-from ..engine.task import BINARY_TASK, Task
+from ..engine.inference import OUTPUT_SUFFIXES, Segmenter, default_workers, read_gt_for, render_outputs
 from ..fileio import atomic_write_bytes, is_whole_image
 from ..progress import track
 
@@ -55,21 +53,20 @@ def gt_masks(gt_dir: Path) -> dict[str, Path]:
     return {p.stem.lower(): p for p in sorted(gt_dir.iterdir(), reverse=True) if p.is_file() and is_image_file(p)}
 
 
-def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Path, image_size: int,
-                device: torch.device, task: Task = BINARY_TASK, batch_size: int = defaults.PREDICT_BATCH,
-                tta: bool = False, threshold: float = defaults.THRESHOLD, save_probs: bool = False,
-                save_overlay: bool = False, gt_dir: str | Path | None = None, img_ch: int = 3,
-                progress: bool | None = None,
-                autocast: Callable | None = None, channels_last: bool = False, skip_existing: bool = False,
-                log=print) -> list[Path]:
+def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path,
+                batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, save_probs: bool = False,
+                save_overlay: bool = False, gt_dir: str | Path | None = None, progress: bool | None = None,
+                skip_existing: bool = False, log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` for each input (the task's mask file: 0/255 for a binary mask, a palette
-    PNG of the classes for label maps), plus probability maps and overlays on request (``render_outputs``).
-    ``autocast``, ``channels_last``: see ``predict_images``; ``progress``: a bar (default: on a terminal), else a
-    ``log`` line once a minute. Every file is written whole or not at all; ``skip_existing`` leaves out the images
-    whose requested outputs are all there already (to continue an interrupted run). Returns the masks written.
+    PNG of the classes for label maps), plus probability maps and overlays on request (``render_outputs``): a file
+    loop around ``segmenter.predict``, which reads ahead while threads write behind. ``progress``: a bar (default:
+    on a terminal), else a ``log`` line once a minute. Every file is written whole or not at all;
+    ``skip_existing`` leaves out the images whose requested outputs are all there already (to continue an
+    interrupted run). Returns the masks written.
 
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
+    task = segmenter.task
     if (save_probs and not task.probability_maps) or (gt_dir and not task.outlines_truth):
         raise DataError(f"{'--save_probs' if save_probs else '--gt_dir'}: for binary masks only; this model segments "
                         f"{task.classes} classes")
@@ -95,14 +92,12 @@ def run_predict(model: torch.nn.Module, input_path: str | Path, output: str | Pa
         raise DataError(f"--gt_dir: {gt_dir} does not exist")
     gt_index = gt_masks(gt_dir) if gt_dir is not None else {}
     failed: list[str] = []
-    results = predict_images(model, paths, image_size, device, task, batch_size, tta, img_ch,
-                             on_error=lambda path, exc: failed.append(str(exc)), autocast=autocast,
-                             channels_last=channels_last)
+    results = segmenter.predict(paths, batch_size, tta, on_error=lambda path, exc: failed.append(str(exc)))
     results = track(results, len(paths), "predict", log=log, terminal=progress)
 
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         gt_path = find_gt(gt_index, path) if save_overlay else None
-        outputs = render_outputs(path, image, probs, task, threshold=threshold, save_probs=save_probs,
+        outputs = render_outputs(path, image, probs, task, threshold=segmenter.threshold, save_probs=save_probs,
                                  save_overlay=save_overlay,
                                  gt=None if gt_path is None else read_gt_for(gt_path, path, probs.shape))
         for suffix, data in outputs.items():  # the mask last: its file marks the image done
@@ -139,15 +134,13 @@ class PartialPrediction(DataError):
                          f"written):\n  {listing}")
 
 
-def predict_checkpoint(checkpoint: str | Path, input_path: str | Path, output: str | Path, *,
+def predict_checkpoint(checkpoints, input_path: str | Path, output: str | Path, *,
                        model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
                        image_size: int | None = None, threshold: float | None = None, log=print,
                        **options) -> list[Path]:
-    """``r2unet predict``: load ``checkpoint`` (a ``Predictor``) and run ``run_predict`` with its settings on
-    ``input_path``; ``options``: ``run_predict``'s."""
-    p = Predictor(checkpoint, model_overrides=model_overrides, device=device, amp=amp, image_size=image_size,
-                  threshold=threshold, log=log)
+    """``r2unet predict``: load the model (or the models of an ensemble, ``Segmenter``) and run ``run_predict``
+    on ``input_path``; ``options``: ``run_predict``'s."""
+    segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
+                          image_size=image_size, threshold=threshold, log=log)
     with torch.inference_mode():
-        return run_predict(p.model, input_path, output, p.image_size, p.device, p.task, threshold=p.threshold,
-                           autocast=p.precision.autocast, channels_last=p.channels_last, img_ch=p.cfg.img_ch, log=log,
-                           **options)
+        return run_predict(segmenter, input_path, output, log=log, **options)

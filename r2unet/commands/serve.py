@@ -16,25 +16,30 @@ What a request can do is bounded before it costs anything:
   ``Origin`` and are served.
 - **Pixels.** An image over the pixel limit (``data.io.max_pixels``) is refused from its header (413).
 
-Every request runs ``Predictor.segment``: ``predict``'s code, in memory, so the mask the API returns is, byte for
-byte, the file ``predict`` writes for the same image and flags. The model is loaded once; requests wait for it in turn
-behind a lock. Bad input is a 4xx, a failure of the server a 500, both JSON with a ``detail`` the page shows.
+Every request runs ``Segmenter.segment_batch``: ``predict``'s code, in memory, so the mask the API returns is, byte
+for byte, the file ``predict`` writes for the same image and flags. The model is loaded once; requests that arrive
+together run as one batch (``Batcher``). Bad input is a 4xx, a failure of the server a 500, both JSON with a
+``detail`` the page shows.
 """
 
 import base64
 import io
 import logging
 import math
+import queue
 import socket
 import threading
+import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from PIL import Image
 
+from .. import defaults
 from ..data.imageio import DataError, InMemory
-from ..engine.inference import OUTPUT_SUFFIXES, Predictor
+from ..engine.inference import OUTPUT_SUFFIXES, Segmenter
 
 PAGE = Path(__file__).with_name("serve_page.html")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -49,24 +54,68 @@ class BadInput(ValueError):
         self.status = status
 
 
-class Segmenter:
-    """One model for the server's life, what a request may send it (``max_bytes`` per file, ``max_request_bytes``
-    per request, ``max_files`` per batch), and what a request asks of it: ``segment(data, name)``."""
+class Batcher:
+    """Requests that arrive together run as one batch: a worker thread takes the first request waiting, gathers
+    those that come within ``wait_s`` (at most ``max_batch``), runs them through ``Segmenter.segment_batch`` (one
+    forward pass) and answers each. A request alone waits ``wait_s`` at most. Each answer is the same bytes
+    ``predict`` writes for that image, whatever it was batched with (the networks score each image on its own)."""
 
-    def __init__(self, predictor: Predictor, tta: bool = False, max_bytes: int = 50 * 2**20,
-                 max_request_bytes: int | None = None, max_files: int = 16):
-        self.predictor, self.tta, self.max_bytes = predictor, tta, max_bytes
+    def __init__(self, segmenter: Segmenter, tta: bool = False, max_batch: int = defaults.PREDICT_BATCH,
+                 wait_s: float = 0.005):
+        self.segmenter, self.tta, self.max_batch, self.wait_s = segmenter, tta, max_batch, wait_s
+        self.queue: queue.Queue = queue.Queue()
+        self.batches: list[int] = []  # sizes of the batches run, for tests and /health
+        threading.Thread(target=self._serve, name="r2unet-batcher", daemon=True).start()
+
+    def run(self, upload: InMemory, overlay: bool, probabilities: bool) -> dict[str, bytes]:
+        """The upload's files, once its batch has run; its DataError when it could not be read."""
+        done: Future = Future()
+        self.queue.put((upload, overlay, probabilities, done))
+        result = done.result()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def _serve(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            deadline = time.monotonic() + self.wait_s
+            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                try:
+                    batch.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+            self.batches.append(len(batch))
+            try:
+                answers = self.segmenter.segment_batch([b[0] for b in batch], self.tta, [b[1] for b in batch],
+                                                       [b[2] for b in batch])
+            except Exception as exc:  # noqa: BLE001 - a failure of the model: each request of the batch hears it
+                answers = [exc] * len(batch)
+            for (_, _, _, done), answer in zip(batch, answers):
+                done.set_result(answer)
+
+
+class Service:
+    """One model (or ensemble) for the server's life, what a request may send it (``max_bytes`` per file,
+    ``max_request_bytes`` per request, ``max_files`` per batch), and what a request asks of it:
+    ``segment(data, name)``, run in batches with the requests that arrive with it (``Batcher``)."""
+
+    def __init__(self, segmenter: Segmenter, tta: bool = False, max_bytes: int = 50 * 2**20,
+                 max_request_bytes: int | None = None, max_files: int = 16, max_batch: int = defaults.PREDICT_BATCH,
+                 batch_wait_s: float = 0.005):
+        self.segmenter, self.tta, self.max_bytes = segmenter, tta, max_bytes
         self.max_request_bytes = max_request_bytes or 2 * max_bytes
         self.max_files = max_files
-        self.lock = threading.Lock()
+        self.batcher = Batcher(segmenter, tta, max_batch, batch_wait_s)
 
     def info(self) -> dict:
-        cfg, task = self.predictor.cfg, self.predictor.task
-        return {"status": "ok", "model_type": cfg.model_type, "num_classes": task.classes,
-                "classes": list(task.class_names),
-                "input_size": self.predictor.image_size, "threshold": self.predictor.threshold,
-                "tta": self.tta, "device": str(self.predictor.device), "max_bytes": self.max_bytes,
-                "max_request_bytes": self.max_request_bytes, "max_files": self.max_files}
+        cfg, task = self.segmenter.cfg, self.segmenter.task
+        return {"status": "ok", "model_type": cfg.model_type, "models": len(self.segmenter.members),
+                "num_classes": task.classes, "classes": list(task.class_names), "task": task.description,
+                "input_size": self.segmenter.image_size, "threshold": self.segmenter.threshold,
+                "tta": self.tta, "device": str(self.segmenter.device), "max_bytes": self.max_bytes,
+                "max_request_bytes": self.max_request_bytes, "max_files": self.max_files,
+                "max_batch": self.batcher.max_batch}
 
     def segment(self, data: bytes | bytearray, name: str, overlay: bool = False, probabilities: bool = False) -> dict:
         """The mask PNG (and the overlay JPEG) of one uploaded image, as ``predict`` writes them, and its area;
@@ -77,21 +126,20 @@ class Segmenter:
             raise BadInput(413, f"{name}: {_mib(len(data))} is over the limit of {_mib(self.max_bytes)} per file "
                                 "(r2unet serve --max_mb)")
         _check_format(data, name)
-        probabilities = probabilities and self.predictor.task.probability_maps
+        task = self.segmenter.task
+        probabilities = probabilities and task.probability_maps
         try:
-            with self.lock:
-                files = self.predictor.segment(InMemory(name, data), tta=self.tta, save_overlay=overlay,
-                                               save_probs=probabilities)
+            files = self.batcher.run(InMemory(name, data), overlay, probabilities)
         except DataError as exc:
             message = str(exc).split("\n  ")[-1]
             raise BadInput(413 if "too large" in message else 400, message) from None
         mask = files[OUTPUT_SUFFIXES[0]]
-        result = {"file": name, "mask_png": mask, **self.predictor.task.area(_pixels(mask))}
+        result = {"file": name, "mask_png": mask, **task.area(_pixels(mask))}
         if overlay:
             result["overlay_jpg"] = files[OUTPUT_SUFFIXES[2]]
         if probabilities:
             probs = _pixels(files[OUTPUT_SUFFIXES[1]]).astype(np.float64) / 255  # predict --save_probs, 8-bit
-            result["probability"] = self.predictor.task.summary(probs, self.predictor.threshold)
+            result["probability"] = task.summary(probs, self.segmenter.threshold)
         return result
 
 
@@ -121,8 +169,8 @@ def _check_format(data: bytes, name: str) -> None:
 class _Parts:
     """The parts of a multipart body as it streams in, kept in memory, each bounded as it grows."""
 
-    def __init__(self, segmenter: Segmenter):
-        self.limits = segmenter
+    def __init__(self, service: Service):
+        self.limits = service
         self.parts: list[tuple[str, str, bytearray]] = []
         self._field, self._value, self._headers = b"", b"", {}
 
@@ -160,7 +208,7 @@ class _Parts:
                 "on_headers_finished": headers_finished, "on_part_data": data}
 
 
-async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, bytearray]]:
+async def read_parts(request, service: Service) -> list[tuple[str, str, bytearray]]:
     """(field, file name, bytes) of each part of a multipart request, read within the limits: the declared
     ``Content-Length`` first, then every chunk as it arrives; nothing touches the disk, nothing is copied."""
     from python_multipart.multipart import MultipartParser, parse_options_header
@@ -168,12 +216,12 @@ async def read_parts(request, segmenter: Segmenter) -> list[tuple[str, str, byte
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data" or not options.get(b"boundary"):
         raise BadInput(415, "send the image as multipart/form-data (curl -F file=@photo.jpg URL)")
-    limit = segmenter.max_request_bytes
+    limit = service.max_request_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BadInput(413, f"the request's {_mib(int(declared))} are over the limit of {_mib(limit)} "
                             "(r2unet serve --max_request_mb); nothing was read")
-    parts = _Parts(segmenter)
+    parts = _Parts(service)
     parser = MultipartParser(options[b"boundary"], parts.callbacks())
     received = 0
     async for chunk in request.stream():
@@ -257,7 +305,7 @@ BATCH_SCHEMA = {"requestBody": {"required": True, "content": {"multipart/form-da
     "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}}}}}
 
 
-def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set[str] | None = None):
+def create_app(service: Service, hosts: set[str] | None = None, origins: set[str] | None = None):
     """The FastAPI application: the page at ``/``, ``POST /predict``, ``POST /predict/batch``, ``GET /health``,
     behind ``RequestGuard`` (``hosts`` None: the loopback names; ``origins``: cross-site origins allowed)."""
     from fastapi import FastAPI, Query, Request
@@ -285,7 +333,7 @@ def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set
     @app.get("/health")
     def health() -> dict:
         """The model served: its name, classes, input size, threshold, device and the request limits."""
-        return segmenter.info()
+        return service.info()
 
     @app.post("/predict", responses={200: {"content": {"image/png": {}}}}, openapi_extra=UPLOAD_SCHEMA)
     async def predict(request: Request, format: Annotated[str, Query(pattern="^(png|json)$")] = "png",
@@ -293,12 +341,12 @@ def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set
                                                                 "(base64)")] = False):
         """The mask PNG at the image's original size; ``format=json``: its area and size and a summary of the
         probabilities (``images=true``: the mask and the overlay too, as base64 - what the page shows)."""
-        parts = await read_parts(request, segmenter)
+        parts = await read_parts(request, service)
         files = [p for p in parts if p[0] == "file"] or parts
         if len(files) != 1:
             raise BadInput(400, "send one image in the field 'file' (several: POST /predict/batch with 'files')")
         _, name, data = files[0]
-        result = await run_in_threadpool(segmenter.segment, data, name, format == "json" and images,
+        result = await run_in_threadpool(service.segment, data, name, format == "json" and images,
                                          format == "json")
         if format == "png":
             return Response(result["mask_png"], media_type="image/png")
@@ -308,9 +356,9 @@ def create_app(segmenter: Segmenter, hosts: set[str] | None = None, origins: set
     async def predict_batch(request: Request) -> list[dict]:
         """Several images in one request: per file its area and mask PNG (base64), or its error."""
         answers = []
-        for _, name, data in await read_parts(request, segmenter):
+        for _, name, data in await read_parts(request, service):
             try:
-                answers.append(_json(await run_in_threadpool(segmenter.segment, data, name), images=True))
+                answers.append(_json(await run_in_threadpool(service.segment, data, name), images=True))
             except BadInput as exc:
                 answers.append({"file": name, "error": str(exc), "status": exc.status})
         return answers
@@ -335,11 +383,14 @@ def _names(values: str | None) -> set[str]:
     return {v.strip() for v in (values or "").split(",") if v.strip()}
 
 
-def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, device: str = "auto",
-          tta: bool = False, max_mb: float = 50, log=print, max_request_mb: float | None = None, max_files: int = 16,
-          allowed_hosts: str | None = None, allowed_origins: str | None = None, **predictor_options) -> None:
-    """``r2unet serve``: load the checkpoint, then serve until Ctrl-C. ``allowed_hosts``, ``allowed_origins``:
-    comma lists added to the Host names this server answers to and the origins whose pages may use it ("*": any)."""
+def serve(checkpoints, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", tta: bool = False,
+          max_mb: float = 50, log=print, max_request_mb: float | None = None, max_files: int = 16,
+          allowed_hosts: str | None = None, allowed_origins: str | None = None,
+          max_batch: int = defaults.PREDICT_BATCH, batch_wait_ms: float = 5, **segmenter_options) -> None:
+    """``r2unet serve``: load the model (or the models of an ensemble), then serve until Ctrl-C.
+    ``allowed_hosts``, ``allowed_origins``: comma lists added to the Host names this server answers to and the
+    origins whose pages may use it ("*": any); ``max_batch``, ``batch_wait_ms``: requests that arrive within that
+    many milliseconds of each other run as one batch of at most that many images."""
     for flag, value in (("--max_mb", max_mb), ("--max_request_mb", max_request_mb)):
         if value is not None and not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{flag}: must be a positive number of MiB, got {value:g}")
@@ -347,21 +398,23 @@ def serve(checkpoint: str | Path, host: str = "127.0.0.1", port: int = 8000, dev
         raise ValueError(f"--max_request_mb {max_request_mb:g} is below --max_mb {max_mb:g}: no file could be sent")
     if max_files < 1:
         raise ValueError(f"--max_files: must be >= 1, got {max_files}")
+    if not 0 <= batch_wait_ms < 10_000:
+        raise ValueError(f"--batch_wait_ms: must be between 0 and 10000, got {batch_wait_ms:g}")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port: must be between 0 and 65535, got {port}")
     try:
         import uvicorn
     except ImportError:
         raise ValueError("serve needs FastAPI and uvicorn: pip install 'r2unet[serve]'") from None
-    segmenter = Segmenter(Predictor(checkpoint, device=device, log=log, **predictor_options), tta=tta,
-                          max_bytes=int(max_mb * 2**20),
-                          max_request_bytes=int(max_request_mb * 2**20) if max_request_mb else None,
-                          max_files=max_files)
+    service = Service(Segmenter(checkpoints, device=device, log=log, **segmenter_options), tta=tta,
+                      max_bytes=int(max_mb * 2**20),
+                      max_request_bytes=int(max_request_mb * 2**20) if max_request_mb else None,
+                      max_files=max_files, max_batch=max_batch, batch_wait_s=batch_wait_ms / 1000)
     extra_hosts = _names(allowed_hosts)
     hosts = None if "*" in extra_hosts else default_hosts(host) | {_host_name(h) for h in extra_hosts}
-    log(f"serving {segmenter.info()['model_type']} on http://{host}:{port}/ (the page; API: POST /predict, docs: "
+    log(f"serving {service.info()['model_type']} on http://{host}:{port}/ (the page; API: POST /predict, docs: "
         f"/docs)" + ("; only this machine can reach it: --host 0.0.0.0 serves the network (put it behind a proxy "
                      "with TLS and authentication first)" if host in LOOPBACK else "")
         + ("; answering to host names " + ", ".join(sorted(hosts)) + " (--allowed_hosts adds others)"
            if hosts is not None and host not in LOOPBACK else ""))
-    uvicorn.run(create_app(segmenter, hosts, _names(allowed_origins)), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(service, hosts, _names(allowed_origins)), host=host, port=port, log_level="warning")

@@ -22,22 +22,23 @@ from ..fileio import atomic_write_text
 from ..progress import track
 from .checkpoint import RunFiles, load_file
 from .config import ConfigError, TrainConfig
-from .inference import FlipAveraged, load_for_inference, predict_images, read_gt_for, ready_for_inference
+from .inference import Averaged, Segmenter, load_for_inference, read_gt_for
 from .loop import draw_samples, evaluate
 from .metrics import Accumulators, per_image_spread
-from .runtime import Precision, resolve_device
-from .task import Task, task_of
+from .runtime import Precision
+from .task import task_of
 
 RESOLUTIONS = ("training", "original")
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: str = "test",
+def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
                         batch_size: int = defaults.BATCH_SIZE,
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, cache_dir: str | Path | None = None,
                         thresholds: list[float] | None = None, log=print, **model_overrides) -> dict:
-    """Metrics of a checkpoint on one split of a prepared dataset (also ``pooled`` scores under ``"pooled"``).
+    """Metrics of a checkpoint (or of the models of an ensemble, averaged: ``inference.Segmenter``) on one split of a
+    prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
     ``resolution``: ``"training"`` scores at the network's size, as training's validation and test do (and the
     reference); ``"original"`` scores every image at its own resolution against its mask file, as the ISIC 2018
@@ -56,27 +57,24 @@ def evaluate_checkpoint(checkpoint: str | Path, data_path: str | Path, split: st
         raise ConfigError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     recorded: dict = {}
     # amp None: the precision the run was trained (and tested) in
-    model, cfg = load_for_inference(checkpoint, log=log, record=recorded, image_size=image_size, device=device,
-                                    amp=amp, threshold=threshold, **model_overrides)
+    segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
+                          image_size=image_size, threshold=threshold, log=log, record=recorded)
+    cfg, task, dev, threshold = segmenter.cfg, segmenter.task, segmenter.device, segmenter.threshold
     split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
-    task, dev = task_of(cfg), resolve_device(cfg.device, cfg.device_index)
     if thresholds and not task.thresholded:
         raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {task.classes} classes "
                           "(a class map is the argmax, with no threshold)")
-    model, precision, channels_last = ready_for_inference(model, cfg, dev, log)
-    threshold = cfg.threshold
-    scored = FlipAveraged(model, task) if tta else model
+    precision, channels_last = segmenter.members[0].precision, segmenter.members[0].channels_last
     acc = task.accumulator(threshold, dev, keep_per_image=True)
     sweep = [task.accumulator(t, dev) for t in thresholds or ()]
     if sweep and split == "test":
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
     fed = Accumulators(acc, *sweep) if sweep else acc
     cache = None
-    with _binary_model_on_label_maps(checkpoint, split):
+    scored = _scoring_module(segmenter, tta, resolution, per_image_csv, log)
+    with _binary_model_on_label_maps(segmenter.names[0], split):
         if resolution == "original":
-            names = _score_at_original_size(scored_model=model, data_path=data_path, split=split, cfg=cfg, dev=dev,
-                                            task=task, accumulator=fed, batch_size=batch_size, tta=tta,
-                                            precision=precision, channels_last=channels_last, log=log)
+            names = _score_at_original_size(segmenter, data_path, split, fed, batch_size, tta, log)
         else:
             cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, targets=task.targets, log=log)
             names = cache.names
@@ -142,8 +140,24 @@ def _binary_model_on_label_maps(checkpoint, split: str):
                           ) from None
 
 
-def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfig, dev, task: Task, accumulator,
-                            batch_size: int, tta: bool, precision: Precision, channels_last: bool, log) -> list[str]:
+def _scoring_module(segmenter: Segmenter, tta: bool, resolution: str, per_image_csv, log):
+    """The models as one network on training-size inputs (the split's cache): what training-size scores and the
+    picture of the worst images need. An ensemble of several sizes scored at the original resolution draws that
+    picture with its first model, said in a note."""
+    if resolution == "training":
+        return segmenter.as_module(tta)
+    if per_image_csv is None:
+        return None
+    try:
+        return segmenter.as_module(tta)
+    except ConfigError:
+        log(f"note: the models take different sizes; the picture of the worst images shows {segmenter.names[0]}'s "
+            "predictions")
+        return Averaged([segmenter.members[0].model], segmenter.task, tta)
+
+
+def _score_at_original_size(segmenter: Segmenter, data_path, split: str, accumulator, batch_size: int, tta: bool,
+                            log) -> list[str]:
     """Score every image of the split at its own size against its mask file (``predict``'s way); its names."""
     image_dir, mask_dir = split_folders(data_path, split)
     if not image_dir.is_dir():
@@ -151,26 +165,21 @@ def _score_at_original_size(scored_model, data_path, split: str, cfg: TrainConfi
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
     report_problems(problems, skip_bad=False, log=log)
     note_ambiguous(pairs, log)
-    score_at_original_resolution(scored_model, pairs, cfg.image_size, dev, task, accumulator, batch_size=batch_size,
-                                 tta=tta, img_ch=cfg.img_ch, autocast=precision.autocast,
-                                 channels_last=channels_last, log=log)
+    score_at_original_resolution(segmenter, pairs, accumulator, batch_size=batch_size, tta=tta, log=log)
     return [p.image.name for p in pairs]
 
 
 @torch.no_grad()
-def score_at_original_resolution(model: torch.nn.Module, pairs, image_size: int, device: torch.device, task: Task,
-                                 accumulator, batch_size: int = defaults.PREDICT_BATCH, tta: bool = False,
-                                 img_ch: int = 3, autocast=None, channels_last: bool = False,
-                                 progress: bool | None = None, log=print) -> None:
+def score_at_original_resolution(segmenter: Segmenter, pairs, accumulator, batch_size: int = defaults.PREDICT_BATCH,
+                                 tta: bool = False, progress: bool | None = None, log=print) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` at the image's original resolution, as the ISIC 2018
-    challenge scored: the prediction is made exactly as ``predict`` makes it (``inference.predict_images``: network
-    size in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel
-    (``task.score``). ``pairs``: objects with ``.image`` and ``.mask`` paths; ``autocast``, ``channels_last``: see
-    ``predict_images``."""
+    challenge scored: the prediction is made exactly as ``predict`` makes it (``Segmenter.predict``: network size
+    in, logits resized back to the original size) and compared with the mask file as it is, pixel for pixel
+    (``task.score``). ``pairs``: objects with ``.image`` and ``.mask`` paths."""
     pairs = list(pairs)
     masks = {p.image: p.mask for p in pairs}
-    results = predict_images(model, [p.image for p in pairs], image_size, device, task, batch_size, tta, img_ch,
-                             autocast=autocast, channels_last=channels_last)
+    task = segmenter.task
+    results = segmenter.predict([p.image for p in pairs], batch_size, tta)
     for path, _, prediction in track(results, len(pairs), "scoring at the original resolution", log=log,
                                      terminal=progress):
         task.score(accumulator, prediction, read_gt_for(masks[path], path, prediction.shape, task.targets))

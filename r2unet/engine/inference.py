@@ -1,20 +1,24 @@
-"""Turning images into probabilities and masks with a trained model: the one path that ``predict``, ``serve``,
-``evaluate --resolution original`` and ``export``'s check run.
+"""Turning images into probabilities and masks with trained models: the one path that ``predict``, ``serve``,
+``evaluate`` and ``export``'s check run.
 
 - ``load_for_inference``: a model and its settings from a checkpoint, a run folder, ``.safetensors``, a reference
   ``.pkl`` or an exported ``.onnx``; ``ready_for_inference`` puts it on a device in training's precision.
-- ``predict_images``: decoded images in, probabilities (or class maps) at each image's own size out, batched, with
-  decoding and resizing on threads while the network runs; ``predict_logits``: one batch, with flip TTA.
-- ``render_outputs``: one image's files (mask, probability map, overlay) encoded in memory.
-- ``Predictor``: a model loaded once, with its size, threshold and classes: ``segment`` one upload in memory.
+- ``Segmenter``: one model, or several averaged (an ensemble: ``--checkpoint`` more than once, or a folder of runs),
+  loaded once with its task, size and threshold. ``predict``: images (files, uploads, arrays or PIL images) in,
+  each one's prediction at its own size out, batched, with decoding and resizing on threads while the network runs;
+  ``segment_batch``: several uploads' files in memory (what ``serve`` answers); ``as_module``: the models as one
+  network for scoring at the training size.
+- ``predict_logits``: one batch, with flip TTA; ``render_outputs``: one image's files (mask, probability map,
+  overlay) encoded in memory.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -110,16 +114,56 @@ def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device
     return place_model(model, device, channels_last).eval(), precision, channels_last
 
 
-class FlipAveraged(nn.Module):
-    """A model whose logits are those of the mean probability over the input and its horizontal and vertical flips
-    (each flipped back): test-time augmentation, as ``predict --tta`` does it."""
+def model_folders(path: str | Path) -> list[Path]:
+    """The models a ``--checkpoint`` names: itself, or, for a folder that holds no run but runs in its subfolders
+    (a folder of runs, one per fold or seed), each of those runs, in name order."""
+    path = Path(path)
+    if path.is_dir() and not RunFiles(path).best.is_file():
+        runs = sorted(p for p in path.iterdir() if p.is_dir() and RunFiles(p).best.is_file())
+        if runs:
+            return runs
+    return [path]
 
-    def __init__(self, model: nn.Module, task: Task):
+
+@dataclass
+class Member:
+    """One model of a ``Segmenter``, ready on its device: it sees images at its own ``image_size`` and ``img_ch``,
+    in its own precision and memory format."""
+
+    model: nn.Module
+    cfg: TrainConfig
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+
+    @property
+    def image_size(self) -> int:
+        return self.cfg.image_size
+
+    def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
+        """The network's input (B, C, S, S) of decoded images (H, W, 3) uint8, on the model's device."""
+        x = torch.cat([_to_input(img, self.image_size, self.cfg.img_ch) for img in images]).to(self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def logits(self, x: torch.Tensor, task: Task, tta: bool = False) -> torch.Tensor:
+        """Logits (B, C, S, S) on the CPU, float32."""
+        with self.precision.autocast():
+            return predict_logits(self.model, x, task, tta).cpu()
+
+
+class Averaged(nn.Module):
+    """Several models (each with flip TTA, ``tta``) as one network for inputs they all take (one size and channel
+    count): the logits of their mean probability; for a single model without TTA, the model itself."""
+
+    def __init__(self, models: list[nn.Module], task: Task, tta: bool = False):
         super().__init__()
-        self.model, self.task = model, task
+        self.members, self.task, self.tta = nn.ModuleList(models), task, tta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return predict_logits(self.model, x, self.task, tta=True)
+        if len(self.members) == 1:
+            return predict_logits(self.members[0], x, self.task, self.tta)
+        probs = sum(self.task.probabilities(predict_logits(m, x, self.task, self.tta)) for m in self.members)
+        return self.task.logits(probs / len(self.members))
 
 
 def _to_input(image: np.ndarray, image_size: int, img_ch: int) -> torch.Tensor:
@@ -142,11 +186,16 @@ def predict_logits(model: torch.nn.Module, x: torch.Tensor, task: Task, tta: boo
     return task.logits(probs)
 
 
-def _decode(path: Path, image_size: int, img_ch: int) -> tuple[tuple[int, int], np.ndarray, torch.Tensor]:
-    """((h, w) as displayed, the decoded image, the network input (1, C, S, S)) of one file."""
-    w, h = image_size_of(path)  # as displayed (EXIF orientation applied), like the pixels read below
-    img = read_image(path, min_size=(2 * image_size, 2 * image_size))
-    return (h, w), img, _to_input(img, image_size, img_ch)
+def _decode(source, image_size: int) -> tuple[tuple[int, int], np.ndarray]:
+    """((h, w) as displayed, the decoded image (H, W, 3) uint8) of one file, upload, array or PIL image; a JPEG is
+    decoded at a reduced scale no smaller than twice the network's ``image_size``."""
+    if isinstance(source, Image.Image):
+        source = np.asarray(source.convert("RGB"))
+    if isinstance(source, np.ndarray):
+        image = source if source.ndim == 3 else np.repeat(source[..., None], 3, axis=2)
+        return image.shape[:2], np.ascontiguousarray(image[..., :3].astype(np.uint8, copy=False))
+    w, h = image_size_of(source)  # as displayed (EXIF orientation applied), like the pixels read below
+    return (h, w), read_image(source, min_size=(2 * image_size, 2 * image_size))
 
 
 def default_workers() -> int:
@@ -154,76 +203,37 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def predict_images(model: torch.nn.Module, paths: Iterable[Path], image_size: int, device: torch.device, task: Task,
-                   batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, img_ch: int = 3,
-                   on_error: Callable[[Path, DataError], None] | None = None, workers: int | None = None,
-                   autocast: Callable | None = None,
-                   channels_last: bool = False) -> Iterator[tuple[Path, np.ndarray, np.ndarray]]:
-    """Yield (path, image (H, W, 3) uint8, prediction at the original resolution) per image, in the order of
-    ``paths``: ``task``'s prediction, the probabilities (H, W) float32 of a binary mask, the class map of label maps.
+def _at_size(logits: list[torch.Tensor], h: int, w: int, task: Task, max_pixels: int = 2**24) -> np.ndarray:
+    """The prediction at the image's size (h, w) from each model's logits (C, S, S): bilinear resize, then the
+    task's prediction (``task.at_size``; an ensemble's mean probability, ``task.from_probabilities``). In row
+    bands for very large images, with the sampling grid of one big resize."""
+    full = [lg.unsqueeze(0).float().cpu() for lg in logits]
+    channels = full[0].shape[1]
 
-    Images are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
-    needs its full-resolution pixels in memory; the logits are resized back to the original size before the
-    activation (and the caller's threshold). ``workers`` threads decode the next batch and resize the last one's
-    probabilities while the network runs. An image that cannot be decoded raises its DataError, or with
-    ``on_error`` is passed to it and left out. ``autocast``: a context-manager factory for the forward pass (mixed
-    precision), ``channels_last``: the memory format of a channels-last model's input."""
-    model.eval().to(device)
-    paths = list(paths)
-    batches = [paths[i:i + batch_size] for i in range(0, len(paths), batch_size)]
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        def decode_ahead(k: int) -> list:
-            return [(p, pool.submit(_decode, p, image_size, img_ch)) for p in batches[k]] if k < len(batches) else []
+    def finish(resize) -> torch.Tensor:
+        if len(full) == 1:
+            return task.at_size(resize(full[0]))
+        return task.from_probabilities(sum(task.probabilities(resize(f)) for f in full) / len(full))
 
-        pending = decode_ahead(0)
-        for k in range(len(batches)):
-            current, pending = pending, decode_ahead(k + 1)
-            chunk, images, sizes, inputs = [], [], [], []
-            for p, decoded in current:
-                try:
-                    (h, w), img, x = decoded.result()
-                except DataError as exc:
-                    if on_error is None:
-                        raise
-                    on_error(p, exc)
-                    continue
-                chunk.append(p)
-                sizes.append((h, w))
-                images.append(img)
-                inputs.append(x)
-            if not chunk:
-                continue
-            x = torch.cat(inputs).to(device)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                logits = predict_logits(model, x, task, tta).cpu()
-            resized = [pool.submit(_upsample_probs, lg, h, w, task) for lg, (h, w) in zip(logits, sizes)]
-            for p, img, probs in zip(chunk, images, resized):
-                yield p, img, probs.result()
-
-
-def _upsample_probs(logits: torch.Tensor, h: int, w: int, task: Task, max_pixels: int = 2**24) -> np.ndarray:
-    """Bilinear resize of (C, S, S) logits to (h, w), then ``task.at_size`` (the sigmoid of a binary mask, the
-    argmax of label maps); done in row bands for very large images."""
-    full = logits.unsqueeze(0).float().cpu()
-    finish = task.at_size
-    if h * w * full.shape[1] <= max_pixels:  # up to 16 MP in one go (64 MB): 3x faster than bands for a 12 MP photo
-        return finish(F.interpolate(full, size=(h, w), mode="bilinear", align_corners=False)).numpy()
+    if h * w * channels * len(full) <= max_pixels:  # up to 16 MP in one go: 3x faster than bands for a 12 MP photo
+        return finish(lambda f: F.interpolate(f, size=(h, w), mode="bilinear", align_corners=False)).numpy()
     out = np.empty((h, w), task.prediction_dtype)
-    band = max(1, max_pixels // max(1, w * full.shape[1]))
-    # Bands: compute source rows for each band with the same sampling grid as one big interpolate.
-    s = full.shape[-2]
+    band = max(1, max_pixels // max(1, w * channels * len(full)))
     for y0 in range(0, h, band):
         y1 = min(h, y0 + band)
-        ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) * s / h - 0.5
-        yn = (ys + 0.5) / s * 2 - 1  # normalised, align_corners=False
-        xs = (torch.arange(w, dtype=torch.float32) + 0.5) * full.shape[-1] / w - 0.5
-        xn = (xs + 0.5) / full.shape[-1] * 2 - 1
-        grid = torch.stack(torch.meshgrid(yn, xn, indexing="ij")[::-1], -1).unsqueeze(0)
-        up = F.grid_sample(full, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        out[y0:y1] = finish(up).numpy()
+        out[y0:y1] = finish(functools.partial(_resize_band, h=h, w=w, y0=y0, y1=y1)).numpy()
     return out
+
+
+def _resize_band(logits: torch.Tensor, h: int, w: int, y0: int, y1: int) -> torch.Tensor:
+    """Rows y0..y1 of the (h, w) bilinear resize of ``logits`` (1, C, S, T), on the sampling grid of one big
+    resize (align_corners=False)."""
+    s, t = logits.shape[-2:]
+    ys = (torch.arange(y0, y1, dtype=torch.float32) + 0.5) * s / h - 0.5
+    xs = (torch.arange(w, dtype=torch.float32) + 0.5) * t / w - 0.5
+    yn, xn = (ys + 0.5) / s * 2 - 1, (xs + 0.5) / t * 2 - 1
+    grid = torch.stack(torch.meshgrid(yn, xn, indexing="ij")[::-1], -1).unsqueeze(0)
+    return F.grid_sample(logits, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int], targets: Targets = BINARY) -> np.ndarray:
@@ -261,28 +271,138 @@ def render_outputs(path, image: np.ndarray, prediction: np.ndarray, task: Task, 
     return out
 
 
-class Predictor:
-    """A model loaded once for prediction (``load_for_inference``): on its device, in the precision, at the size and
-    with the threshold and classes the checkpoint was trained with unless given. ``predict`` and ``serve`` share
-    it; ``model_overrides``: the network's settings (model_type, t, base_channels) for a bare state_dict."""
+class Segmenter:
+    """Trained models loaded once for segmenting images: one, or several whose probabilities are averaged (an
+    ensemble: the same task and classes; any mix of networks and sizes, each seeing an image at its own size). Each
+    model runs on its device in the precision, at the size and with the threshold it was trained with, unless given.
+    ``predict``, ``serve`` and ``evaluate`` use it; ``model_overrides``: the network's settings (model_type, t,
+    base_channels) for a bare state_dict."""
 
-    def __init__(self, checkpoint: str | Path, *, model_overrides: dict | None = None, device: str = "auto",
-                 amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print):
-        model, cfg = load_for_inference(checkpoint, log=log, device=device, amp=amp, image_size=image_size,
-                                        threshold=threshold, **(model_overrides or {}))
-        self.cfg, self.task = cfg, task_of(cfg)
-        self.device = resolve_device(cfg.device, cfg.device_index)
-        self.model, self.precision, self.channels_last = ready_for_inference(model, cfg, self.device, log)
-        self.image_size, self.threshold = cfg.image_size, cfg.threshold
+    def __init__(self, checkpoints, *, model_overrides: dict | None = None, device: str = "auto",
+                 amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print,
+                 record: dict | None = None):
+        paths = [p for c in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints)
+                 for p in model_folders(c)]
+        members = []
+        for path in paths:
+            model, cfg = load_for_inference(path, log=log, device=device, amp=amp, image_size=image_size,
+                                            threshold=threshold, record=record if not members else None,
+                                            **(model_overrides or {}))
+            dev = resolve_device(cfg.device, cfg.device_index)
+            members.append(Member(*_ready(model, cfg, dev, log)))
+        self._setup(members, [str(p) for p in paths])
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg: TrainConfig | None = None, device: torch.device | str = "cpu",
+           **settings) -> Segmenter:
+        """A segmenter of a model already in memory (``settings``: TrainConfig fields, e.g. ``image_size``)."""
+        cfg = (cfg or TrainConfig()).updated(**settings)
+        self = cls.__new__(cls)
+        self._setup([Member(model.eval().to(device), cfg, torch.device(device), Precision(None, torch.device(device)),
+                            False)], ["(in memory)"])
+        return self
+
+    def _setup(self, members: list[Member], names: list[str]) -> None:
+        tasks = {(m.cfg.num_classes, m.cfg.class_colors) for m in members}
+        if len({classes for classes, _ in tasks}) > 1:
+            raise ConfigError("--checkpoint: the models segment different classes ("
+                              + ", ".join(f"{n}: {m.cfg.num_classes}" for n, m in zip(names, members))
+                              + "); an ensemble averages models of one task")
+        self.members, self.names = members, names
+        self.cfg, self.task = members[0].cfg, task_of(members[0].cfg)
+        self.threshold = self.cfg.threshold
+        self.image_size = max(m.image_size for m in members)
+        self.device = members[0].device
+
+    def predict(self, sources: Iterable, batch_size: int = defaults.PREDICT_BATCH, tta: bool = False,
+                on_error: Callable | None = None, workers: int | None = None) -> Iterator[tuple]:
+        """Yield (source, image (H, W, 3) uint8, prediction at the image's size) per image, in the order of
+        ``sources`` (files, ``InMemory`` uploads, arrays or PIL images): the task's prediction, probabilities
+        (H, W) float32 of a binary mask or the class map of label maps; the mean over the models of an ensemble.
+
+        Files are decoded with JPEG draft mode at no less than twice the network size, so a 6000x4000 photo never
+        needs its full-resolution pixels in memory; the logits are resized back to the original size before the
+        activation (and the caller's threshold). ``workers`` threads decode the next batch and resize the last
+        one's predictions while the network runs. A source that cannot be decoded raises its DataError, or with
+        ``on_error`` is passed to it and left out."""
+        sources = list(sources)
+        batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+        with ThreadPoolExecutor(workers or default_workers()) as pool:
+            def decode_ahead(k: int) -> list:
+                return [(s, pool.submit(_decode, s, self.image_size)) for s in batches[k]] if k < len(batches) else []
+
+            pending = decode_ahead(0)
+            for k in range(len(batches)):
+                current, pending = pending, decode_ahead(k + 1)
+                chunk, images, sizes = [], [], []
+                for source, decoded in current:
+                    try:
+                        size, img = decoded.result()
+                    except DataError as exc:
+                        if on_error is None:
+                            raise
+                        on_error(source, exc)
+                        continue
+                    chunk.append(source)
+                    sizes.append(size)
+                    images.append(img)
+                if not chunk:
+                    continue
+                logits = [m.logits(m.inputs(images), self.task, tta) for m in self.members]
+                resized = [pool.submit(_at_size, [lg[i] for lg in logits], h, w, self.task)
+                           for i, (h, w) in enumerate(sizes)]
+                for source, img, prediction in zip(chunk, images, resized):
+                    yield source, img, prediction.result()
+
+    def segment_batch(self, uploads: list[InMemory], tta: bool = False, overlays: list[bool] | None = None,
+                      probs: list[bool] | None = None) -> list[dict[str, bytes] | DataError]:
+        """Several uploads' outputs as ``predict`` writes them (``render_outputs``), in memory, run as one batch:
+        per upload its files by suffix (with its overlay and probability map where ``overlays`` and ``probs`` ask
+        for them), or the DataError that names why it could not be read."""
+        overlays, probs = overlays or [False] * len(uploads), probs or [False] * len(uploads)
+        order = {id(u): i for i, u in enumerate(uploads)}
+        answers: list = [None] * len(uploads)
+
+        def failed(upload, exc: DataError) -> None:
+            answers[order[id(upload)]] = exc
+
+        with torch.inference_mode():
+            for upload, image, prediction in self.predict(uploads, batch_size=max(1, len(uploads)), tta=tta,
+                                                          workers=1, on_error=failed):
+                i = order[id(upload)]
+                answers[i] = render_outputs(upload, image, prediction, self.task, threshold=self.threshold,
+                                            save_overlay=overlays[i],
+                                            save_probs=probs[i] and self.task.probability_maps)
+        return answers
 
     def segment(self, upload: InMemory, tta: bool = False, save_overlay: bool = False,
                 save_probs: bool = False) -> dict[str, bytes]:
-        """One image's outputs as ``run_predict`` writes them, in memory (``render_outputs``): the same bytes, with
-        nothing on disk. A file that cannot be read raises its DataError, naming the upload."""
-        with torch.inference_mode():
-            (path, image, prediction), = predict_images(self.model, [upload], self.image_size, self.device,
-                                                        self.task, batch_size=1, tta=tta, img_ch=self.cfg.img_ch,
-                                                        workers=1, autocast=self.precision.autocast,
-                                                        channels_last=self.channels_last)
-        return render_outputs(path, image, prediction, self.task, threshold=self.threshold,
-                              save_probs=save_probs and self.task.probability_maps, save_overlay=save_overlay)
+        """One image's outputs as ``predict`` writes them, in memory: the same bytes, with nothing on disk. A file
+        that cannot be read raises its DataError, naming the upload."""
+        (result,) = self.segment_batch([upload], tta, [save_overlay], [save_probs])
+        if isinstance(result, DataError):
+            raise result
+        return result
+
+    def as_module(self, tta: bool = False) -> nn.Module:
+        """The models as one network (``Averaged``) for inputs at the training size, as ``evaluate`` scores a
+        split's cache; models of different sizes or channels cannot share those inputs (score them with
+        ``--resolution original``)."""
+        if len({(m.image_size, m.cfg.img_ch) for m in self.members}) > 1:
+            raise ConfigError("--checkpoint: these models take different image sizes or channels, so they cannot be "
+                              "scored on one training-size input; use --resolution original (each model sees each "
+                              "image at its own size)")
+        return Averaged([m.model for m in self.members], self.task, tta)
+
+
+def _ready(model: nn.Module, cfg: TrainConfig, device: torch.device, log) -> tuple:
+    model, precision, channels_last = ready_for_inference(model, cfg, device, log)
+    return model, cfg, device, precision, channels_last
+
+
+def predict_images(model: nn.Module, paths: Iterable, image_size: int, device: torch.device, task: Task,
+                   batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, img_ch: int = 3, **options):
+    """``Segmenter.predict`` of one model in memory, in float32 (``options``: ``predict``'s)."""
+    segmenter = Segmenter.of(model, device=device, image_size=image_size, img_ch=img_ch, num_classes=task.classes,
+                             output_ch=task.channels)
+    yield from segmenter.predict(paths, batch_size=batch_size, tta=tta, **options)

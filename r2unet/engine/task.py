@@ -43,6 +43,7 @@ class Task:
     targets: Targets
     channels: int
     class_names: tuple[str, ...]
+    description: str
     thresholded: bool
     probability_maps: bool
     outlines_truth: bool
@@ -65,6 +66,7 @@ class BinaryTask(Task):
     targets = BINARY
     channels = 1
     class_names = ("background", "lesion")
+    description = "binary mask"
     thresholded = True  # the probability is cut at a threshold (a sweep of thresholds makes sense)
     probability_maps = True  # an 8-bit probability map can be written
     outlines_truth = True  # an overlay can outline the ground truth beside the prediction
@@ -90,6 +92,10 @@ class BinaryTask(Task):
     def at_size(self, logits: torch.Tensor) -> torch.Tensor:
         """A prediction from logits (1, 1, h, w) already resized to the image's size: the probabilities (h, w)."""
         return logits.sigmoid()[0, 0]
+
+    def from_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
+        """The prediction from probabilities (1, C, h, w) at the image's size (an ensemble's mean)."""
+        return probs[0, 0]
 
     prediction_dtype = np.float32
 
@@ -153,6 +159,7 @@ class LabelMapTask(Task):
         self.targets = targets
         self.channels = targets.classes
         self.class_names = ("background",) + tuple(f"class {k}" for k in range(1, targets.classes))
+        self.description = f"label maps of {targets.classes} classes"
         self.colors = list(targets.colors) if targets.colors else class_colors(targets.classes)
 
     def loss(self, logits: torch.Tensor, target: torch.Tensor, dice: bool = False) -> torch.Tensor:
@@ -180,6 +187,9 @@ class LabelMapTask(Task):
     def at_size(self, logits: torch.Tensor) -> torch.Tensor:
         """The class map (h, w) uint8: the argmax of the logits resized to the image's size."""
         return logits.argmax(1)[0].byte()
+
+    def from_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
+        return probs.argmax(1)[0].byte()
 
     def mask(self, prediction: np.ndarray, threshold: float) -> np.ndarray:
         return prediction
