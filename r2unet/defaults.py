@@ -10,5 +10,8 @@ T = 3
 BASE_CHANNELS = 64  # width of the first stage: the reference's networks
 IMAGE_SIZE = 224  # the square size the network sees: the reference's
 BATCH_SIZE = 16  # images per step and process, in training and evaluate
-PREDICT_BATCH = 8  # images per forward pass in predict and serve (full-size photos are decoded for each)
+# images per forward pass in predict and serve: 8 on a GPU; 1 on a CPU, where a smaller batch stays in the caches (an
+# R2U-Net forward at 224 px: 0.84 img/s at batch 1 against 0.68 at batch 8 in float32, 4.8 against 3.4 in bf16 with
+# channels_last; benchmarks/README.md, "bench predict")
+PREDICT_BATCH, PREDICT_BATCH_CPU = 8, 1
 THRESHOLD = 0.5  # probability above which a pixel is foreground

@@ -168,4 +168,23 @@ def test_requests_that_arrive_together_run_as_one_batch_with_predict_s_bytes(mod
         else:
             assert "overlay_jpg" not in answers[k]
     one = service.segmenter.segment(InMemory("p0.png", images[0].read_bytes()))
-    assert one["_segmentation.png"] == answers[0]["mask_png"]
+    assert one["_segmentation.png"] == answers[0]["mask_png"]  # one upload, outside the batcher: the same bytes
+
+
+def test_the_server_answers_an_ensemble_and_a_label_map_model_with_predict_s_bytes(models, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+    from r2unet.commands.serve import Service
+
+    root, paths, photos = models
+    labels = tmp_path / "labels.pt"
+    save_checkpoint(labels, model=_trained_like(30, num_classes=3), epoch=1,
+                    config=TrainConfig(model_type="U_Net", base_channels=4, image_size=32, num_classes=3).to_dict())
+    for name, checkpoints in (("ensemble", [str(p) for p in paths]), ("labels", [str(labels)])):
+        out = tmp_path / name
+        assert main(["predict", *[a for c in checkpoints for a in ("--checkpoint", c)], "--input", str(photos),
+                     "--output", str(out), "--device", "cpu", "--overlay"]) == 0
+        service = Service(Segmenter(checkpoints, device="cpu", log=lambda *_: None), max_batch=4, batch_wait_s=0.2)
+        for path in sorted(photos.iterdir()):
+            answer = service.segment(path.read_bytes(), path.name, overlay=True)
+            assert answer["mask_png"] == (out / f"{path.stem}_segmentation.png").read_bytes(), (name, path.name)
+            assert answer["overlay_jpg"] == (out / f"{path.stem}_overlay.jpg").read_bytes(), (name, path.name)

@@ -340,7 +340,7 @@ def test_no_upload_touches_the_disk_and_a_server_failure_is_json(small_limits, m
     def broken(*args, **kwargs):
         raise RuntimeError("the device fell off the bus")
 
-    monkeypatch.setattr(segmenter.segmenter, "segment_batch", broken)
+    monkeypatch.setattr(segmenter.segmenter, "forward", broken)
     headers, body = _multipart([("file", images[0].name, images[0].read_bytes())])
     status, answer, _ = _asgi(app, "POST", "/predict", headers, [body])
     assert status == 500 and "RuntimeError: the device fell off the bus" in answer["detail"]

@@ -117,8 +117,8 @@ def positive_float(text: str) -> float:
 
 def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
     """The flags of the commands that use a trained model (evaluate, predict, serve, export): --checkpoint, the
-    model overrides, the input size, and with ``batch_size`` those of the commands that segment images, which also
-    take several models (an ensemble)."""
+    model overrides, the input size, and with ``batch_size`` (0: the device's) those of the commands that segment
+    images, which also take several models (an ensemble)."""
     ensemble = batch_size is not None
     p.add_argument("--checkpoint", required=True, action="append" if ensemble else "store",
                    help="r2unet checkpoint, a run folder (its best.pt), .safetensors, an .onnx from 'r2unet export', "
@@ -133,7 +133,10 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
     p.add_argument("--image_size", type=int, default=None, help="network input size (default: the checkpoint's)")
     if batch_size is None:
         return
-    p.add_argument("--batch_size", type=positive_int, default=batch_size)
+    device_s = (f"{defaults.PREDICT_BATCH} on a GPU, {defaults.PREDICT_BATCH_CPU} on a CPU, where smaller batches "
+                "ran faster")
+    p.add_argument("--batch_size", type=positive_int, default=batch_size or None,
+                   help=f"images per forward pass (default: {batch_size or device_s})")
     p.add_argument("--threshold", type=probability, default=None,
                    help=f"default: the checkpoint's ({defaults.THRESHOLD} unless it was trained with another)")
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")

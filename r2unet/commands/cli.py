@@ -145,7 +145,7 @@ def _cmd_evaluate(args) -> None:
 
 def _predict(p) -> None:
     """segment images: masks at the original resolution, overlays"""
-    add_checkpoint_flags(p, batch_size=8)
+    add_checkpoint_flags(p, batch_size=0)  # the device's
     p.add_argument("--input", required=True, help="an image or a folder of images")
     p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
@@ -229,7 +229,7 @@ def _cmd_demo(args) -> None:
 
 def _serve(p) -> None:
     """a web page and an HTTP API that segment uploaded images (needs the serve extra)"""
-    add_checkpoint_flags(p, batch_size=8)
+    add_checkpoint_flags(p, batch_size=0)  # the device's
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only; 0.0.0.0: the network")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max_mb", type=positive_float, default=50, help="largest image file accepted, in MiB")
@@ -246,6 +246,9 @@ def _serve(p) -> None:
 
 
 def _cmd_serve(args) -> None:
+    # Before torch loads OpenMP: its threads sleep between requests instead of spinning on the cores the HTTP
+    # threads need (one small image: p50 337 -> 299 ms on a 2-core CPU; benchmarks/README.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .serve import serve
 
     serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
@@ -255,8 +258,8 @@ def _cmd_serve(args) -> None:
 
 
 def _bench(p) -> None:
-    """benchmarks: 'data' (loader + augmentation) or 'train' (training step)"""
-    p.add_argument("what", choices=["data", "train"])
+    """benchmarks: 'data' (loader + augmentation), 'train' (training step) or 'predict' (photos to mask files)"""
+    p.add_argument("what", choices=["data", "train", "predict"])
     p.add_argument("--data_path", help="prepared dataset (data: required; train: default a synthetic one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--model_type", default=defaults.MODEL_TYPE, choices=list_models())
@@ -268,7 +271,12 @@ def _bench(p) -> None:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default", help="of the compiled rows")
     p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
-                   "channels_last, fused, compile, cudagraphs, default (the baseline always runs)")
+                   "channels_last, fused, compile, cudagraphs, default (the baseline always runs); predict: 'all' or "
+                   "a comma list of batch1, channels_last, bf16, compile, onnxruntime, onnxruntime_int8, default (the "
+                   "naive loop and fp32 always run)")
+    p.add_argument("--checkpoint", help="predict: the model (default: a fresh network of --model_type, --t 2)")
+    p.add_argument("--input", help="predict: a folder of photos (default: synthetic photos of dermoscopy sizes)")
+    p.add_argument("--num_images", type=positive_int, default=12, help="predict: synthetic photos")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -283,6 +291,14 @@ def _cmd_bench(args) -> None:
                                    warmup=args.warmup, compile_model=args.compile, compile_mode=args.compile_mode,
                                    configs=args.configs, data_path=args.data_path, log=log)
         print(json.dumps(result) if args.json else bench.train_report(result))
+        return
+    if args.what == "predict":
+        from .bench_predict import bench_predict, predict_report
+
+        t = args.t if "--t" in sys.argv else 2  # the R2U-Net paper's t, as the measurements in benchmarks/ use
+        result = bench_predict(args.checkpoint, args.input, args.device, args.num_images, args.model_type, t,
+                               args.base_channels, args.image_size, args.configs, log=log)
+        print(json.dumps(result) if args.json else predict_report(result))
         return
     if not args.data_path:
         raise ConfigError("bench data needs --data_path (a prepared dataset)")

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import defaults
 from ..data.imageio import DataError, is_image_file
 from ..data.pairs import mask_stem_for
 from ..engine.inference import OUTPUT_SUFFIXES, Segmenter, default_workers, read_gt_for, render_outputs
@@ -54,7 +53,7 @@ def gt_masks(gt_dir: Path) -> dict[str, Path]:
 
 
 def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path,
-                batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, save_probs: bool = False,
+                batch_size: int | None = None, tta: bool = False, save_probs: bool = False,
                 save_overlay: bool = False, gt_dir: str | Path | None = None, progress: bool | None = None,
                 skip_existing: bool = False, log=print) -> list[Path]:
     """Write ``<stem>_segmentation.png`` for each input (the task's mask file: 0/255 for a binary mask, a palette

@@ -16,7 +16,7 @@ What a request can do is bounded before it costs anything:
   ``Origin`` and are served.
 - **Pixels.** An image over the pixel limit (``data.io.max_pixels``) is refused from its header (413).
 
-Every request runs ``Segmenter.segment_batch``: ``predict``'s code, in memory, so the mask the API returns is, byte
+Every request runs ``predict``'s code (the ``Segmenter``'s steps), in memory, so the mask the API returns is, byte
 for byte, the file ``predict`` writes for the same image and flags. The model is loaded once; requests that arrive
 together run as one batch (``Batcher``). Bad input is a 4xx, a failure of the server a 500, both JSON with a
 ``detail`` the page shows.
@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 from PIL import Image
 
-from .. import defaults
 from ..data.imageio import DataError, InMemory
-from ..engine.inference import OUTPUT_SUFFIXES, Segmenter
+from ..engine.inference import OUTPUT_SUFFIXES, Segmenter, default_workers
 
 PAGE = Path(__file__).with_name("serve_page.html")
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -55,44 +55,56 @@ class BadInput(ValueError):
 
 
 class Batcher:
-    """Requests that arrive together run as one batch: a worker thread takes the first request waiting, gathers
-    those that come within ``wait_s`` (at most ``max_batch``), runs them through ``Segmenter.segment_batch`` (one
-    forward pass) and answers each. A request alone waits ``wait_s`` at most. Each answer is the same bytes
-    ``predict`` writes for that image, whatever it was batched with (the networks score each image on its own)."""
+    """Requests that arrive together run as one batch: each request's own thread decodes its image, a worker thread
+    takes the images waiting (at most ``max_batch``) through one forward pass (``Segmenter.forward``), and each
+    request's thread resizes and encodes its own answer, so decoding and encoding overlap the network as in
+    ``predict``. Under load (a batch just ran) the worker waits up to ``wait_s`` for more; a request to an idle
+    server runs at once. Each answer is the same bytes ``predict`` writes for that image, whatever it was batched
+    with (the networks score each image on its own)."""
 
-    def __init__(self, segmenter: Segmenter, tta: bool = False, max_batch: int = defaults.PREDICT_BATCH,
+    def __init__(self, segmenter: Segmenter, tta: bool = False, max_batch: int | None = None,
                  wait_s: float = 0.005):
-        self.segmenter, self.tta, self.max_batch, self.wait_s = segmenter, tta, max_batch, wait_s
+        self.segmenter, self.tta, self.wait_s = segmenter, tta, wait_s
+        self.max_batch = max_batch or segmenter.batch_size
         self.queue: queue.Queue = queue.Queue()
         self.batches: list[int] = []  # sizes of the batches run, for tests and /health
+        # as many requests decode or encode at once as predict has threads for it: more only fight the network
+        self.workers = threading.Semaphore(default_workers())
         threading.Thread(target=self._serve, name="r2unet-batcher", daemon=True).start()
 
     def run(self, upload: InMemory, overlay: bool, probabilities: bool) -> dict[str, bytes]:
-        """The upload's files, once its batch has run; its DataError when it could not be read."""
+        """The upload's files; its DataError when it cannot be read."""
+        with self.workers:
+            size, image = self.segmenter.decode(upload)
         done: Future = Future()
-        self.queue.put((upload, overlay, probabilities, done))
-        result = done.result()
-        if isinstance(result, Exception):
-            raise result
-        return result
+        self.queue.put((image, done))
+        logits = done.result()
+        with self.workers, torch.inference_mode():
+            return self.segmenter.render(upload, image, self.segmenter.finish(logits, size), overlay, probabilities)
 
     def _serve(self) -> None:
+        idle_since = 0.0
         while True:
             batch = [self.queue.get()]
-            deadline = time.monotonic() + self.wait_s
-            while len(batch) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+            # under load, wait a little for company; a request to an idle server runs at once
+            deadline = time.monotonic() + (self.wait_s if time.monotonic() - idle_since < self.wait_s else 0.0)
+            while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.queue.get(timeout=left))
+                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                                 if deadline > time.monotonic() else self.queue.get_nowait())
                 except queue.Empty:
                     break
             self.batches.append(len(batch))
             try:
-                answers = self.segmenter.segment_batch([b[0] for b in batch], self.tta, [b[1] for b in batch],
-                                                       [b[2] for b in batch])
+                with torch.inference_mode():
+                    answers = self.segmenter.forward([image for image, _ in batch], self.tta)
             except Exception as exc:  # noqa: BLE001 - a failure of the model: each request of the batch hears it
-                answers = [exc] * len(batch)
-            for (_, _, _, done), answer in zip(batch, answers):
-                done.set_result(answer)
+                for _, done in batch:
+                    done.set_exception(exc)
+            else:
+                for (_, done), logits in zip(batch, answers):
+                    done.set_result(logits)
+            idle_since = time.monotonic()
 
 
 class Service:
@@ -101,7 +113,7 @@ class Service:
     ``segment(data, name)``, run in batches with the requests that arrive with it (``Batcher``)."""
 
     def __init__(self, segmenter: Segmenter, tta: bool = False, max_bytes: int = 50 * 2**20,
-                 max_request_bytes: int | None = None, max_files: int = 16, max_batch: int = defaults.PREDICT_BATCH,
+                 max_request_bytes: int | None = None, max_files: int = 16, max_batch: int | None = None,
                  batch_wait_s: float = 0.005):
         self.segmenter, self.tta, self.max_bytes = segmenter, tta, max_bytes
         self.max_request_bytes = max_request_bytes or 2 * max_bytes
@@ -117,9 +129,11 @@ class Service:
                 "max_request_bytes": self.max_request_bytes, "max_files": self.max_files,
                 "max_batch": self.batcher.max_batch}
 
-    def segment(self, data: bytes | bytearray, name: str, overlay: bool = False, probabilities: bool = False) -> dict:
-        """The mask PNG (and the overlay JPEG) of one uploaded image, as ``predict`` writes them, and its area;
-        ``probabilities``: a summary of the probability map too (binary models)."""
+    def segment(self, data: bytes | bytearray, name: str, overlay: bool = False, probabilities: bool = False,
+                area: bool = True) -> dict:
+        """The mask PNG (and the overlay JPEG) of one uploaded image, as ``predict`` writes them, and its area
+        (``area``; a PNG answer needs none); ``probabilities``: a summary of the probability map too (binary
+        models)."""
         if not data:
             raise BadInput(400, f"{name}: empty file")
         if len(data) > self.max_bytes:
@@ -134,7 +148,7 @@ class Service:
             message = str(exc).split("\n  ")[-1]
             raise BadInput(413 if "too large" in message else 400, message) from None
         mask = files[OUTPUT_SUFFIXES[0]]
-        result = {"file": name, "mask_png": mask, **task.area(_pixels(mask))}
+        result = {"file": name, "mask_png": mask, **(task.area(_pixels(mask)) if area else {})}
         if overlay:
             result["overlay_jpg"] = files[OUTPUT_SUFFIXES[2]]
         if probabilities:
@@ -347,7 +361,7 @@ def create_app(service: Service, hosts: set[str] | None = None, origins: set[str
             raise BadInput(400, "send one image in the field 'file' (several: POST /predict/batch with 'files')")
         _, name, data = files[0]
         result = await run_in_threadpool(service.segment, data, name, format == "json" and images,
-                                         format == "json")
+                                         format == "json", format == "json")
         if format == "png":
             return Response(result["mask_png"], media_type="image/png")
         return JSONResponse(_json(result, images))
@@ -386,7 +400,7 @@ def _names(values: str | None) -> set[str]:
 def serve(checkpoints, host: str = "127.0.0.1", port: int = 8000, device: str = "auto", tta: bool = False,
           max_mb: float = 50, log=print, max_request_mb: float | None = None, max_files: int = 16,
           allowed_hosts: str | None = None, allowed_origins: str | None = None,
-          max_batch: int = defaults.PREDICT_BATCH, batch_wait_ms: float = 5, **segmenter_options) -> None:
+          max_batch: int | None = None, batch_wait_ms: float = 5, **segmenter_options) -> None:
     """``r2unet serve``: load the model (or the models of an ensemble), then serve until Ctrl-C.
     ``allowed_hosts``, ``allowed_origins``: comma lists added to the Host names this server answers to and the
     origins whose pages may use it ("*": any); ``max_batch``, ``batch_wait_ms``: requests that arrive within that

@@ -170,7 +170,7 @@ def _score_at_original_size(segmenter: Segmenter, data_path, split: str, accumul
 
 
 @torch.no_grad()
-def score_at_original_resolution(segmenter: Segmenter, pairs, accumulator, batch_size: int = defaults.PREDICT_BATCH,
+def score_at_original_resolution(segmenter: Segmenter, pairs, accumulator, batch_size: int | None = None,
                                  tta: bool = False, progress: bool | None = None, log=print) -> None:
     """Add each (image, mask) pair's scores to ``accumulator`` at the image's original resolution, as the ISIC 2018
     challenge scored: the prediction is made exactly as ``predict`` makes it (``Segmenter.predict``: network size

@@ -4,10 +4,11 @@
 - ``load_for_inference``: a model and its settings from a checkpoint, a run folder, ``.safetensors``, a reference
   ``.pkl`` or an exported ``.onnx``; ``ready_for_inference`` puts it on a device in training's precision.
 - ``Segmenter``: one model, or several averaged (an ensemble: ``--checkpoint`` more than once, or a folder of runs),
-  loaded once with its task, size and threshold. ``predict``: images (files, uploads, arrays or PIL images) in,
-  each one's prediction at its own size out, batched, with decoding and resizing on threads while the network runs;
-  ``segment_batch``: several uploads' files in memory (what ``serve`` answers); ``as_module``: the models as one
-  network for scoring at the training size.
+  loaded once with its task, size and threshold. Its steps: ``decode`` an image (a file, an upload, an array or a
+  PIL image), ``forward`` a batch, ``finish`` one prediction at its image's size, ``render`` its files in memory.
+  ``predict`` composes them over many images (decoding and resizing on threads while the network runs), ``serve``'s
+  batcher over concurrent requests, ``segment`` for one upload; ``as_module``: the models as one network for
+  scoring at the training size.
 - ``predict_logits``: one batch, with flip TTA; ``render_outputs``: one image's files (mask, probability map,
   overlay) encoded in memory.
 """
@@ -111,6 +112,8 @@ def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device
     if place.note:
         log(place.note)
     precision, channels_last = place.precision, place.channels_last
+    if cfg.channels_last == "auto" and device.type == "cpu":  # inference: channels_last pays in float32 too
+        channels_last = cfg.base_channels >= 16  # (1.10 against 0.84 img/s at batch 1; benchmarks/README.md)
     return place_model(model, device, channels_last).eval(), precision, channels_last
 
 
@@ -313,8 +316,30 @@ class Segmenter:
         self.threshold = self.cfg.threshold
         self.image_size = max(m.image_size for m in members)
         self.device = members[0].device
+        self.batch_size = defaults.PREDICT_BATCH if self.device.type == "cuda" else defaults.PREDICT_BATCH_CPU
 
-    def predict(self, sources: Iterable, batch_size: int = defaults.PREDICT_BATCH, tta: bool = False,
+    # ------------------------------------------------ the steps: decode (threads) -> forward (one batch) -> finish
+    def decode(self, source) -> tuple[tuple[int, int], np.ndarray]:
+        """((h, w) as shown, the image (H, W, 3) uint8) of a file, upload, array or PIL image; a JPEG decoded at a
+        reduced scale no smaller than twice the largest network size. A DataError names what cannot be read."""
+        return _decode(source, self.image_size)
+
+    def forward(self, images: list[np.ndarray], tta: bool = False) -> list[list[torch.Tensor]]:
+        """Each image's logits from each model (per image, a list over the models), on the CPU."""
+        logits = [m.logits(m.inputs(images), self.task, tta) for m in self.members]
+        return [[lg[i] for lg in logits] for i in range(len(images))]
+
+    def finish(self, logits: list[torch.Tensor], size: tuple[int, int]) -> np.ndarray:
+        """The prediction at the image's size from its logits (``_at_size``)."""
+        return _at_size(logits, *size, self.task)
+
+    def render(self, source, image: np.ndarray, prediction: np.ndarray, overlay: bool = False,
+               probs: bool = False) -> dict[str, bytes]:
+        """The files of one image's prediction, as ``predict`` writes them (``render_outputs``)."""
+        return render_outputs(source, image, prediction, self.task, threshold=self.threshold, save_overlay=overlay,
+                              save_probs=probs and self.task.probability_maps)
+
+    def predict(self, sources: Iterable, batch_size: int | None = None, tta: bool = False,
                 on_error: Callable | None = None, workers: int | None = None) -> Iterator[tuple]:
         """Yield (source, image (H, W, 3) uint8, prediction at the image's size) per image, in the order of
         ``sources`` (files, ``InMemory`` uploads, arrays or PIL images): the task's prediction, probabilities
@@ -324,12 +349,13 @@ class Segmenter:
         needs its full-resolution pixels in memory; the logits are resized back to the original size before the
         activation (and the caller's threshold). ``workers`` threads decode the next batch and resize the last
         one's predictions while the network runs. A source that cannot be decoded raises its DataError, or with
-        ``on_error`` is passed to it and left out."""
-        sources = list(sources)
+        ``on_error`` is passed to it and left out. ``batch_size``: images per forward pass (default the device's:
+        ``defaults.PREDICT_BATCH``)."""
+        sources, batch_size = list(sources), batch_size or self.batch_size
         batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
         with ThreadPoolExecutor(workers or default_workers()) as pool:
             def decode_ahead(k: int) -> list:
-                return [(s, pool.submit(_decode, s, self.image_size)) for s in batches[k]] if k < len(batches) else []
+                return [(s, pool.submit(self.decode, s)) for s in batches[k]] if k < len(batches) else []
 
             pending = decode_ahead(0)
             for k in range(len(batches)):
@@ -348,41 +374,18 @@ class Segmenter:
                     images.append(img)
                 if not chunk:
                     continue
-                logits = [m.logits(m.inputs(images), self.task, tta) for m in self.members]
-                resized = [pool.submit(_at_size, [lg[i] for lg in logits], h, w, self.task)
-                           for i, (h, w) in enumerate(sizes)]
+                resized = [pool.submit(self.finish, lg, size) for lg, size in zip(self.forward(images, tta), sizes)]
                 for source, img, prediction in zip(chunk, images, resized):
                     yield source, img, prediction.result()
-
-    def segment_batch(self, uploads: list[InMemory], tta: bool = False, overlays: list[bool] | None = None,
-                      probs: list[bool] | None = None) -> list[dict[str, bytes] | DataError]:
-        """Several uploads' outputs as ``predict`` writes them (``render_outputs``), in memory, run as one batch:
-        per upload its files by suffix (with its overlay and probability map where ``overlays`` and ``probs`` ask
-        for them), or the DataError that names why it could not be read."""
-        overlays, probs = overlays or [False] * len(uploads), probs or [False] * len(uploads)
-        order = {id(u): i for i, u in enumerate(uploads)}
-        answers: list = [None] * len(uploads)
-
-        def failed(upload, exc: DataError) -> None:
-            answers[order[id(upload)]] = exc
-
-        with torch.inference_mode():
-            for upload, image, prediction in self.predict(uploads, batch_size=max(1, len(uploads)), tta=tta,
-                                                          workers=1, on_error=failed):
-                i = order[id(upload)]
-                answers[i] = render_outputs(upload, image, prediction, self.task, threshold=self.threshold,
-                                            save_overlay=overlays[i],
-                                            save_probs=probs[i] and self.task.probability_maps)
-        return answers
 
     def segment(self, upload: InMemory, tta: bool = False, save_overlay: bool = False,
                 save_probs: bool = False) -> dict[str, bytes]:
         """One image's outputs as ``predict`` writes them, in memory: the same bytes, with nothing on disk. A file
         that cannot be read raises its DataError, naming the upload."""
-        (result,) = self.segment_batch([upload], tta, [save_overlay], [save_probs])
-        if isinstance(result, DataError):
-            raise result
-        return result
+        size, image = self.decode(upload)
+        with torch.inference_mode():
+            (logits,) = self.forward([image], tta)
+            return self.render(upload, image, self.finish(logits, size), save_overlay, save_probs)
 
     def as_module(self, tta: bool = False) -> nn.Module:
         """The models as one network (``Averaged``) for inputs at the training size, as ``evaluate`` scores a
@@ -401,7 +404,7 @@ def _ready(model: nn.Module, cfg: TrainConfig, device: torch.device, log) -> tup
 
 
 def predict_images(model: nn.Module, paths: Iterable, image_size: int, device: torch.device, task: Task,
-                   batch_size: int = defaults.PREDICT_BATCH, tta: bool = False, img_ch: int = 3, **options):
+                   batch_size: int | None = None, tta: bool = False, img_ch: int = 3, **options):
     """``Segmenter.predict`` of one model in memory, in float32 (``options``: ``predict``'s)."""
     segmenter = Segmenter.of(model, device=device, image_size=image_size, img_ch=img_ch, num_classes=task.classes,
                              output_ch=task.channels)

@@ -3,6 +3,8 @@ exported file as a model (``OnnxModel``, ``load_onnx``: its metadata checked aga
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -72,8 +74,9 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     w16 = torch.export.Dim("w16", min=1, max=512)
     dynamic = {"x": {0: batch, 2: SIZE_MULTIPLE * h16, 3: SIZE_MULTIPLE * w16}}
     try:
-        torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
-                          opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=False)
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines, not a command's output
+            torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              opset_version=OPSET, dynamo=True, dynamic_shapes=dynamic, external_data=False)
     except OSError:  # the destination (a full disk, a read-only folder): the other exporter cannot help
         raise
     except Exception as exc:  # noqa: BLE001 - fall back to the TorchScript exporter

@@ -262,12 +262,13 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     return model
 
 
-def peak_tflops(device: torch.device, n: int | None = None) -> tuple[float, str]:
-    """A large (``n`` x ``n``) matmul's rate on ``device`` in the precision it runs natively (bf16 on GPUs and
-    bf16-native CPUs, float32 on other CPUs: an emulated bf16 peak would be a meaningless bound) and that
-    precision's name. About a second on a CPU."""
+def peak_tflops(device: torch.device, n: int | None = None, dtype: torch.dtype | None = None) -> tuple[float, str]:
+    """A large (``n`` x ``n``) matmul's rate on ``device`` in ``dtype``, by default the precision it runs natively
+    (bf16 on GPUs and bf16-native CPUs, float32 on other CPUs: an emulated bf16 peak would be a meaningless bound),
+    and that precision's name. About a second on a CPU."""
     native_bf16 = device.type == "cuda" or cpu_info().native_bf16
-    dtype = torch.bfloat16 if native_bf16 else torch.float32
+    dtype = dtype or (torch.bfloat16 if native_bf16 else torch.float32)
+    native_bf16 = dtype == torch.bfloat16
     n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
