@@ -132,3 +132,28 @@ def test_predict_finds_ground_truth_of_any_common_naming(tmp_path):
     assert find_gt(index, tmp_path / "in" / "a.jpg").name == "a_GT.PNG"
     assert find_gt(index, tmp_path / "in" / "b.jpg").name == "b.bmp"
     assert find_gt(index, tmp_path / "in" / "c.jpg") is None
+
+
+def test_folders_given_the_other_way_round_are_said_to_look_swapped(tmp_path):
+    """The mask folder as the images: with ISIC's naming nothing pairs (it used to advise --mask_suffix); with one
+    naming for both (Kvasir: images/x.jpg, masks/x.jpg, JPEG masks) everything pairs, and photos would have been
+    thresholded into masks without a word."""
+    from r2unet.data.synth import IMAGE_DIR, MASK_DIR, generate_dataset
+
+    raw = tmp_path / "isic"
+    generate_dataset(raw, num_images=6, seed=5, max_side=120)
+    with pytest.raises(DataError, match="the two folders look swapped") as caught:
+        prepare_split(raw / MASK_DIR, raw / IMAGE_DIR, data_path=tmp_path / "d1", log=lambda *_: None)
+    assert "--mask_suffix" not in str(caught.value) and "--origin_data_path" in str(caught.value)
+    kvasir = tmp_path / "kvasir"
+    (kvasir / "images").mkdir(parents=True)
+    (kvasir / "masks").mkdir()
+    for photo in sorted((raw / IMAGE_DIR).iterdir()):  # the same stems, masks saved as JPEG as Kvasir's are
+        Image.open(photo).save(kvasir / "images" / f"{photo.stem}.jpg")
+        mask = next((raw / MASK_DIR).glob(f"{photo.stem}*"))
+        Image.open(mask).convert("L").save(kvasir / "masks" / f"{photo.stem}.jpg", quality=75)
+    assert len(pair_files(kvasir / "masks", kvasir / "images").pairs) == 6
+    with pytest.raises(DataError, match=r"look like masks .*, and the masks in .* like photos: the two folders"):
+        prepare_split(kvasir / "masks", kvasir / "images", data_path=tmp_path / "d2", log=lambda *_: None)
+    manifest = prepare_split(kvasir / "images", kvasir / "masks", data_path=tmp_path / "d3", log=lambda *_: None)
+    assert sum(len(v) for v in manifest["splits"].values()) == 6  # the right way round, it prepares

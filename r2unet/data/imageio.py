@@ -241,6 +241,23 @@ def mask_to_bool(values: np.ndarray) -> np.ndarray:
     return values > 32767.5
 
 
+def looks_like_mask(path: str | os.PathLike) -> bool:
+    """Whether an image reads as a binary mask rather than a photo: gray (its channels agree) and nearly every
+    pixel at one of the two ends of its range (a JPEG-compressed mask scatters a little near its edges). Decoded
+    at a reduced scale where the format allows; an unreadable file is not a mask."""
+    try:
+        values = np.asarray(_open(_source(path), draft_size=(256, 256), oriented=False).convert("RGB"), dtype=np.int16)
+    except DataError:
+        return False
+    if values.size == 0 or np.abs(values[..., 0] - values[..., 1]).mean() + np.abs(values[..., 1] - values[..., 2]
+                                                                                  ).mean() > 4:
+        return False
+    gray = values[..., 0]
+    top = 1 if gray.max() <= 1 else 255
+    middle = (gray > 0.1 * top) & (gray < 0.9 * top)
+    return float(middle.mean()) < 0.03
+
+
 class NotBinaryMask(DataError):
     """A mask that holds class labels, not one foreground: ``classes`` how many it looks like, ``found`` what was
     seen (values or colours), ``colors`` the colours of an RGB label map (a ``--class_colors`` value), else None."""

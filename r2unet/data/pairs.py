@@ -21,7 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .imageio import DataError, image_size, is_image_file, mask_frame
+from .imageio import DataError, image_size, is_image_file, looks_like_mask, mask_frame
 
 SPLITS = ("train", "valid", "test")
 
@@ -267,6 +267,9 @@ def checked_pairs(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str 
     report = report or pair_files(image_dir, mask_dir, mask_suffix, recursive)
     if not report.pairs and not report.ambiguous:
         raise DataError(no_pairs_message(report, image_dir, mask_dir, mask_suffix, recursive))
+    images, masks = [p.image for p in report.pairs], [p.mask for p in report.pairs]
+    if swapped := swapped_folders(images, masks, image_dir, mask_dir):
+        raise DataError(swapped)
     looked = "a mask named <stem>" + (mask_suffix or "") + ".<ext>" if mask_suffix is not None else \
         "<stem>.<ext>, <stem>_segmentation.<ext>, <stem>_mask.<ext> ... (see --mask_suffix)"
     problems = [f"{p}: no mask found in {mask_dir} (looked for {looked})" for p in report.missing_masks]
@@ -283,8 +286,33 @@ def checked_pairs(image_dir: str | Path, mask_dir: str | Path, mask_suffix: str 
     return pairs, problems, report.ignored
 
 
+SWAP_SAMPLE = 5  # images (and masks) decoded to tell whether the two folders were given the other way round
+
+
+def _spread(files: list[Path], n: int) -> list[Path]:
+    return files[:: max(1, len(files) // n)][:n]
+
+
+def swapped_folders(images: list[Path], masks: list[Path], image_dir, mask_dir) -> str | None:
+    """A message when the folders look given the other way round: every image sampled reads as a binary mask
+    (``looks_like_mask``) and no mask sampled does (or there are no masks to look at); else None."""
+    sample = _spread(images, SWAP_SAMPLE)
+    if not sample or not all(looks_like_mask(p) for p in sample):
+        return None
+    mask_sample = _spread(masks, SWAP_SAMPLE)
+    if mask_sample and any(looks_like_mask(m) for m in mask_sample):
+        return None
+    return (f"the images in {image_dir} look like masks (gray, two values: {', '.join(p.name for p in sample[:3])})"
+            + (f", and the masks in {mask_dir} like photos" if mask_sample else "")
+            + ": the two folders look swapped. Give the photos' folder as the images (prepare: --origin_data_path) "
+            "and the masks' folder as the masks (--origin_GT_path)")
+
+
 def no_pairs_message(report: PairingReport, image_dir, mask_dir, mask_suffix: str | None, recursive: bool) -> str:
-    """No image paired: one image's name, the mask names looked for, and the first mask names present."""
+    """No image paired: the folders look swapped (when they do), else one image's name, the mask names looked
+    for, and the first mask names present."""
+    if swapped := swapped_folders(report.missing_masks, report.extra_masks, image_dir, mask_dir):
+        return swapped
     img = report.missing_masks[0]
     looked = ", ".join(f"{s}.*" for s in mask_stem_for(img.stem, mask_suffix))
     present = [m.name for m in report.extra_masks]
