@@ -54,24 +54,28 @@ def around_bars(log, bar):
 
 
 class EpochLines:
-    """Progress inside an epoch without a terminal: at log points, one line at most every
-    ``LOG_INTERVAL_S`` (the interval of every other long loop's lines)."""
+    """Progress inside an epoch without a terminal: a line at log points, at most every ``LOG_INTERVAL_S`` (the
+    interval of every other long loop's lines); with ``early``, also at the first two log points, the first step
+    included, so that a run whose steps are slow shows its pace within a step, not after a minute of steps."""
 
-    def __init__(self, log, epoch: int, num_epochs: int, total_steps: int, first_step: int, images_per_step: int):
+    def __init__(self, log, epoch: int, num_epochs: int, total_steps: int, first_step: int, images_per_step: int,
+                 early: bool = False):
         self.log, self.epoch, self.num_epochs, self.total = log, epoch, num_epochs, total_steps
-        self.first, self.images_per_step = first_step, images_per_step
+        self.first, self.images_per_step, self.early = first_step, images_per_step, 2 if early else 0
         self.start = self.last = time.perf_counter()
 
     def __call__(self, state, loss: float) -> None:
         now = time.perf_counter()
-        if now - self.last < LOG_INTERVAL_S:
+        if now - self.last < LOG_INTERVAL_S and not self.early:
             return
+        self.early = max(0, self.early - 1)
         self.last = now
         done = state.steps - self.first
-        rate = done * self.images_per_step / max(now - self.start, 1e-9)
-        left = (self.total - state.steps) * (now - self.start) / max(done, 1)
+        per_step = (now - self.start) / max(done, 1)
+        left = (self.total - state.steps) * per_step
         self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}  step {state.steps}/{self.total}  loss {loss:.4f}  "
-                 f"{rate:.1f} img/s  epoch ends in {duration(left)}")
+                 f"{self.images_per_step / per_step:.1f} img/s ({per_step:.2g} s/step"
+                 + (", the first with start-up" if done == 1 else "") + f")  epoch ends in {duration(left)}")
 
 
 def training_bar(is_main: bool, total: int, images_per_batch: int):

@@ -70,6 +70,14 @@ run_and_report() {
     if [ "$status" -eq 130 ] || [ "$status" -eq 143 ]; then
         echo "training interrupted; run the same command again to continue it; log: $log" >&2
         exit "$status"
+    elif [ "$status" -eq 137 ]; then
+        # SIGKILL: nothing in the process could say why; on a training run it is almost always the kernel's
+        # out-of-memory killer ('dmesg' or 'journalctl -k' shows "Out of memory: Killed process")
+        echo "training was killed (SIGKILL, exit status 137), most likely by the kernel because memory ran out." >&2
+        echo "  a step needs less memory with a smaller --batch_size, --image_size or --base_channels (the run's" >&2
+        echo "  first lines say what a step needs and what the machine has); run the same command again to" >&2
+        echo "  continue from the last checkpoint with the same settings; log: $log" >&2
+        exit "$status"
     elif [ "$status" -ne 0 ]; then
         echo "training stopped (exit status $status); log: $log" >&2
         exit "$status"

@@ -123,6 +123,22 @@ def test_ctrl_c_on_a_launcher_saves_says_so_exits_130_and_a_shorter_rerun_contin
     assert json.loads((workdir / "runs" / "ctrl_c" / "results.json").read_text())["epochs"] == 3
 
 
+def test_a_kill_by_the_kernel_is_named_with_what_to_change(workdir, tmp_path):
+    """Killed by the kernel's out-of-memory killer (SIGKILL, 137), the trainer can say nothing: the launcher says
+    what most likely happened and what to change. Here the trainer is a stand-in that is killed at once."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python").write_text("#!/bin/sh\nkill -9 $$\n")
+    (fake / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(["bash", str(REPO / "test" / "train_full_1p.sh"), "--data_path=data",
+                           "--output_dir=runs/killed"], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 137, done.stdout + done.stderr
+    assert "killed (SIGKILL, exit status 137), most likely by the kernel because memory ran out" in done.stderr
+    assert "a smaller --batch_size, --image_size or --base_channels" in done.stderr
+
+
 def test_launcher_flags_take_a_space_too_and_a_missing_value_is_named(workdir):
     done = _launch("train_performance_1p.sh", workdir, "--data_path", "data", "--output_dir", "runs/spaced", *TINY)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_command_line(build_parser(), sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):  # a pipe or a file (tee, a batch job's log) gets each line as it is said
+        if isinstance(stream, io.TextIOWrapper) and not stream.line_buffering:
+            stream.reconfigure(line_buffering=True)
     limit_before, pillow_before = os.environ.get(MAX_PIXELS_ENV), Image.MAX_IMAGE_PIXELS
     try:
         set_max_pixels(getattr(args, "max_pixels", None))

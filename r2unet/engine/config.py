@@ -44,6 +44,9 @@ class TrainConfig:
     class_colors: str | None = setting(None, "JSON/YAML list of [r, g, b] per class, for label maps stored as RGB "
                                              "colours (palette and grayscale maps hold the class indices)")
     base_channels: int = setting(defaults.BASE_CHANNELS, "width of the first stage (the reference's networks)")
+    preset: str | None = setting(None, "a named set of the settings above and below, which the flags given "
+                                       "override: laptop (a small R2U-Net for a CPU) or gpu (the reference's "
+                                       "recipe); see the README", choices=tuple(defaults.PRESETS))
     # optimisation (the reference's defaults: Adam lr 2e-4, betas 0.5/0.999, linear decay over the last epochs)
     num_epochs: int = setting(100, "epochs", seed=True)
     num_epochs_decay: int = setting(70, "epochs of linear LR decay at the end (at most --num_epochs; when not "
@@ -96,6 +99,8 @@ class TrainConfig:
     resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
     accept_split_change: bool = setting(False, "with --resume: go on although the data's split is not the one the run "
                                                "trained on (best.pt is then chosen anew on the new validation split)")
+    no_memory_check: bool = setting(False, "train even when the memory estimate says a step does not fit (for "
+                                           "this command only, never carried by --resume)")
     extra: dict = field(default_factory=dict)  # unknown keys of older configs, kept for the record
 
     def validate(self) -> TrainConfig:
@@ -139,8 +144,9 @@ class TrainConfig:
             bad("threshold", f"must be in (0, 1), got {self.threshold}")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices and f.name != "model_type":
-                bad(f.name, f"must be one of {', '.join(choices)}, got {quote(getattr(self, f.name))}")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices and f.name != "model_type":
+                bad(f.name, f"must be one of {', '.join(choices)}, got {quote(value)}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             bad("device", f"must be auto, cpu, cuda or cuda:N, got {quote(self.device)}")
         if self.num_workers < 0:

@@ -212,9 +212,10 @@ class EpochRun:
 
     ``steps_done``, ``carried``: where a resumed epoch starts (its steps, and ``EpochState.carried()`` of the
     checkpoint); ``nonfinite_run``: the count of non-finite steps in a row, carried across epochs. The host syncs
-    only at log points (``cfg.log_every``), where a run of ``cfg.max_nonfinite_steps`` non-finite steps stops
-    training. When the steps are done, the state holds the epoch's loss sum, skipped steps and steady-state images
-    and seconds (the steps after ``cfg.warmup_steps``)."""
+    only at log points (``cfg.log_every``, and the epoch's first step, so that a slow run shows its pace early),
+    where a run of ``cfg.max_nonfinite_steps`` non-finite steps stops training. When the steps are done, the state
+    holds the epoch's loss sum, skipped steps and steady-state images and seconds (the steps after
+    ``cfg.warmup_steps``)."""
 
     def __init__(self, model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig, task,
                  epoch: int, *, steps_done: int = 0, carried: dict | None = None, nonfinite_run=None,
@@ -240,6 +241,7 @@ class EpochRun:
         buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(self.loader, cfg, state.steps))
         state.buffers_before_step = snapshot = BufferSnapshot(model)
         dice = cfg.loss == "dice_bce"
+        first = state.steps + 1  # reported as soon as it is done: on a CPU a step can take minutes
 
         def loss_fn(logits, y):
             return self.task.loss(logits, y, dice)
@@ -262,7 +264,7 @@ class EpochRun:
             state.train_metrics.update(self.task.probabilities(logits.detach()), y)
             state.nonfinite_run = torch.where(finite, 0, state.nonfinite_run + 1)
             clock.after_step(x.shape[0])
-            if state.steps % cfg.log_every == 0:
+            if state.steps % cfg.log_every == 0 or state.steps == first:
                 _check_nonfinite(int(state.nonfinite_run.item()), cfg, state)
                 if self.progress is not None:
                     self.progress(state, float(loss.detach()))

@@ -61,6 +61,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed: a GPU's OutOfMemoryError, or the CPU allocator's error (which
+    is what a process limited by ``ulimit`` or a cgroup gets before the kernel would kill it)."""
+    oom = getattr(torch, "OutOfMemoryError", None)
+    text = str(exc)
+    return (oom is not None and isinstance(exc, oom)) or "can't allocate memory" in text \
+        or "CUDA out of memory" in text
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (timing boundaries only; a no-op on the CPU)."""
     if device.type == "cuda":
@@ -76,18 +85,93 @@ _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE
 
 
 def available_memory() -> int | None:
-    """Bytes of memory this machine can give now without swapping (Linux's MemAvailable), or None where unknown."""
+    """Bytes of memory this process can take now without swapping or being killed, or None where unknown."""
+    found = memory_available()
+    return found[0] if found else None
+
+
+def memory_available() -> tuple[int, str] | None:
+    """(bytes, where the bound comes from) of the memory this process can take now: the least of the machine's
+    MemAvailable, its cgroup's limit less what the cgroup holds (a container's, a batch job's), and its own
+    RLIMIT_DATA / RLIMIT_AS less what it has mapped. None where none is known."""
+    bounds = [b for b in (_meminfo_available(), _cgroup_room(), *_rlimit_room()) if b is not None]
+    return min(bounds) if bounds else None
+
+
+def _meminfo_available() -> tuple[int, str] | None:
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024, "available on this machine"
     except (OSError, ValueError, IndexError):
         pass
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free on this machine"
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_room() -> tuple[int, str] | None:
+    """Room left under this process's cgroup memory limit (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), its
+    page cache that can be dropped counted as room. None: no limit (or none that can be read)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        v2 = controllers == ""
+        if not v2 and "memory" not in controllers.split(","):
+            continue
+        mount = Path("/sys/fs/cgroup") if v2 else Path("/sys/fs/cgroup/memory")
+        for folder in (mount / path.lstrip("/"), mount):  # inside a container, its own cgroup is the mount's root
+            limit = _read_int(folder / ("memory.max" if v2 else "memory.limit_in_bytes"))
+            used = _read_int(folder / ("memory.current" if v2 else "memory.usage_in_bytes"))
+            if limit is None or used is None:
+                continue
+            if limit >= 2**60:  # v1 writes "no limit" as a huge number
+                break
+            cache = 0
+            try:
+                key = "inactive_file" if v2 else "total_inactive_file"
+                for row in (folder / "memory.stat").read_text().splitlines():
+                    name, _, value = row.partition(" ")
+                    if name == key:
+                        cache = int(value)
+            except (OSError, ValueError):
+                pass
+            return max(0, limit - used + cache), f"left under this cgroup's memory limit of {limit / 2**30:.1f} GB"
+    return None
+
+
+def _rlimit_room() -> list[tuple[int, str]]:
+    """Room under this process's own limits (``ulimit -d``, ``ulimit -v``): the limit less what is mapped."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return []
+    try:
+        status = {k: int(v.split()[0]) * 1024 for k, _, v in
+                  (row.partition(":") for row in Path("/proc/self/status").read_text().splitlines())
+                  if k in ("VmData", "VmSize")}
+    except (OSError, ValueError):
+        return []
+    room = []
+    for name, kind, mapped in (("RLIMIT_DATA", "ulimit -d", "VmData"), ("RLIMIT_AS", "ulimit -v", "VmSize")):
+        soft = resource.getrlimit(getattr(resource, name))[0]
+        if soft != resource.RLIM_INFINITY and mapped in status:
+            room.append((max(0, soft - status[mapped]), f"left under this process's limit ({kind}) of "
+                                                        f"{soft / 2**30:.1f} GB"))
+    return room
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""The settings ``train`` runs with, resolved once: ``train_settings`` (defaults < config file < a resumed run's
-settings < the flags given). The commands that use a trained model resolve theirs once too, in
+"""The settings ``train`` runs with, resolved once: ``train_settings`` (defaults < preset < config file < a resumed
+run's settings < the flags given). The commands that use a trained model resolve theirs once too, in
 ``inference.load_for_inference``: the checkpoint's settings < the flags given (``TrainConfig.updated``)."""
 
 from __future__ import annotations
@@ -7,19 +7,22 @@ from __future__ import annotations
 import json
 import os
 
+from ..defaults import PRESETS
 from .checkpoint import RunFiles, load_file, require_training_state
 from .config import ConfigError, TrainConfig, load_class_colors, read_config_file
 
 
 def train_settings(given: dict, log=print) -> TrainConfig:
-    """The run's settings from the flags ``given`` on the command line: defaults < the ``--config`` file < on
-    ``--resume``, the settings the run was started with (its last.pt) < the flags given. The reference's ``--apex``
-    maps onto ``--amp`` (unless --amp is given), ``--world-size`` must match the processes torchrun started, and a
-    default decay longer than a short run becomes the whole run (said in a line)."""
+    """The run's settings from the flags ``given`` on the command line: defaults < the ``--preset`` (named on the
+    command line or in the config file) < the ``--config`` file < on ``--resume``, the settings the run was started
+    with (its last.pt) < the flags given. The reference's ``--apex`` maps onto ``--amp`` (unless --amp is given),
+    ``--world-size`` must match the processes torchrun started, and a default decay longer than a short run becomes
+    the whole run (said in a line)."""
     given = dict(given)
-    values: dict = {}
-    if "config" in given:
-        values.update(read_config_file(given.pop("config")))
+    from_file = read_config_file(given.pop("config")) if "config" in given else {}
+    preset = given.get("preset", from_file.get("preset"))
+    values: dict = dict(PRESETS.get(preset, {}))  # an unknown name is said by validate()
+    values.update(from_file)
     apex, level = given.pop("apex", None), given.pop("apex_opt_level", "O1")
     if "amp" not in given and apex is not None:
         given["amp"] = "fp16" if apex and level in ("O1", "O2") else "off"
@@ -30,7 +33,7 @@ def train_settings(given: dict, log=print) -> TrainConfig:
         raise ConfigError(f"--world-size {world}: launch the processes with torchrun, e.g. "
                           f"'torchrun --nproc_per_node={world} -m r2unet train ...' (see README, Multi-GPU)")
     resume = given.get("resume", values.get("resume", False))
-    typed = "num_epochs_decay" in given or "num_epochs_decay" in values  # on this command line or in --config
+    typed = "num_epochs_decay" in given or "num_epochs_decay" in from_file  # on this command line or in --config
     decay_from = "defaults to {}"  # else a decay nobody typed now (the default, or the resumed run's) adapts
     if resume:
         last = RunFiles(given.get("output_dir", values.get("output_dir", TrainConfig.output_dir))).last
@@ -44,7 +47,8 @@ def train_settings(given: dict, log=print) -> TrainConfig:
         # the run keeps the colours themselves, not the path of a file that may change or go
         values["class_colors"] = json.dumps(load_class_colors(values["class_colors"], values.get("num_classes", 1)))
     values["resume"] = bool(resume)
-    values["accept_split_change"] = bool(given.get("accept_split_change"))  # for this resume only, never carried
+    for once in ("accept_split_change", "no_memory_check"):  # for this command only, never carried by --resume
+        values[once] = bool(given.get(once))
     epochs = values.get("num_epochs", TrainConfig.num_epochs)
     decay = values.get("num_epochs_decay", TrainConfig.num_epochs_decay)
     shorter = not typed and decay > epochs

@@ -4,6 +4,7 @@ epoch and scores the best checkpoint on the test split. Steps: ``loop.py``; devi
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -25,6 +26,7 @@ from ..fileio import FolderLock, append_line, atomic_write_text
 from ..models import RECURRENT
 from . import distributed as D
 from . import plots
+from .budget import check_memory, say_step_time
 from .checkpoint import (
     RunFiles,
     load_file,
@@ -49,6 +51,7 @@ from .runtime import (
     configure_backends,
     describe_device,
     device_type,
+    out_of_memory,
     placement,
     resolve_device,
     seed_everything,
@@ -58,6 +61,47 @@ from .task import task_of
 
 def _terminate_as_interrupt(signum, frame):
     raise Terminated(f"signal {signum}")
+
+
+class SignalNotice:
+    """Say at once that Ctrl-C or SIGTERM arrived. Python runs a signal's handler between bytecodes only, so inside
+    one long operation (a step's backward pass on a CPU can take minutes) the interrupt would be silent until the
+    operation returns. The interpreter's C-level handler also writes the signal's number to a pipe
+    (``signal.set_wakeup_fd``); a thread reading it calls ``say(name)`` while the main thread is still busy."""
+
+    NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+
+    def __init__(self, say):
+        self.say, self.old, self.fds = say, None, None
+        self.lock, self.handled = threading.Lock(), False
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        read, write = os.pipe()
+        os.set_blocking(write, False)
+        self.old, self.fds = signal.set_wakeup_fd(write, warn_on_full_buffer=False), (read, write)
+        threading.Thread(target=self._watch, args=(read,), name="signal-notice", daemon=True).start()
+        return self
+
+    def _watch(self, read: int) -> None:
+        while data := os.read(read, 64):  # empty at EOF: the write end was closed by __exit__
+            for number in data:
+                with self.lock:  # said before the main thread's own words on it, or not at all
+                    if number in self.NAMES and not self.handled:
+                        self.say(self.NAMES[number])
+        os.close(read)
+
+    def handle(self) -> None:
+        """The main thread has the interrupt in hand (and says so itself): no notice after this."""
+        with self.lock:
+            self.handled = True
+
+    def __exit__(self, *exc):
+        if self.fds is not None:
+            signal.set_wakeup_fd(self.old)
+            os.close(self.fds[1])
+        return False
 
 
 # settings that name this machine's folders and devices: each process keeps its own
@@ -130,9 +174,22 @@ class TrainingSetup:
         if cfg.detect_anomaly:
             torch.autograd.set_detect_anomaly(True)
         self.task = task_of(cfg)
+        self._check_memory()  # before the caches are built: a run that cannot fit stops before minutes of decoding
         self._setup_data(splits)
         self.model, self.optimizer, self.scaler = build_training(
             cfg, self.device, self.precision, self.lr, self.channels_last, sync_bn=cfg.sync_bn and info.distributed)
+
+    def _check_memory(self) -> None:
+        """Rank 0 says what a step needs against what its device has; a run that cannot fit stops everywhere."""
+        problem = None
+        if self.info.is_main and not self.cfg.no_memory_check:
+            try:
+                check_memory(self.cfg, self.place, self.batch_size, self.info.world_size, self.log)
+            except ConfigError as exc:
+                problem = str(exc)
+        problem = D.broadcast_object(problem)
+        if problem:
+            raise ConfigError(problem)
 
     def _setup_data(self, splits: tuple[str, ...]) -> None:
         """Caches, samplers, loaders and the two device transforms (augmenting for training, plain for scoring).
@@ -198,6 +255,10 @@ class TrainingRun(TrainingSetup):
         self.train_model = self.wrap_for_training()
         self._write_run_folder()
         self._log_header(self.place.note)
+        self.step_s = None  # the expected seconds of a step (CPU: the time probe's)
+        if self.info.is_main and self.device.type == "cpu" and self.start_epoch < cfg.num_epochs:
+            self.step_s = say_step_time(cfg, self.place, self.batch_size, len(self.train_sampler),
+                                        cfg.num_epochs - self.start_epoch, self.log)
         self.writer = self._tensorboard_writer()
         self.sample_idx = list(range(min(6, len(self.caches["valid"]))))
         self.state, self.epoch_done, self.throughput = None, False, JobThroughput()  # state: the loop's (EpochRun)
@@ -313,48 +374,73 @@ class TrainingRun(TrainingSetup):
         old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) \
             if threading.current_thread() is threading.main_thread() else None
         session_start = time.perf_counter()  # for the run's ETA: wall time per epoch in this session, all included
-        try:
-            for epoch in range(self.start_epoch, self.cfg.num_epochs):
-                trained = self.train_epoch(epoch)
-                validated = None
-                if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.num_epochs:
-                    validated = self.validate(epoch)
-                per_epoch = (time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
-                self.record(epoch, trained, validated, eta_s=per_epoch * (self.cfg.num_epochs - epoch - 1))
-                # the schedule steps once the epoch is done: an interruption before this point resumes the epoch
-                # (its last step reached) with its own learning rate
-                with warnings.catch_warnings():  # a run resumed at an epoch's end steps the schedule first
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
-                    self.scheduler.step()
-                self.epoch_done = True
-                self.save_last(epoch + 1, 0)
-                D.barrier()
-            if self.bar:
-                self.bar.close()
-            return self.finish()
-        except (KeyboardInterrupt, ImportError) as exc:  # an interrupt inside a module's first import comes
-            interrupt = interrupt_behind(exc)  # wrapped in an ImportError ("initialization failed")
-            if interrupt is None:
-                raise
-            if self.bar:
-                self.bar.close()
-            state, done = self.state, self.epoch_done
-            if state is None:  # before the first step of this session
-                epoch, step = self.start_epoch, self.start_step
-            else:
-                epoch, step = (state.epoch + 1, 0) if done else (state.epoch, state.steps)
-                if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with
-                    state.buffers_before_step.restore()  # the BatchNorm statistics from before it
-            in_step = state is not None and state.in_step
-            self.save_last(epoch, step, None if done or state is None else state.carried(),
-                           state.augment_rng if in_step else None)
-            self.log(f"interrupted: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
-            raise interrupt from None
-        finally:
-            if self.writer:
-                self.writer.close()
-            if old_term is not None:
-                signal.signal(signal.SIGTERM, old_term)
+        with SignalNotice(self._acknowledge) as notice:  # a line at once, even while a long step runs
+            ran_out = None
+            try:
+                for epoch in range(self.start_epoch, self.cfg.num_epochs):
+                    trained = self.train_epoch(epoch)
+                    validated = None
+                    if (epoch + 1) % self.cfg.eval_every == 0 or epoch + 1 == self.cfg.num_epochs:
+                        validated = self.validate(epoch)
+                    per_epoch = (time.perf_counter() - session_start) / (epoch + 1 - self.start_epoch)
+                    self.record(epoch, trained, validated, eta_s=per_epoch * (self.cfg.num_epochs - epoch - 1))
+                    # the schedule steps once the epoch is done: an interruption before this point resumes the epoch
+                    # (its last step reached) with its own learning rate
+                    with warnings.catch_warnings():  # a run resumed at an epoch's end steps the schedule first
+                        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before")
+                        self.scheduler.step()
+                    self.epoch_done = True
+                    self.save_last(epoch + 1, 0)
+                    D.barrier()
+                if self.bar:
+                    self.bar.close()
+                return self.finish()
+            except (KeyboardInterrupt, ImportError) as exc:  # an interrupt inside a module's first import comes
+                interrupt = interrupt_behind(exc)  # wrapped in an ImportError ("initialization failed")
+                if interrupt is None:
+                    raise
+                notice.handle()
+                self._save_interrupted()
+                raise interrupt from None
+            except RuntimeError as exc:
+                if not out_of_memory(exc):
+                    raise
+                ran_out = first_line(exc, 200)  # the step's tensors go with the exception, at the block's end
+            finally:
+                if self.writer:
+                    self.writer.close()
+                if old_term is not None:
+                    signal.signal(signal.SIGTERM, old_term)
+            where = self._save_interrupted("out of memory")
+            raise TrainingError(
+                f"out of memory in {where} ({ran_out}). last.pt keeps the step reached: --resume continues once more "
+                "memory is free; a smaller --batch_size, --image_size or --base_channels needs less (the run's first "
+                "lines say what a step needs and what the machine had)")
+
+    def _save_interrupted(self, why: str = "interrupted") -> str:
+        """Save last.pt at the step an interrupt (or a failed allocation) reached, a step cut short to be redone on
+        resume, and say so; return where it stopped ("epoch 3, step 12")."""
+        if self.bar:
+            self.bar.close()
+        state, done = self.state, self.epoch_done
+        if state is None:  # before the first step of this session
+            epoch, step = self.start_epoch, self.start_step
+        else:
+            epoch, step = (state.epoch + 1, 0) if done else (state.epoch, state.steps)
+            if state.in_step and state.buffers_before_step is not None:  # the step is redone on resume, with the
+                state.buffers_before_step.restore()  # BatchNorm statistics from before it
+        in_step = state is not None and state.in_step
+        self.save_last(epoch, step, None if done or state is None else state.carried(),
+                       state.augment_rng if in_step else None)
+        self.log(f"{why}: saved {self.files.last} (epoch {epoch + 1}, step {step}); continue with --resume")
+        return f"epoch {epoch + 1}, step {step + 1}" if in_step else f"epoch {epoch + 1}"
+
+    def _acknowledge(self, name: str) -> None:
+        """What a signal's arrival prints (from ``SignalNotice``'s thread): what happens next, and how long it may
+        take when a step is slow."""
+        wait = f" (a step takes about {self.step_s:.0f} s here)" if self.step_s and self.step_s >= 2 else ""
+        self.log(f"received {name}: stopping when the operation running now returns{wait}, then saving "
+                 f"{self.files.last}")
 
     def train_epoch(self, epoch: int) -> dict:
         """One epoch of training (from the step a resume landed on): its part of the metrics.jsonl row. The loop
@@ -367,9 +453,13 @@ class TrainingRun(TrainingSetup):
             self.bar.reset(total=total)
             self.bar.update(skip)
             self.bar.set_description(f"epoch {epoch + 1}/{cfg.num_epochs}")
-            progress = lambda s, loss: (self.bar.update(cfg.log_every), self.bar.set_postfix(loss=f"{loss:.4f}"))  # noqa: E731
+
+            def progress(state, loss: float) -> None:  # the bar counts steps (shown as images)
+                self.bar.update(state.steps - self.bar.n)
+                self.bar.set_postfix(loss=f"{loss:.4f}")
         else:  # no terminal (a batch job's log): a line now and then, so a long epoch is not silent
-            progress = progress_lines.EpochLines(self.log, epoch, cfg.num_epochs, total, skip, self.global_batch)
+            progress = progress_lines.EpochLines(self.log, epoch, cfg.num_epochs, total, skip, self.global_batch,
+                                                 early=epoch == self.start_epoch)
         steps = EpochRun(self.train_model, self.loaders["train"], self.augment, self.optimizer, self.scaler,
                          self.precision, cfg, self.task, epoch, steps_done=skip,
                          carried=self.carried if skip else None,
