@@ -30,6 +30,7 @@ from .runtime import Placement, memory_available
 TRANSIENT = 1.6  # peak memory of a step / the activations it keeps (the weights' state aside): 1.46 at most, measured
 PROBE_SIZE, PROBE_BATCH = 64, 4  # the time probe: passes of 1 and 4 images of at most this side
 LONG_RUN_S = 4 * 3600  # beyond this, a CPU run is told how to train faster
+SPARE = 0.1  # the share of the room the settings suggested leave free (the estimate is not exact to the byte)
 CLOSE = 0.85  # beyond this share of the memory available, a run is said to be close to the limit
 GB = 2**30
 
@@ -113,7 +114,8 @@ def check_memory(cfg: TrainConfig, place: Placement, batch: int, world: int, log
         fits = fitting_settings(cfg, place, batch, share, world)
         raise ConfigError(
             f"not enough memory for this run: a training step needs {what}{per}, and {_gb(available)} is {source}. "
-            + (f"Settings that fit: {'; or '.join(fits)}. " if fits else "No smaller batch, size or width fits. ")
+            + (f"Settings that fit, with {SPARE:.0%} to spare: {'; or '.join(fits)}. " if fits
+               else "No smaller batch, size or width fits. ")
             + "Nothing was trained; --no_memory_check trains anyway (at the risk of being killed)")
     log(f"memory: a training step needs {what}{per}; {_gb(available)} {source}")
     if need.need > CLOSE * share:
@@ -123,9 +125,9 @@ def check_memory(cfg: TrainConfig, place: Placement, batch: int, world: int, log
 
 
 def fitting_settings(cfg: TrainConfig, place: Placement, batch: int, room: int, world: int) -> list[str]:
-    """Flags that would fit in ``room`` bytes, each changing one setting: the largest batch, the largest image
-    size, the widest network (halving --base_channels), and bf16 where it is native but not in use."""
-    fits = []
+    """Flags that fit in ``room`` bytes with ``SPARE`` of it left, each changing one setting: the largest batch,
+    the largest image size, the widest network (halving --base_channels)."""
+    fits, room = [], int(room * (1 - SPARE))
     one = estimate_memory(cfg, place, 1)
     largest = int((room - one.weights) / (one.activations * TRANSIENT)) if room > one.weights else 0
     if largest >= 1:
