@@ -306,13 +306,13 @@ def test_long_epochs_log_progress_lines_without_a_terminal(prepared, tmp_path, m
 
     monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)  # every log point; the default is once a minute
     assert _train(prepared, tmp_path / "run", "--num_epochs", "1") == 0
-    found = re.findall(r"epoch 1/1  step (\d+)/(\d+)  loss ([\d.]+)  ([\d.]+) img/s  epoch ends in (\w+)",
-                       capsys.readouterr().out)
+    found = re.findall(r"epoch 1/1  step (\d+)/(\d+)  loss ([\d.]+)  ([\d.]+) img/s \(([\d.e-]+) s/step[^)]*\)  "
+                       r"epoch ends in (\w+)", capsys.readouterr().out)
     assert len(found) >= 2, found
     steps = [int(f[0]) for f in found]
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] == int(found[-1][1]), "every step, up to the last"
-    assert all(float(f[2]) > 0 and float(f[3]) > 0 for f in found)
-    assert found[-1][4] == "0s"  # the time left in the epoch, none at its last step
+    assert all(float(f[2]) > 0 and float(f[3]) > 0 and float(f[4]) > 0 for f in found)
+    assert found[-1][5] == "0s"  # the time left in the epoch, none at its last step
 
 
 def test_evaluate_with_a_progress_bar_gives_the_same_scores(prepared):

@@ -22,6 +22,11 @@ from torch import nn
 from ..errors import first_line
 from .config import AMP_CHOICES, ConfigError
 
+try:
+    import resource  # process limits: POSIX only
+except ImportError:
+    resource = None
+
 
 # ------------------------------------------------------------------------------------------------------------ device
 def device_type(want: str) -> str:
@@ -155,9 +160,7 @@ def _cgroup_room() -> tuple[int, str] | None:
 
 def _rlimit_room() -> list[tuple[int, str]]:
     """Room under this process's own limits (``ulimit -d``, ``ulimit -v``): the limit less what is mapped."""
-    try:
-        import resource
-    except ImportError:  # not on Windows
+    if resource is None:
         return []
     try:
         status = {k: int(v.split()[0]) * 1024 for k, _, v in

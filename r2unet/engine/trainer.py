@@ -81,7 +81,8 @@ class SignalNotice:
         read, write = os.pipe()
         os.set_blocking(write, False)
         self.old, self.fds = signal.set_wakeup_fd(write, warn_on_full_buffer=False), (read, write)
-        threading.Thread(target=self._watch, args=(read,), name="signal-notice", daemon=True).start()
+        self.thread = threading.Thread(target=self._watch, args=(read,), name="signal-notice", daemon=True)
+        self.thread.start()
         return self
 
     def _watch(self, read: int) -> None:
@@ -100,7 +101,10 @@ class SignalNotice:
     def __exit__(self, *exc):
         if self.fds is not None:
             signal.set_wakeup_fd(self.old)
-            os.close(self.fds[1])
+            os.close(self.fds[1])  # the thread reads the end of the pipe and returns
+            # joined here, so that what it refers to (``say``'s object: a whole training run) is let go on this
+            # thread: a daemon thread freeing tensors while the interpreter shuts down aborts the process
+            self.thread.join(timeout=10)
         return False
 
 
