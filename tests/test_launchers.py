@@ -90,6 +90,16 @@ def test_the_seeds_split_command_works_as_typed(tmp_path):
     assert all(len(list((tmp_path / "dataset" / f"{s}_GT").iterdir())) == n for s, n in counts.items())
 
 
+def test_the_seeds_dataset_folder_in_a_clone_is_ignored_by_git():
+    """Run from a clone, the seed's command writes ./dataset (hundreds of MB with its cache): git status must not
+    list it."""
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    for path in ("dataset/train/ISIC_0000000.jpg", "dataset/.r2unet_cache/train_224.npy"):
+        done = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"{path} is not ignored: {done.stderr}"
+
+
 def test_ctrl_c_on_a_launcher_saves_says_so_exits_130_and_a_shorter_rerun_continues(workdir):
     """Ctrl-C reaches every process of the terminal's foreground group: the tee of the launcher's pipe died first,
     the trainer's "continue with --resume" line was lost and the script exited 1. A rerun with fewer epochs then

@@ -427,3 +427,66 @@ def test_a_safetensors_file_with_damaged_settings_is_named_not_guessed(checkpoin
     assert main(["export", "--checkpoint", str(bad), "--output", str(tmp_path / "again.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "damaged.safetensors was written by r2unet export but its settings" in err and "Traceback" not in err
+
+
+def test_predict_with_ground_truth_prints_each_images_scores_and_their_mean(checkpoint, tmp_path, capsys):
+    """--gt_dir used to draw the ground truth and print no number: each image with a mask is scored at its own size
+    (as evaluate --resolution original), one line each, then the mean; scores.csv has every score."""
+    from r2unet.engine.metrics import MetricAccumulator
+
+    path, _ = checkpoint
+    src = _random_photos(tmp_path / "in", [(40, 50), (64, 48), (30, 30)], "p", seed=4)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    truths = {}
+    for i, (h, w) in enumerate([(40, 50), (64, 48)]):  # p2 has no mask: counted, not scored
+        m = np.zeros((h, w), bool)
+        m[5:h // 2, 4:w // 2] = True
+        Image.fromarray(m).convert("1").save(gt / f"p{i}_mask.png")  # 1-bit PNG masks
+        truths[f"p{i}.png"] = m
+    out = tmp_path / "out"
+    assert main(["predict", "--checkpoint", str(path), "--input", str(src), "--output", str(out), "--gt_dir",
+                 str(gt), "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    rows = dict(line.split(",", 1) for line in (out / "scores.csv").read_text().splitlines()[1:])
+    assert sorted(rows) == ["p0.png", "p1.png"]
+    js = []
+    for name, truth in truths.items():  # each image's JS by hand, from the mask predict wrote
+        mask = np.asarray(Image.open(out / f"{name[:-4]}_segmentation.png")) > 127
+        acc = MetricAccumulator()
+        acc.update(torch.from_numpy(mask).float()[None, None], torch.from_numpy(truth).float()[None, None])
+        js.append(acc.compute()["JS"])
+        assert f"  {name}  JS {js[-1]:.4f}  DC " in text
+    assert f"mean of 2 image(s) against {gt}: JS {np.mean(js):.4f}" in text
+    assert "(1 without a mask there, not scored)" in text
+    assert 0 < np.mean(js) < 1, js  # a mask neither empty nor the truth: the numbers are the comparison's
+
+
+def test_a_checkpoint_of_another_network_is_named_as_such(tmp_path, capsys):
+    """A torchvision FCN's state_dict (326 keys) used to get "wrong --model_type?" and 300 lines of keys."""
+    foreign = {f"backbone.layer{i}.0.conv1.weight": torch.zeros(8, 8, 3, 3) for i in range(1, 5)}
+    foreign["classifier.4.weight"] = torch.zeros(1, 8, 1, 1)
+    torch.save(foreign, tmp_path / "fcn.pth")
+    src = _random_photos(tmp_path / "in", [(20, 20)], "p", seed=1)
+    assert main(["predict", "--checkpoint", str(tmp_path / "fcn.pth"), "--input", str(src), "--output",
+                 str(tmp_path / "out"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a checkpoint of these networks (U_Net, R2U_Net, AttU_Net, R2AttU_Net): none of its 5 weight" in err
+    assert "wrong --model_type" not in err and err.count("\n") == 1
+
+
+def test_scoring_at_the_original_resolution_warns_of_nothing(checkpoint, tmp_path, capsys):
+    """A 1-bit PNG mask (and every photo) was read into an array over Pillow's read-only buffer: PyTorch warned
+    "The given NumPy array is not writable" in the middle of evaluate --resolution original's report."""
+    import warnings
+
+    from conftest import prepared_synthetic
+
+    data = prepared_synthetic(tmp_path, 10, seed=6, max_side=80)
+    for mask in (data / "test_GT").iterdir():
+        Image.open(mask).convert("L").point(lambda v: 255 if v > 127 else 0).convert("1").save(mask)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["evaluate", "--checkpoint", str(checkpoint[0]), "--data_path", str(data), "--resolution",
+                     "original", "--device", "cpu"]) == 0
+    assert "JS" in capsys.readouterr().out

@@ -37,8 +37,8 @@ def test_this_machines_cpu_is_read_from_its_flags():
     ("off", True, None, None),
     ("bf16", True, torch.bfloat16, None),
     ("bf16", False, torch.bfloat16, "emulated and several times slower"),
-    ("fp16", True, torch.bfloat16, "training uses bf16"),
-    ("fp16", False, None, "training uses float32"),
+    ("fp16", True, torch.bfloat16, "the network runs in bf16"),
+    ("fp16", False, None, "the network runs in float32"),
 ])
 def test_cpu_precision_follows_what_the_cpu_runs_natively(cpu_like, amp, native, dtype, note):
     cpu_like("AMX" if native else "AVX2")

@@ -151,7 +151,8 @@ def _predict(p) -> None:
     p.add_argument("--output", required=True, help="folder for <stem>_segmentation.png")
     p.add_argument("--save_probs", action="store_true", help="also write <stem>_prob.png (8-bit probabilities)")
     p.add_argument("--overlay", action="store_true", help="also write <stem>_overlay.jpg with the contour(s)")
-    p.add_argument("--gt_dir", help="ground-truth masks: their contour is drawn on the overlay too")
+    p.add_argument("--gt_dir", help="ground-truth masks: each image with one is scored (JS, DC ... printed, and "
+                                    "scores.csv), and its contour is drawn on the binary overlay")
     p.add_argument("--skip_existing", action="store_true",
                    help="leave out images whose outputs are already in --output (continue an interrupted run)")
     _max_pixels_flag(p)

@@ -13,7 +13,7 @@ import torch
 from ..data.imageio import DataError, is_image_file
 from ..data.pairs import mask_stem_for
 from ..engine.inference import OUTPUT_SUFFIXES, Segmenter, default_workers, read_gt_for, render_outputs
-from ..fileio import atomic_write_bytes, is_whole_image
+from ..fileio import atomic_write_bytes, atomic_write_text, is_whole_image
 from ..progress import track
 
 
@@ -52,6 +52,47 @@ def gt_masks(gt_dir: Path) -> dict[str, Path]:
     return {p.stem.lower(): p for p in sorted(gt_dir.iterdir(), reverse=True) if p.is_file() and is_image_file(p)}
 
 
+class GroundTruthScores:
+    """With ``--gt_dir``: each predicted image that has a mask there (by the pairing rules), scored at its own size
+    against that mask as ``evaluate --resolution original`` scores; one line per image and the mean, in the log and
+    in ``scores.csv``. ``score`` is called from the writing threads, each image with its own accumulator."""
+
+    def __init__(self, gt_dir: Path, task, threshold: float):
+        if not gt_dir.is_dir():
+            raise DataError(f"--gt_dir: {gt_dir} does not exist")
+        self.gt_dir, self.task, self.threshold = gt_dir, task, threshold
+        self.index = gt_masks(gt_dir)
+        self.rows: dict[Path, dict[str, float]] = {}
+
+    def truth(self, path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+        found = find_gt(self.index, path)
+        return None if found is None else read_gt_for(found, path, shape, self.task.targets)
+
+    def score(self, path: Path, prediction: np.ndarray, truth: np.ndarray) -> None:
+        accumulator = self.task.accumulator(self.threshold)
+        self.task.score(accumulator, prediction, truth)
+        self.rows[path] = accumulator.compute()
+
+    def report(self, paths: list[Path], output: Path, log) -> None:
+        scored = [p for p in paths if p in self.rows]
+        if not scored:
+            log(f"--gt_dir: none of the {len(paths)} image(s) has a mask in {self.gt_dir} (looked for <stem>.*, "
+                "<stem>_segmentation.*, <stem>_mask.* ...): nothing scored")
+            return
+        width = max(len(p.name) for p in scored)
+        for p in scored:
+            log(f"  {p.name:<{width}}  JS {self.rows[p]['JS']:.4f}  DC {self.rows[p]['DC']:.4f}")
+        names = list(self.rows[scored[0]])
+        means = {k: float(np.mean([self.rows[p][k] for p in scored])) for k in names}
+        missing = len(paths) - len(scored)
+        log(f"mean of {len(scored)} image(s) against {self.gt_dir}: JS {means['JS']:.4f}  DC {means['DC']:.4f}"
+            + (f" ({missing} without a mask there, not scored)" if missing else "")
+            + f"; every score of every image: {output / 'scores.csv'}")
+        lines = ["image," + ",".join(names)] + [f"{p.name}," + ",".join(f"{self.rows[p][k]:.6f}" for k in names)
+                                                 for p in scored]
+        atomic_write_text(output / "scores.csv", "\n".join(lines) + "\n")
+
+
 def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path,
                 batch_size: int | None = None, tta: bool = False, save_probs: bool = False,
                 save_overlay: bool = False, gt_dir: str | Path | None = None, progress: bool | None = None,
@@ -66,9 +107,8 @@ def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path
     Images that cannot be read are skipped and the others still written; then a ``PartialPrediction`` (a DataError)
     names every skipped file and carries the written paths."""
     task = segmenter.task
-    if (save_probs and not task.probability_maps) or (gt_dir and not task.outlines_truth):
-        raise DataError(f"{'--save_probs' if save_probs else '--gt_dir'}: for binary masks only; this model segments "
-                        f"{task.classes} classes")
+    if save_probs and not task.probability_maps:
+        raise DataError(f"--save_probs: for binary masks only; this model segments {task.classes} classes")
     paths = list_inputs(input_path)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -86,19 +126,17 @@ def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path
         paths = todo
         if not paths:
             return []
-    gt_dir = Path(gt_dir) if gt_dir else None
-    if gt_dir is not None and not gt_dir.is_dir():
-        raise DataError(f"--gt_dir: {gt_dir} does not exist")
-    gt_index = gt_masks(gt_dir) if gt_dir is not None else {}
+    truths = GroundTruthScores(Path(gt_dir), task, segmenter.threshold) if gt_dir else None
     failed: list[str] = []
     results = segmenter.predict(paths, batch_size, tta, on_error=lambda path, exc: failed.append(str(exc)))
     results = track(results, len(paths), "predict", log=log, terminal=progress)
 
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
-        gt_path = find_gt(gt_index, path) if save_overlay else None
+        truth = truths.truth(path, probs.shape) if truths else None
+        if truth is not None:
+            truths.score(path, probs, truth)
         outputs = render_outputs(path, image, probs, task, threshold=segmenter.threshold, save_probs=save_probs,
-                                 save_overlay=save_overlay,
-                                 gt=None if gt_path is None else read_gt_for(gt_path, path, probs.shape))
+                                 save_overlay=save_overlay, gt=truth if task.outlines_truth else None)
         for suffix, data in outputs.items():  # the mask last: its file marks the image done
             atomic_write_bytes(output / f"{path.stem}{suffix}", data)
         return output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
@@ -118,6 +156,8 @@ def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path
             log(f"interrupted: the files written to {output} so far are complete; run the same command with "
                 "--skip_existing to continue")
             raise
+    if truths:
+        truths.report(paths, output, log)
     if failed:
         raise PartialPrediction(written, failed)
     return written

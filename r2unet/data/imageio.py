@@ -224,7 +224,7 @@ def read_image(path: str | os.PathLike, min_size: tuple[int, int] | None = None,
         return np.repeat(gray[..., None], 3, axis=2)
     if img.mode != "RGB":
         img = img.convert("RGB")
-    return np.asarray(img)
+    return np.array(img)  # a copy: an array over Pillow's buffer is read-only (torch.from_numpy warns on it)
 
 
 def mask_to_bool(values: np.ndarray) -> np.ndarray:
@@ -434,7 +434,7 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     img = _open(path)
     if img.mode == "1":
-        return np.asarray(img, dtype=bool)
+        return np.array(img, dtype=bool)  # a copy: an array over Pillow's buffer is read-only
     if (labels := label_map_found(img)) is not None:
         raise NotBinaryMask(path, *labels)
     if img.mode in ("P", "PA", "RGBA", "LA", "CMYK", "YCbCr", "HSV", "LAB"):

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import CheckpointError, first_line
 from ..fileio import atomic_write, free_space, naming
+from ..models import list_models
 from ..models.spec import FAMILY
 from .runtime import CompileWithFallback
 
@@ -188,6 +189,13 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict | None:
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a readable report of missing/unexpected keys and shape mismatches."""
     target = unwrap(model).state_dict()
+    if state and not any(k in target for k in state):
+        ours = ", ".join(list_models())
+        shown = ", ".join(list(state)[:3])
+        raise CheckpointError(
+            f"{source} is not a checkpoint of these networks ({ours}): none of its {len(state)} weight names is one "
+            f"of theirs (its first: {shown}). r2unet loads its own checkpoints and the reference implementation's "
+            "(LeeJunHyun/Image_Segmentation and its Ascend port); a model of another library needs that library")
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
     mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"

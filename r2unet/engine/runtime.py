@@ -270,8 +270,9 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[Precision, str | None]:
         dtype = None
     elif amp == "fp16" and cpu:
         dtype = torch.bfloat16 if native else None
-        note = (f"--amp fp16 (or --apex 1): fp16 is emulated on CPUs; this {cpu_info().label} CPU runs "
-                + ("bf16 natively, so training uses bf16" if native else "float32 faster, so training uses float32"))
+        runs = "bf16 natively, so the network runs in bf16" if native else \
+            "float32 faster, so the network runs in float32"
+        note = f"--amp fp16 (or --apex 1): fp16 is emulated on CPUs; this {cpu_info().label} CPU runs {runs}"
     elif amp == "fp16":
         dtype = torch.float16
     elif amp == "bf16":
