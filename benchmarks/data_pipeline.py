@@ -6,6 +6,9 @@ runs PIL transforms image by image. This script re-creates that loading pattern 
 normalise) and times it against ``r2unet bench data`` on the same prepared folder and machine.
 
     python benchmarks/data_pipeline.py --data_path DIR [--device cpu] [--seconds 20]
+
+It needs torchvision, which r2unet does not: install the one built for your torch (on a CPU build:
+pip install torchvision --index-url https://download.pytorch.org/whl/cpu).
 """
 
 from __future__ import annotations

@@ -67,13 +67,19 @@ class SignalNotice:
     """Say at once that Ctrl-C or SIGTERM arrived. Python runs a signal's handler between bytecodes only, so inside
     one long operation (a step's backward pass on a CPU can take minutes) the interrupt would be silent until the
     operation returns. The interpreter's C-level handler also writes the signal's number to a pipe
-    (``signal.set_wakeup_fd``); a thread reading it calls ``say(name)`` while the main thread is still busy."""
+    (``signal.set_wakeup_fd``); a thread reading it calls ``say(name)``, once per signal, while the main thread is
+    still busy.
+
+    The block's end wakes the thread with a byte of its own and joins it: the end of the pipe cannot be relied on
+    (forked data-loader workers hold its write end too), and a thread left to finish while the interpreter shuts
+    down, letting go of what ``say`` refers to (a training run's tensors), aborts the process."""
 
     NAMES = {signal.SIGINT: "Ctrl-C (SIGINT)", signal.SIGTERM: "SIGTERM"}
+    STOP = 0  # no signal has the number 0
 
     def __init__(self, say):
-        self.say, self.old, self.fds = say, None, None
-        self.lock, self.handled = threading.Lock(), False
+        self.say, self.old, self.fds, self.thread = say, None, None, None
+        self.lock, self.handled, self.said = threading.Lock(), False, set()
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
@@ -86,12 +92,14 @@ class SignalNotice:
         return self
 
     def _watch(self, read: int) -> None:
-        while data := os.read(read, 64):  # empty at EOF: the write end was closed by __exit__
-            for number in data:
+        while True:
+            for number in os.read(read, 64):
+                if number == self.STOP:
+                    return
                 with self.lock:  # said before the main thread's own words on it, or not at all
-                    if number in self.NAMES and not self.handled:
+                    if number in self.NAMES and not self.handled and number not in self.said:
+                        self.said.add(number)
                         self.say(self.NAMES[number])
-        os.close(read)
 
     def handle(self) -> None:
         """The main thread has the interrupt in hand (and says so itself): no notice after this."""
@@ -101,10 +109,12 @@ class SignalNotice:
     def __exit__(self, *exc):
         if self.fds is not None:
             signal.set_wakeup_fd(self.old)
-            os.close(self.fds[1])  # the thread reads the end of the pipe and returns
-            # joined here, so that what it refers to (``say``'s object: a whole training run) is let go on this
-            # thread: a daemon thread freeing tensors while the interpreter shuts down aborts the process
-            self.thread.join(timeout=10)
+            read, write = self.fds
+            os.set_blocking(write, True)
+            os.write(write, bytes([self.STOP]))
+            self.thread.join()
+            os.close(read)
+            os.close(write)
         return False
 
 
