@@ -16,10 +16,10 @@ BATCH_SIZE = 16  # images per step and process, in training and evaluate
 PREDICT_BATCH, PREDICT_BATCH_CPU = 8, 1
 THRESHOLD = 0.5  # probability above which a pixel is foreground
 
-# Named sets of training settings (``train --preset``; flags given win). laptop: a small R2U-Net a 2-core CPU trains
-# in about a minute per 1,000 training images and epoch where bf16 is native, and 2-3 minutes in float32
-# (benchmarks/README.md, "Training presets"); gpu: the reference's recipe, with the mixed precision and compilation a
-# GPU run takes by default.
+# Named sets of training settings (``train --preset``; flags given win). laptop: a small R2U-Net that a 2-core CPU
+# trains at 41 s per 1,000 training images and epoch in bf16 (AMX) and 94 s in float32 (benchmarks/README.md,
+# "Training presets"); gpu: the reference's recipe, with the mixed precision and compilation a GPU run takes by
+# default.
 PRESETS = {
     "laptop": {"model_type": MODEL_TYPE, "t": 2, "base_channels": 16, "image_size": 128, "batch_size": 8,
                "num_epochs": 30, "num_epochs_decay": 12, "lr": 1e-3, "beta1": 0.9},

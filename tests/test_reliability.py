@@ -324,6 +324,28 @@ def test_sigterm_saves_and_exits_cleanly(tiny_data, tmp_path):
     assert state["epoch"] >= 1 or state["step"] >= 1  # the interrupted epoch's progress is kept
 
 
+@pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_loading_workers_still_saves(tiny_data, tmp_path):
+    """A batch scheduler, a service manager or a terminal signals every process of the job: the loading workers
+    died first, and the loader's report of it ("DataLoader worker ... is killed") cut short the save of last.pt."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "r2unet", "train", "--data_path", str(tiny_data), "--output_dir",
+                             str(out), *TINY, "--num_epochs", "200", "--num_workers", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=env, text=True, start_new_session=True)
+    try:
+        assert _wait_for(lambda: (out / "metrics.jsonl").exists())
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, stdout
+    assert "interrupted: saved" in stdout and "could not write" not in stdout and "Traceback" not in stdout
+    state = load_file(out / "checkpoints" / "last.pt")
+    assert state["epoch"] >= 1 or state["step"] >= 1
+
+
 def test_deterministic_flag_gives_bit_identical_cpu_runs(tiny_data, tmp_path):
     for name in ("a", "b"):
         assert main(["train", "--data_path", str(tiny_data), "--output_dir", str(tmp_path / name), *TINY,

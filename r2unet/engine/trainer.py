@@ -60,7 +60,21 @@ from .task import task_of
 
 
 def _terminate_as_interrupt(signum, frame):
+    _expect_workers_to_end()
     raise Terminated(f"signal {signum}")
+
+
+def _interrupt(signum, frame):
+    _expect_workers_to_end()
+    raise KeyboardInterrupt
+
+
+def _expect_workers_to_end() -> None:
+    """Ctrl-C or SIGTERM sent to the whole process group (a terminal, a batch scheduler, a service manager) ends the
+    data-loading workers too, and the loader's SIGCHLD handler then raised "DataLoader worker ... is killed" in the
+    middle of the save of last.pt, which was lost. The run is stopping: their end is expected."""
+    if hasattr(signal, "SIGCHLD"):  # a Python handler that does nothing: one already pending then runs it quietly
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
 
 class SignalNotice:
@@ -385,8 +399,12 @@ class TrainingRun(TrainingSetup):
         """Train the remaining epochs, then score the best checkpoint on the test split. Ctrl-C / SIGTERM saves
         ``last.pt`` (the step reached) and re-raises."""
         plots.load()  # now, not inside an epoch, where a signal could land in the import
-        old_term = signal.signal(signal.SIGTERM, _terminate_as_interrupt) \
-            if threading.current_thread() is threading.main_thread() else None
+        handlers = {}  # the signals' handlers before the run, restored after it
+        if threading.current_thread() is threading.main_thread():
+            numbers = (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGCHLD", None))
+            handlers = {n: h for n in numbers if n is not None and (h := signal.getsignal(n)) is not None}
+            signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+            signal.signal(signal.SIGINT, _interrupt)
         session_start = time.perf_counter()  # for the run's ETA: wall time per epoch in this session, all included
         with SignalNotice(self._acknowledge) as notice:  # a line at once, even while a long step runs
             ran_out = None
@@ -423,8 +441,8 @@ class TrainingRun(TrainingSetup):
             finally:
                 if self.writer:
                     self.writer.close()
-                if old_term is not None:
-                    signal.signal(signal.SIGTERM, old_term)
+                for number, handler in handlers.items():
+                    signal.signal(number, handler)
             where = self._save_interrupted("out of memory")
             raise TrainingError(
                 f"out of memory in {where} ({ran_out}). last.pt keeps the step reached: --resume continues once more "
