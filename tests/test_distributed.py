@@ -149,7 +149,7 @@ def test_resume_needs_no_shared_file_system(odd_data, tmp_path):
 
 
 def test_sync_bn_two_by_b_equals_one_by_two_b(odd_data, tmp_path):
-    common = dict(max_steps_per_epoch=1, augmentation_prob=0.0, eval_every=1)
+    common = dict(max_steps_per_epoch=1, augmentation_prob=0.0, eval_every=1, precise_bn=0)  # the step's statistics
     _spawn(2, _cfg(odd_data, tmp_path / "two", batch_size=2, sync_bn=True, **common), tmp_path / "two")
     _spawn(1, _cfg(odd_data, tmp_path / "one", batch_size=4, **common), tmp_path / "one")
     two = load_file(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
@@ -238,3 +238,43 @@ def test_a_dead_rank_makes_the_others_fail_not_hang_and_resume_works(odd_data, t
     assert load_file(out / "checkpoints" / "last.pt")["epoch"] == 1
     assert main(["train", "--output_dir", str(out), "--resume"]) == 0
     assert json.loads((out / "results.json").read_text())["world_size"] == 1
+
+
+def _precise_bn_worker(rank, world, port, data, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from r2unet.data.cache import open_split_cache
+    from r2unet.data.dataset import DeviceTransform, make_loader
+    from r2unet.engine import distributed as D
+    from r2unet.engine.loop import precise_bn_batches, recompute_batchnorm
+    from r2unet.engine.runtime import Precision
+    from r2unet.models import create_model
+
+    info = D.init_distributed("cpu") if world > 1 else D.DistInfo()
+    try:
+        torch.manual_seed(0)
+        model = create_model("R2U_Net", t=2, base_channels=4)
+        cache = open_split_cache(data, "train", 32, None)
+        loader = make_loader(cache, 2, train=False, batch_sampler=precise_bn_batches(len(cache), 2, 8, 3, info))
+        cpu = torch.device("cpu")
+        recompute_batchnorm(model, loader, DeviceTransform(32, cpu, None), Precision(None, cpu))
+        torch.save(model.state_dict(), os.path.join(out_dir, f"w{world}r{rank}.pt"))
+    finally:
+        D.cleanup()
+
+
+def test_precise_bn_across_processes_equals_one_process(odd_data, tmp_path):
+    """Two processes share out the fixed batches; every process ends with the statistics one process computes over
+    all of them (equal up to the order of the sums), so validation on every shard scores one model."""
+    mp.spawn(_precise_bn_worker, args=(2, _free_port(), odd_data, tmp_path), nprocs=2, join=True)
+    _precise_bn_worker(0, 1, 0, odd_data, tmp_path)
+    r0, r1, one = (torch.load(tmp_path / f, weights_only=True) for f in ("w2r0.pt", "w2r1.pt", "w1r0.pt"))
+    stats = [k for k in one if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    for k in one:
+        assert torch.equal(r0[k], r1[k]), k  # the same on every process, bit for bit
+    for k in stats:
+        assert torch.allclose(r0[k], one[k], rtol=1e-5, atol=1e-6), k
+        assert int(r0[k.rsplit(".", 1)[0] + ".num_batches_tracked"]) == \
+            int(one[k.rsplit(".", 1)[0] + ".num_batches_tracked"])

@@ -140,6 +140,9 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
     p.add_argument("--threshold", type=probability, default=None,
                    help=f"default: the checkpoint's ({defaults.THRESHOLD} unless it was trained with another)")
     p.add_argument("--tta", action="store_true", help="average the probabilities of flipped inputs")
+    p.add_argument("--postprocess", choices=["auto", "none"], default="auto",
+                   help="auto: apply the postprocessing chosen on the validation split that the run (or the "
+                        "cross-validation folder, or the ONNX file) stores; none: the network's masks as they are")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
                    help="precision of the forward pass; default: the checkpoint's training setting (auto for a "

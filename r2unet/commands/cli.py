@@ -42,13 +42,16 @@ def _synth(p) -> None:
     p.add_argument("--max_side", type=int, default=2400, help="longest side of the largest images")
     p.add_argument("--overwrite", action="store_true", help="replace files of the same names (ISIC's) in --output")
     p.add_argument("--num_classes", type=int, choices=[1, 3], default=1, help="3: label maps of lesion and core")
+    p.add_argument("--hard", action="store_true", help="add what real photos carry: dense hair, ruler marks, dark "
+                   "corners, satellite blobs that are not lesion, pale areas inside the lesion that are")
 
 
 def _cmd_synth(args) -> None:
     from ..data.synth import generate_dataset
 
     out = generate_dataset(args.output, num_images=args.num_images, seed=args.seed, max_side=args.max_side,
-                           progress=sys.stderr.isatty(), overwrite=args.overwrite, num_classes=args.num_classes)
+                           progress=sys.stderr.isatty(), overwrite=args.overwrite, num_classes=args.num_classes,
+                           hard=args.hard)
     print(f"wrote {args.num_images} image/mask pairs under {out}")
 
 
@@ -140,8 +143,26 @@ def _cmd_evaluate(args) -> None:
                                   amp=args.amp, **_overrides(args), per_image_csv=args.per_image,
                                   resolution=args.resolution, tta=args.tta, cache_dir=args.cache_dir,
                                   thresholds=parse_thresholds(args.thresholds) if args.thresholds else None,
-                                  log=(lambda *_: None) if args.json else print)
+                                  postprocess=args.postprocess, log=(lambda *_: None) if args.json else print)
     print(json.dumps(metrics) if args.json else evaluation_report(metrics, args.split, args.resolution, args.tta))
+
+
+def _postprocess(p) -> None:
+    """choose a run's postprocessing on its validation split; then its test scores with and without"""
+    p.add_argument("--run", required=True, help="a run folder of 'r2unet train'")
+    p.add_argument("--data_path", default=None, help="its prepared dataset (default: the run's)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--cache_dir", help="where the decode-once cache lives (default DATA_PATH/.r2unet_cache)")
+
+
+def _cmd_postprocess(args) -> None:
+    from ..engine.evaluation import choose_postprocessing, evaluate_checkpoint, evaluation_report, postprocessing_report
+
+    post, data = choose_postprocessing(args.run, args.data_path, device=args.device, cache_dir=args.cache_dir)
+    print(postprocessing_report(post))
+    if post.active:
+        metrics = evaluate_checkpoint(args.run, data, split="test", device=args.device, cache_dir=args.cache_dir)
+        print(evaluation_report(metrics, "test", "training", False))
 
 
 def _predict(p) -> None:
@@ -166,7 +187,7 @@ def _cmd_predict(args) -> None:
                                      device=args.device, amp=args.amp, image_size=args.image_size,
                                      threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
                                      save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                                     skip_existing=args.skip_existing)
+                                     skip_existing=args.skip_existing, postprocess=args.postprocess)
     except PartialPrediction as exc:  # the readable images were written: say where, then name the others
         print(f"wrote {len(exc.written)} mask(s) to {args.output}")
         raise
@@ -256,7 +277,7 @@ def _cmd_serve(args) -> None:
     serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
           amp=args.amp, image_size=args.image_size, threshold=args.threshold, max_request_mb=args.max_request_mb,
           max_files=args.max_files, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
-          max_batch=args.batch_size, batch_wait_ms=args.batch_wait_ms)
+          max_batch=args.batch_size, batch_wait_ms=args.batch_wait_ms, postprocess=args.postprocess)
 
 
 def _bench(p) -> None:
@@ -311,7 +332,8 @@ def _cmd_bench(args) -> None:
 
 # each command: (its flags, what it runs); the flags function's docstring is the command's help
 COMMANDS = {"synth": (_synth, _cmd_synth), "prepare": (_prepare, _cmd_prepare), "train": (_train, _cmd_train),
-            "evaluate": (_evaluate, _cmd_evaluate), "predict": (_predict, _cmd_predict),
+            "evaluate": (_evaluate, _cmd_evaluate), "postprocess": (_postprocess, _cmd_postprocess),
+            "predict": (_predict, _cmd_predict),
             "export": (_export, _cmd_export), "plot": (_plot, _cmd_plot), "compare": (_compare, _cmd_compare),
             "demo": (_demo, _cmd_demo), "serve": (_serve, _cmd_serve), "bench": (_bench, _cmd_bench)}
 

@@ -18,7 +18,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overr
                       image_size: int | None = None, check: bool = True, log=print) -> str:
     """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime) or, for a ``.safetensors`` output, its
     weights with the run's settings as metadata. Returns a line saying what was written."""
-    model, cfg = load_for_inference(checkpoint, log=log, image_size=image_size, **(model_overrides or {}))
+    stored: dict = {}
+    model, cfg = load_for_inference(checkpoint, log=log, image_size=image_size, record=stored,
+                                    **(model_overrides or {}))
+    post = stored.get("postprocessing")
     if str(output).endswith(".safetensors"):
         save_weights_safetensors(model, output, cfg.to_dict())
         return (f"wrote {output} (weights, and the run's settings as metadata: use it as --checkpoint {output}; it "
@@ -26,10 +29,14 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path, *, model_overr
     task = task_of(cfg)
     report = export_onnx(model, output, image_size=cfg.image_size, img_ch=cfg.img_ch, output_note=task.output_note,
                          metadata={"model_type": cfg.model_type, "t": cfg.t, "base_channels": cfg.base_channels,
-                                   "threshold": cfg.threshold, **task.onnx_metadata()})
+                                   "threshold": cfg.threshold, **task.onnx_metadata(),
+                                   # the decision made on validation, which predict and serve apply to this file
+                                   **({"postprocessing": post.to_json()} if post is not None and post.active
+                                      else {})})
     if check:
         check_onnx(model, output, task, cfg.image_size, cfg.img_ch, log=log)
-    return f"wrote {report['path']} (opset {report['opset']})"
+    return f"wrote {report['path']} (opset {report['opset']})" + (
+        f"; its metadata carries the postprocessing: {post.describe()}" if post is not None and post.active else "")
 
 
 def check_onnx(model: torch.nn.Module, path: str | Path, task: Task, image_size: int, img_ch: int,

@@ -13,6 +13,7 @@ import torch
 from ..data.imageio import DataError, is_image_file
 from ..data.pairs import mask_stem_for
 from ..engine.inference import OUTPUT_SUFFIXES, Segmenter, default_workers, read_gt_for, render_outputs
+from ..engine.postprocess import shown
 from ..fileio import atomic_write_bytes, atomic_write_text, is_whole_image
 from ..progress import track
 
@@ -68,8 +69,8 @@ class GroundTruthScores:
         found = find_gt(self.index, path)
         return None if found is None else read_gt_for(found, path, shape, self.task.targets)
 
-    def score(self, path: Path, prediction: np.ndarray, truth: np.ndarray) -> None:
-        accumulator = self.task.accumulator(self.threshold)
+    def score(self, path: Path, prediction: np.ndarray, threshold: float, truth: np.ndarray) -> None:
+        accumulator = self.task.accumulator(threshold)
         self.task.score(accumulator, prediction, truth)
         self.rows[path] = accumulator.compute()
 
@@ -133,10 +134,11 @@ def run_predict(segmenter: Segmenter, input_path: str | Path, output: str | Path
 
     def write(path: Path, image: np.ndarray, probs: np.ndarray) -> Path:
         truth = truths.truth(path, probs.shape) if truths else None
-        if truth is not None:
-            truths.score(path, probs, truth)
+        if truth is not None:  # the mask written is scored
+            truths.score(path, *shown(task, probs, segmenter.threshold, segmenter.post), truth)
         outputs = render_outputs(path, image, probs, task, threshold=segmenter.threshold, save_probs=save_probs,
-                                 save_overlay=save_overlay, gt=truth if task.outlines_truth else None)
+                                 save_overlay=save_overlay, gt=truth if task.outlines_truth else None,
+                                 post=segmenter.post)
         for suffix, data in outputs.items():  # the mask last: its file marks the image done
             atomic_write_bytes(output / f"{path.stem}{suffix}", data)
         return output / f"{path.stem}{OUTPUT_SUFFIXES[0]}"
@@ -176,10 +178,13 @@ class PartialPrediction(DataError):
 def predict_checkpoint(checkpoints, input_path: str | Path, output: str | Path, *,
                        model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
                        image_size: int | None = None, threshold: float | None = None, log=print,
-                       **options) -> list[Path]:
+                       postprocess: str = "auto", **options) -> list[Path]:
     """``r2unet predict``: load the model (or the models of an ensemble, ``Segmenter``) and run ``run_predict``
     on ``input_path``; ``options``: ``run_predict``'s."""
     segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
-                          image_size=image_size, threshold=threshold, log=log)
+                          image_size=image_size, threshold=threshold, log=log, postprocess=postprocess)
+    if segmenter.post.active:
+        log(f"postprocessing (chosen on {segmenter.post.chosen_on or 'validation'}): {segmenter.post.describe()}; "
+            "--postprocess none leaves it out")
     with torch.inference_mode():
         return run_predict(segmenter, input_path, output, log=log, **options)

@@ -125,6 +125,7 @@ class Service:
         return {"status": "ok", "model_type": cfg.model_type, "models": len(self.segmenter.members),
                 "num_classes": task.classes, "classes": list(task.class_names), "task": task.description,
                 "input_size": self.segmenter.image_size, "threshold": self.segmenter.threshold,
+                "postprocessing": self.segmenter.post.describe(),
                 "tta": self.tta, "device": str(self.segmenter.device), "max_bytes": self.max_bytes,
                 "max_request_bytes": self.max_request_bytes, "max_files": self.max_files,
                 "max_batch": self.batcher.max_batch}

@@ -4,6 +4,11 @@ Each image is skin-coloured, textured background with an irregular lesion (varie
 sharpness), sometimes hairs and vignetting, at varied sizes and aspect ratios. Deterministic for a given seed.
 Used by the demo and the tests; lesions of low contrast make the task non-trivial. With ``num_classes`` 3, a second
 structure, the lesion's dark core, is class 2 (the lesion's rim class 1), written as palette PNG label maps.
+
+``hard``: what real dermoscopy photos also carry, drawn over the same images (from random numbers of their own):
+dense hair, ruler marks along an edge, the dark corners outside the dermoscope's round field, small dark satellite
+blobs on the skin that are not the lesion, and pale regression areas inside the lesion that are. They are where a
+network makes small false regions and holes, which postprocessing (``engine.postprocess``) can remove.
 """
 
 from __future__ import annotations
@@ -29,11 +34,12 @@ def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.nd
     return np.asarray(Image.fromarray(coarse, mode="F").resize((w, h), Image.BICUBIC)).clip(-1, 1)
 
 
-def synth_pair(rng: np.random.Generator, width: int, height: int, with_core: bool = False
-               ) -> tuple[np.ndarray, np.ndarray]:
+def synth_pair(rng: np.random.Generator, width: int, height: int, with_core: bool = False,
+               hard: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One (image uint8 (H, W, 3), mask bool (H, W)) pair; ``with_core``: the mask is a label map (H, W) uint8:
     1 the lesion, 2 its dark core (drawn without drawing more random numbers: the image and lesion of a seed are
-    those of the binary set, but for the core)."""
+    those of the binary set, but for the core). ``hard``: a generator for the artifacts of the harder set
+    (``_artifacts``), drawn over the image at the end; the mask stays the same."""
     h, w = height, width
     skin = rng.uniform(175, 240) * np.array([1.0, 0.78, 0.66]) * rng.uniform(0.94, 1.06, 3)
     img = np.empty((h, w, 3), np.float32)
@@ -80,9 +86,57 @@ def synth_pair(rng: np.random.Generator, width: int, height: int, with_core: boo
         r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
         img *= np.clip(1.25 - 0.55 * r**2, 0.15, 1)[..., None]
     img += rng.normal(0, 3, img.shape)
+    if hard is not None:
+        img = _artifacts(hard, img, mask, lesion, yy, xx)
     if core is not None:
         mask = mask.astype(np.uint8) + (core & mask).astype(np.uint8)
     return img.clip(0, 255).astype(np.uint8), mask
+
+
+def _artifacts(rng: np.random.Generator, img: np.ndarray, mask: np.ndarray, lesion: np.ndarray, yy: np.ndarray,
+               xx: np.ndarray) -> np.ndarray:
+    """The harder set's artifacts over ``img`` (H, W, 3) float: satellite blobs of the lesion's colour on the skin
+    (outside ``mask``), pale regression areas inside the lesion, dense dark hair, ruler marks along an edge, and
+    dark corners outside the dermoscope's field."""
+    h, w = mask.shape
+    side = min(h, w)
+    for _ in range(rng.integers(2, 7)):  # satellites: small, dark, round-ish, on the skin only
+        for _attempt in range(20):
+            cy, cx = rng.uniform(0.05, 0.95) * h, rng.uniform(0.05, 0.95) * w
+            r = rng.uniform(0.012, 0.035) * side
+            blob = np.hypot(yy - cy, xx - cx) < r * (1 + 0.25 * np.cos(3 * np.arctan2(yy - cy, xx - cx)
+                                                                        + rng.uniform(0, 6.3)))
+            if not (blob & mask).any() and not (np.hypot(yy - cy, xx - cx) < r * 3)[mask].any():
+                img[blob] = img[blob] * 0.35 + lesion * rng.uniform(0.55, 0.8) * 0.65
+                break
+    inside = np.flatnonzero(mask.ravel())
+    for _ in range(rng.integers(0, 3) if inside.size else 0):  # regression: pale patches that are lesion
+        y, x = divmod(int(inside[rng.integers(inside.size)]), w)
+        r = rng.uniform(0.02, 0.06) * side
+        patch = (np.hypot(yy - y, xx - x) < r) & mask
+        img[patch] = img[patch] * 0.3 + np.array([225.0, 200, 190]) * 0.7
+    pil = Image.fromarray(img.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for _ in range(rng.integers(8, 25)):  # hair: dense, dark, curved
+        pts = [(rng.uniform(0, w), rng.uniform(0, h))]
+        for _ in range(6):
+            pts.append((pts[-1][0] + rng.uniform(-0.12, 0.12) * w, pts[-1][1] + rng.uniform(-0.12, 0.12) * h))
+        draw.line(pts, fill=tuple(int(v) for v in rng.uniform(10, 50, 3)), width=max(1, round(side / 180)))
+    if rng.random() < 0.6:  # a ruler along the bottom or the top edge: a bar with ticks
+        y0 = rng.uniform(0.03, 0.08) * h if rng.random() < 0.5 else h - rng.uniform(0.05, 0.1) * h
+        step, length = rng.uniform(0.02, 0.04) * w, rng.uniform(0.3, 0.8) * w
+        x0 = rng.uniform(0, w - length)
+        ink = tuple(int(v) for v in rng.uniform(15, 60, 3))
+        draw.line([(x0, y0), (x0 + length, y0)], fill=ink, width=max(1, round(side / 250)))
+        for k in range(int(length / step) + 1):
+            tick = side * (0.035 if k % 5 == 0 else 0.018)
+            draw.line([(x0 + k * step, y0), (x0 + k * step, y0 + tick)], fill=ink, width=max(1, round(side / 300)))
+    img = np.asarray(pil).astype(np.float32)
+    if rng.random() < 0.7:  # the dermoscope's round field: dark corners
+        r = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2))
+        edge = rng.uniform(0.95, 1.2)
+        img *= np.clip((edge - r) / 0.06, 0.04, 1)[..., None]
+    return img
 
 
 MIN_SIDE = 32  # the smallest longer side synth draws
@@ -94,12 +148,13 @@ def _name(seed: int, i: int) -> str:
 
 def generate_dataset(
     output: str | Path, num_images: int = 100, seed: int = 0, max_side: int = 2400, progress: bool = False,
-    overwrite: bool = False, num_classes: int = 1,
+    overwrite: bool = False, num_classes: int = 1, hard: bool = False,
 ) -> Path:
     """Write ``num_images`` pairs under ``output`` in the raw ISIC layout; return ``output``.
 
     Sizes vary from 256 px up to ``max_side`` on the longer side (about one image in eight is large). The files
     have the real dataset's names, so existing files of those names are refused (named) unless ``overwrite``.
+    ``hard``: the same images with the artifacts of real photos drawn over them (``synth_pair``).
     """
     output = Path(output)
     if num_images < 1:
@@ -129,7 +184,7 @@ def generate_dataset(
             long_side = int(rng.integers(min(256, max_side // 2), min(640, max_side) + 1))
         aspect = _ASPECTS[rng.integers(len(_ASPECTS))]
         w, h = (long_side, round(long_side / aspect)) if aspect >= 1 else (round(long_side * aspect), long_side)
-        image, mask = synth_pair(rng, w, h, with_core)
+        image, mask = synth_pair(rng, w, h, with_core, np.random.default_rng([seed, i, 1]) if hard else None)
         name = names[i]
         atomic_save_image(Image.fromarray(image), img_dir / f"{name}.jpg", quality=90)
         atomic_save_image(targets.picture(mask), mask_dir / f"{name}_segmentation.png")

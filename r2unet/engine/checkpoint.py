@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import CheckpointError, first_line
-from ..fileio import atomic_write, free_space, naming
+from ..fileio import atomic_write, atomic_write_text, free_space, naming
 from ..models import list_models
 from ..models.spec import FAMILY
 from .runtime import CompileWithFallback
@@ -249,3 +249,12 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, config: dict, epoch: 
     if data_split is not None:
         state["data_split"] = data_split
     atomic_save(state, path)
+
+
+def store_postprocessing(files: RunFiles, post) -> None:
+    """Keep a decision with the run: in best.pt (so that evaluate, predict, serve and export find it with the
+    weights) and in postprocessing.json (to read)."""
+    best = load_file(files.best)
+    best["postprocessing"] = post.to_dict()
+    atomic_save(best, files.best)
+    atomic_write_text(files.dir / "postprocessing.json", json.dumps(post.to_dict(), indent=2) + "\n")

@@ -13,6 +13,8 @@ from ..errors import ConfigError, quote
 from ..fileio import atomic_write_text
 from ..models import SIZE_MULTIPLE, list_models
 
+LOSSES = ("bce", "dice_bce", "focal", "tversky")  # --loss; the task computes them (engine.task)
+
 # torch.compile modes; reduce-overhead adds CUDA graphs (GPU only), max-autotune searches kernels (slow to compile)
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 AMP_CHOICES = ("auto", "off", "fp16", "bf16")
@@ -61,7 +63,20 @@ class TrainConfig:
     lr: float = setting(2e-4, "Adam learning rate", seed=True)
     beta1: float = setting(0.5, "Adam beta1", seed=True)
     beta2: float = setting(0.999, "Adam beta2", seed=True)
-    loss: str = setting("bce", "bce, or dice_bce (BCE + soft Dice)", choices=("bce", "dice_bce"))
+    loss: str = setting("bce", "bce (the reference's); dice_bce (BCE + soft Dice); focal (BCE weighted towards hard "
+                               "pixels, --focal_gamma); tversky (soft Tversky, --tversky_alpha on false positives, "
+                               "--tversky_beta on false negatives: beta > alpha favours finding small lesions). "
+                               "Label maps: softmax cross-entropy in place of BCE", choices=LOSSES)
+    focal_gamma: float = setting(2.0, "with --loss focal: the exponent of (1 - p); 0 is plain BCE")
+    tversky_alpha: float = setting(0.3, "with --loss tversky: the weight of false positives")
+    tversky_beta: float = setting(0.7, "with --loss tversky: the weight of false negatives")
+    precise_bn: int = setting(32, "before each validation, recompute the BatchNorm statistics on this many fixed "
+                                  "batches of training images (no gradient), so that validation and the kept "
+                                  "checkpoints see statistics of the weights they hold; 0: off (the running "
+                                  "averages of training, as the reference)")
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights (updated every step), which is "
+                              "validated, kept in best.pt and tested instead of the weights; 0: off. Sensible: "
+                              "about 1 - 10 / (steps per epoch)")
     augmentation_prob: float = setting(0.4, "probability of each augmentation", seed=True)
     # data
     data_path: str = setting("./dataset", "prepared dataset: train/ train_GT/ valid/ valid_GT/ test/ test_GT/",
@@ -96,6 +111,9 @@ class TrainConfig:
     log_every: int = setting(10, "steps between host syncs for logging and NaN checks")
     tensorboard: bool = setting(False, "also log to OUTPUT_DIR/tensorboard")
     threshold: float = setting(defaults.THRESHOLD, "probability threshold of the metrics")
+    postprocess: str = setting("auto", "after training, choose the postprocessing (threshold, small regions, largest "
+                                       "region, holes) on the validation split and report the test scores with "
+                                       "and without it (auto), or not (none)", choices=("auto", "none"))
     resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
     accept_split_change: bool = setting(False, "with --resume: go on although the data's split is not the one the run "
                                                "trained on (best.pt is then chosen anew on the new validation split)")
@@ -153,6 +171,17 @@ class TrainConfig:
             bad("num_workers", f"must be >= 0, got {self.num_workers}")
         if self.dist_timeout_s < 10:
             bad("dist_timeout_s", f"must be >= 10 seconds, got {self.dist_timeout_s}")
+        if self.focal_gamma < 0:
+            bad("focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        for name in ("tversky_alpha", "tversky_beta"):
+            if not 0 <= getattr(self, name) <= 1:
+                bad(name, f"must be in [0, 1], got {getattr(self, name)}")
+        if self.tversky_alpha + self.tversky_beta == 0:
+            bad("tversky_beta", "--tversky_alpha and --tversky_beta cannot both be 0")
+        if self.precise_bn < 0:
+            bad("precise_bn", f"must be >= 0 (0: off), got {self.precise_bn}")
+        if not 0 <= self.ema < 1:
+            bad("ema", f"must be in [0, 1) (0: off; 0.9-0.999 typical), got {self.ema}")
         if self.warmup_steps < 0 or self.save_every_steps < 0:
             bad("warmup_steps" if self.warmup_steps < 0 else "save_every_steps", "must be >= 0")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:

@@ -55,6 +55,11 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def world_size() -> int:
+    """The processes of the group this process joined (1 outside one)."""
+    return dist.get_world_size() if _in_group() else 1
+
+
 def cleanup() -> None:
     if _in_group():
         dist.destroy_process_group()

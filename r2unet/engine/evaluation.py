@@ -20,11 +20,12 @@ from ..data.pairs import SPLITS, checked_pairs, note_ambiguous, report_problems,
 from ..data.prepare import data_split
 from ..fileio import atomic_write_text
 from ..progress import track
-from .checkpoint import RunFiles, load_file
+from .checkpoint import RunFiles, load_file, store_postprocessing
 from .config import ConfigError, TrainConfig
 from .inference import Averaged, Segmenter, load_for_inference, read_gt_for
-from .loop import draw_samples, evaluate
+from .loop import draw_samples, evaluate, predictions_and_truths
 from .metrics import Accumulators, per_image_spread
+from .postprocess import PostprocessedScores, choose
 from .runtime import Precision
 from .task import task_of
 
@@ -36,7 +37,8 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, cache_dir: str | Path | None = None,
-                        thresholds: list[float] | None = None, log=print, **model_overrides) -> dict:
+                        thresholds: list[float] | None = None, postprocess: str = "auto", log=print,
+                        **model_overrides) -> dict:
     """Metrics of a checkpoint (or of the models of an ensemble, averaged: ``inference.Segmenter``) on one split of a
     prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
@@ -50,7 +52,9 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     trained in (its ``amp`` setting), so the scores match the run's ``results.json``. ``cache_dir``: where the
     decode-once cache lives (default ``data_path/.r2unet_cache``). ``thresholds``: also score the split at each of
     these thresholds (same forward passes) under ``"threshold_sweep"``, and name the one with the best mean JS
-    (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``."""
+    (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``.
+    ``postprocess``: "auto" scores the masks after the postprocessing the run chose on validation (as predict
+    writes them; the scores without it under ``"without_postprocessing"``), "none" the network's."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
@@ -58,18 +62,22 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     recorded: dict = {}
     # amp None: the precision the run was trained (and tested) in
     segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
-                          image_size=image_size, threshold=threshold, log=log, record=recorded)
+                          image_size=image_size, threshold=threshold, log=log, record=recorded,
+                          postprocess=postprocess)
     cfg, task, dev, threshold = segmenter.cfg, segmenter.task, segmenter.device, segmenter.threshold
+    post = segmenter.post
     split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
     if thresholds and not task.thresholded:
         raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {task.classes} classes "
                           "(a class map is the argmax, with no threshold)")
     precision, channels_last = segmenter.members[0].precision, segmenter.members[0].channels_last
-    acc = task.accumulator(threshold, dev, keep_per_image=True)
+    acc = task.accumulator(threshold if not post.active else 0.5, dev, keep_per_image=True)
+    raw = task.accumulator(cfg.threshold, dev) if post.active else None  # the network's masks, beside
     sweep = [task.accumulator(t, dev) for t in thresholds or ()]
     if sweep and split == "test":
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
-    fed = Accumulators(acc, *sweep) if sweep else acc
+    fed = Accumulators(PostprocessedScores(acc, post, task, threshold), raw, *sweep) if post.active else \
+        (Accumulators(acc, *sweep) if sweep else acc)
     cache = None
     scored = _scoring_module(segmenter, tta, resolution, per_image_csv, log)
     with _binary_model_on_label_maps(segmenter.names[0], split):
@@ -90,6 +98,9 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     # spread of the per-image scores: the sd, and a 95 % bootstrap interval of each mean (a paper's error bars)
     out["spread"] = per_image_spread(acc.per_image())
     out["resolution"], out["tta"] = resolution, tta
+    out["postprocessing"] = post.describe() if post.active else None
+    if raw is not None:
+        out["without_postprocessing"] = raw.compute("image")
     if split_note:
         out["split_changed"] = split_note
     if sweep:
@@ -208,6 +219,50 @@ def _per_image_report(scores: dict, names: list[str], per_image_csv, split: str,
             "worst": [{"image": names[i], "JS": scores["JS"][i], "DC": scores["DC"][i]} for i in order]}
 
 
+def choose_postprocessing(run_dir: str | Path, data_path: str | Path | None = None, device: str = "auto",
+                          cache_dir: str | Path | None = None, log=print):
+    """``r2unet postprocess``: choose the postprocessing of an existing run's best checkpoint on the validation split
+    of its data (``data_path``, default the run's), as training does at its end, and store it with the run
+    (best.pt, postprocessing.json). Returns the decision (``postprocess.Postprocessing``) and the data's folder."""
+    run = RunFiles(run_dir)
+    if not run.best.is_file():
+        raise ConfigError(f"{run_dir}: no run's checkpoints/best.pt there; pass a run folder of 'r2unet train'")
+    segmenter = Segmenter(run.dir, device=device, log=log, postprocess="none")
+    cfg, task, member = segmenter.cfg, segmenter.task, segmenter.members[0]
+    data_path = Path(data_path or cfg.data_path)
+    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cache_dir or cfg.cache_dir,
+                        targets=task.targets, log=log)
+    if not len(cache):
+        raise ConfigError(f"{data_path}: its validation split is empty; postprocessing is chosen on validation "
+                          "images only (never on the test split)")
+    loader = make_loader(cache, defaults.BATCH_SIZE, train=False, drop_last=False)
+    transform = DeviceTransform(cfg.image_size, member.device, None, img_ch=cfg.img_ch, labels=task.targets.nearest)
+    predictions, truths = predictions_and_truths(member.model, loader, transform, member.precision, task,
+                                                 member.channels_last)
+    post = choose(predictions, truths, task, cfg.threshold,
+                  f"the validation split ({len(cache)} images at {cfg.image_size} px)")
+    store_postprocessing(run, post)
+    return post, data_path
+
+
+def postprocessing_report(post) -> str:
+    """What ``choose_postprocessing`` tried and chose, as a table of mean validation JS."""
+    report = post.valid_JS
+    lines = [f"chosen on {post.chosen_on}: {post.describe()}",
+             f"  validation JS without: {report['none']:.4f}   with: {report['chosen']:.4f}"]
+    if "thresholds" in report:
+        lines.append("  thresholds: " + "  ".join(f"{t} {js:.4f}" for t, js in report["thresholds"].items()))
+    for scope, tried in ([("", report["tried"])] if "tried" in report else
+                         [(f"{k}: ", v["tried"]) for k, v in report.items() if isinstance(v, dict) and "tried" in v]):
+        best = {}
+        for row in tried:  # the last round each step was tried in
+            best[row["steps"]] = row["JS"]
+        lines.append(f"  {scope}steps tried: " + "; ".join(f"{s} {js:.4f}" for s, js in best.items()))
+    lines.append("  a step is kept only if it raises the validation JS by at least 0.0005; stored in best.pt and "
+                 "postprocessing.json (evaluate, predict, serve and export apply it; --postprocess none does not)")
+    return "\n".join(lines)
+
+
 def redraw_samples(run_dir: str | Path, device: str = "cpu", log=print) -> Path | None:
     """Redraw ``samples.png`` of a run from its best checkpoint and the validation images it was trained on."""
     run = RunFiles(run_dir)
@@ -251,6 +306,10 @@ def evaluation_report(metrics: dict, split: str, resolution: str, tta: bool) -> 
         if "pooled" in metrics and k in metrics["pooled"]:
             line += f"  {metrics['pooled'][k]:.4f}"
         lines.append(line)
+    if metrics.get("postprocessing"):
+        without = metrics["without_postprocessing"]
+        lines.append(f"after the postprocessing chosen on validation ({metrics['postprocessing']}); without it: "
+                     f"JS {without['JS']:.4f}  DC {without['DC']:.4f} (--postprocess none scores the network's masks)")
     if metrics.get("threshold_sweep"):
         lines += [f"\nthreshold sweep on the {split} split (per-image means):",
                   f"  {'threshold':>9}  {'JS':>6}  {'DC':>6}  {'JS_thr':>6}  {'ACC':>6}"]

@@ -52,6 +52,7 @@ from .checkpoint import (
 from .config import ConfigError, TrainConfig
 from .loop import build_model
 from .onnx import load_onnx
+from .postprocess import NONE, Postprocessing, shown
 from .runtime import Precision, place_model, placement, resolve_device
 from .task import Task, task_of
 
@@ -70,6 +71,8 @@ def load_for_inference(checkpoint: str | Path, log=print, record: dict | None = 
     what the checkpoint recorded of its training data (``data_split``), where it did."""
     if str(checkpoint).lower().endswith(".onnx"):  # onnxruntime on the CPU, in float32; its metadata's settings
         model, cfg = load_onnx(checkpoint, image_size=given.get("image_size"), log=log)
+        if record is not None:
+            record["postprocessing"] = _decision(model.metadata.get("r2unet.postprocessing"), checkpoint)
         return model, cfg.updated(threshold=given.get("threshold"))
     checkpoint = Path(checkpoint)
     if checkpoint.is_dir():
@@ -86,6 +89,8 @@ def load_for_inference(checkpoint: str | Path, log=print, record: dict | None = 
         cfg = TrainConfig.from_dict(obj["config"])
         if record is not None and obj.get("data_split"):
             record["data_split"] = obj["data_split"]
+        if record is not None:
+            record["postprocessing"] = _decision(obj.get("postprocessing"), checkpoint)
     else:  # a bare state_dict (the reference's .pkl): its weights tell the network (and classes), all but t
         cfg = TrainConfig()
         found = infer_architecture(model_state(obj))
@@ -100,6 +105,15 @@ def load_for_inference(checkpoint: str | Path, log=print, record: dict | None = 
     model = build_model(cfg)
     load_weights(model, model_state(obj), str(checkpoint))
     return model.eval(), cfg
+
+
+def _decision(stored, source) -> Postprocessing:
+    """The postprocessing a checkpoint or exported file stores (none if it stores none); a broken one is named."""
+    try:
+        return Postprocessing.from_dict(stored)
+    except ValueError as exc:
+        raise CheckpointError(f"{source}: its postprocessing is {exc}; pass --postprocess none to go "
+                              "without") from None
 
 
 def ready_for_inference(model: nn.Module, cfg: TrainConfig, device: torch.device,
@@ -255,16 +269,18 @@ def read_gt_for(mask_path: Path, image_path: Path, shape: tuple[int, int], targe
 def render_outputs(path, image: np.ndarray, prediction: np.ndarray, task: Task, *,
                    threshold: float = defaults.THRESHOLD,
                    save_probs: bool = False, save_overlay: bool = False,
-                   gt: np.ndarray | None = None) -> dict[str, bytes]:
+                   gt: np.ndarray | None = None, post: Postprocessing = NONE) -> dict[str, bytes]:
     """The encoded files of one image's prediction, by suffix (``OUTPUT_SUFFIXES``), in memory: the probability map
     (``save_probs``, where the task has one) and the overlay (``save_overlay``, with ``gt``'s outline when given)
     first, the mask last. ``predict`` writes them, ``serve`` answers with them: the same bytes. ``prediction``: the
     task's prediction at the image's size (``predict_images``); ``path``: the file (or ``InMemory`` upload) the
-    overlay reads its full-size pixels from when ``image`` was decoded smaller."""
+    overlay reads its full-size pixels from when ``image`` was decoded smaller. ``post``: the postprocessing the
+    mask and the overlay show (the probability map stays the network's)."""
     mask_suffix, prob_suffix, overlay_suffix = OUTPUT_SUFFIXES
     out: dict[str, bytes] = {}
     if save_probs:
         out[prob_suffix] = encode_image(task.probability_picture(prediction), ".png")
+    prediction, threshold = shown(task, prediction, threshold, post)
     if save_overlay:
         # the network's input may come from a reduced JPEG decode; the overlay shows the photo's own pixels
         base = image if image.shape[:2] == prediction.shape else read_image(path)
@@ -279,21 +295,55 @@ class Segmenter:
     ensemble: the same task and classes; any mix of networks and sizes, each seeing an image at its own size). Each
     model runs on its device in the precision, at the size and with the threshold it was trained with, unless given.
     ``predict``, ``serve`` and ``evaluate`` use it; ``model_overrides``: the network's settings (model_type, t,
-    base_channels) for a bare state_dict."""
+    base_channels) for a bare state_dict.
+
+    ``postprocess``: "auto" applies the postprocessing chosen on validation that the checkpoint (a run's best.pt,
+    an exported ONNX file) or a cross-validation folder (its ``postprocessing.json``, chosen on the folds'
+    out-of-fold predictions) stores; "none" leaves it out. A threshold given wins over the one it chose."""
 
     def __init__(self, checkpoints, *, model_overrides: dict | None = None, device: str = "auto",
                  amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print,
-                 record: dict | None = None):
-        paths = [p for c in ([checkpoints] if isinstance(checkpoints, (str, Path)) else checkpoints)
-                 for p in model_folders(c)]
-        members = []
+                 record: dict | None = None, postprocess: str = "auto"):
+        if postprocess not in ("auto", "none"):
+            raise ConfigError(f"--postprocess must be auto or none, got {postprocess!r}")
+        given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+        paths = [p for c in given for p in model_folders(c)]
+        members, decisions = [], []
         for path in paths:
+            seen: dict = {}
             model, cfg = load_for_inference(path, log=log, device=device, amp=amp, image_size=image_size,
-                                            threshold=threshold, record=record if not members else None,
-                                            **(model_overrides or {}))
+                                            threshold=threshold, record=seen, **(model_overrides or {}))
+            if record is not None and not members:
+                record.update(seen)
+            decisions.append(seen.get("postprocessing", NONE))
             dev = resolve_device(cfg.device, cfg.device_index)
             members.append(Member(*_ready(model, cfg, dev, log)))
         self._setup(members, [str(p) for p in paths])
+        self.post = NONE if postprocess == "none" else self._postprocessing(given, decisions, log)
+        if self.post.threshold is not None and threshold is None:
+            self.threshold = self.post.threshold
+
+    def _postprocessing(self, given: list, decisions: list[Postprocessing], log) -> Postprocessing:
+        """The decision that belongs to these models as one: a single model's own, or the one a cross-validation
+        folder made for its ensemble; the several models of another ensemble have none of their own (said)."""
+        if len(given) == 1 and len(decisions) > 1:
+            stored = Path(given[0]) / "postprocessing.json"
+            if stored.is_file():
+                try:
+                    return Postprocessing.from_dict(stored.read_text())
+                except ValueError as exc:
+                    raise ConfigError(f"{stored}: {exc}; pass --postprocess none to go without") from None
+        if len(decisions) == 1:
+            return decisions[0]
+        if any(d.active for d in decisions):
+            log("note: the models' own postprocessing is not applied to their ensemble (it was chosen for each "
+                "alone); a cross-validation folder (r2unet crossval) chooses one for its ensemble")
+        return NONE
+
+    def shown(self, prediction: np.ndarray) -> np.ndarray:
+        """The prediction the mask file shows (postprocessed, as a prediction ``task.mask`` cuts at 0.5 when
+        postprocessing applies; else the network's)."""
+        return shown(self.task, prediction, self.threshold, self.post)[0]
 
     @classmethod
     def of(cls, model: nn.Module, cfg: TrainConfig | None = None, device: torch.device | str = "cpu",
@@ -303,6 +353,7 @@ class Segmenter:
         self = cls.__new__(cls)
         self._setup([Member(model.eval().to(device), cfg, torch.device(device), Precision(None, torch.device(device)),
                             False)], ["(in memory)"])
+        self.post = NONE
         return self
 
     def _setup(self, members: list[Member], names: list[str]) -> None:
@@ -337,7 +388,7 @@ class Segmenter:
                probs: bool = False) -> dict[str, bytes]:
         """The files of one image's prediction, as ``predict`` writes them (``render_outputs``)."""
         return render_outputs(source, image, prediction, self.task, threshold=self.threshold, save_overlay=overlay,
-                              save_probs=probs and self.task.probability_maps)
+                              save_probs=probs and self.task.probability_maps, post=self.post)
 
     def predict(self, sources: Iterable, batch_size: int | None = None, tta: bool = False,
                 on_error: Callable | None = None, workers: int | None = None) -> Iterator[tuple]:

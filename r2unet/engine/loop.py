@@ -219,8 +219,9 @@ class EpochRun:
 
     def __init__(self, model, loader, transform, optimizer, scaler, precision: Precision, cfg: TrainConfig, task,
                  epoch: int, *, steps_done: int = 0, carried: dict | None = None, nonfinite_run=None,
-                 progress=None, channels_last: bool = False):
+                 progress=None, channels_last: bool = False, after_step=None):
         self.model, self.loader, self.transform, self.optimizer = model, loader, transform, optimizer
+        self.after_step = after_step
         self.scaler, self.precision, self.cfg, self.task = scaler, precision, cfg, task
         self.progress, self.channels_last = progress, channels_last
         device = precision.device
@@ -240,11 +241,10 @@ class EpochRun:
         state.skipped_device = torch.zeros((), dtype=torch.int64, device=device)
         buffers, clock = StepBuffers(device), SteadyClock(device, _warmup_steps(self.loader, cfg, state.steps))
         state.buffers_before_step = snapshot = BufferSnapshot(model)
-        dice = cfg.loss == "dice_bce"
         first = state.steps + 1  # reported as soon as it is done: on a CPU a step can take minutes
 
         def loss_fn(logits, y):
-            return self.task.loss(logits, y, dice)
+            return self.task.loss(logits, y, cfg.loss, cfg.focal_gamma, cfg.tversky_alpha, cfg.tversky_beta)
 
         for batch in self.loader:
             clock.before_step()
@@ -259,6 +259,8 @@ class EpochRun:
                                               loss_fn)
             state.steps, state.in_step, state.images = state.steps + 1, False, state.images + x.shape[0]
             snapshot.keep_if(finite)  # a skipped step leaves no trace: neither in the weights nor in the statistics
+            if self.after_step is not None:  # e.g. the moving average of the weights
+                self.after_step()
             state.loss_device += torch.where(finite, loss.detach().double(), 0.0)
             state.skipped_device += (~finite).long()
             state.train_metrics.update(self.task.probabilities(logits.detach()), y)
@@ -322,6 +324,64 @@ class JobThroughput:
         return self.images / self.seconds if self.seconds > 0 else None
 
 
+# --------------------------------------------------------------------------------------- BatchNorm statistics
+def precise_bn_batches(n_images: int, batch_size: int, num_batches: int, seed: int,
+                       info: D.DistInfo) -> list[list[int]]:
+    """This process's share of the fixed training batches that ``recompute_batchnorm`` runs: ``num_batches`` full
+    batches of a seeded order of the training images (the same every epoch, so epochs differ by their weights
+    only), as many for each process (``rank, rank + world, ...``): the batches of a 1-process run, spread."""
+    order = torch.randperm(n_images, generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [order[i:i + batch_size] for i in range(0, n_images - batch_size + 1, batch_size)][:num_batches]
+    usable = len(batches) - len(batches) % info.world_size  # as many forward passes per process (SyncBatchNorm)
+    return batches[info.rank:usable:info.world_size]
+
+
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, loader, transform, precision: Precision,
+                        channels_last: bool = False) -> int:
+    """Precise BatchNorm: the running statistics recomputed for the weights as they are now, as the plain average
+    of the batch statistics over ``loader``'s batches (training mode, no gradient), instead of the momentum-0.1
+    averages that training leaves, which lag the weights by several steps and, in R2U-Net's recurrent blocks (one
+    BatchNorm applied t + 1 times per forward), mix steps of different inputs. Across processes each statistic is
+    averaged over every process's calls. Returns the number of forward passes here."""
+    norms = batchnorms(model)
+    if not norms:
+        return 0
+    momenta, was_training = [bn.momentum for bn in norms], model.training
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # a cumulative average over the calls
+    model.train()
+    passes = 0
+    try:
+        for batch in loader:
+            x, _ = transform(batch)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision.autocast():
+                model(x)
+            passes += 1
+    finally:
+        for bn, momentum in zip(norms, momenta):
+            bn.momentum = momentum
+        model.train(was_training)
+    if D.world_size() > 1:  # weighted by each process's calls: the average over all of them
+        calls = torch.stack([bn.num_batches_tracked for bn in norms]).to(torch.float64)
+        sums = [t.double() * n for bn, n in zip(norms, calls) for t in (bn.running_mean, bn.running_var)]
+        D.all_reduce_sum(calls)
+        for t in sums:
+            D.all_reduce_sum(t)
+        for k, bn in enumerate(norms):
+            bn.running_mean.copy_(sums[2 * k] / calls[k].clamp_min(1))
+            bn.running_var.copy_(sums[2 * k + 1] / calls[k].clamp_min(1))
+            bn.num_batches_tracked.fill_(int(calls[k]))
+    return passes
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
 @torch.no_grad()
 def evaluate(model, loader, transform, precision: Precision, task, threshold: float = 0.5,
@@ -344,6 +404,26 @@ def evaluate(model, loader, transform, precision: Precision, task, threshold: fl
         acc.update(task.probabilities(logits), y)
     acc.all_reduce()
     return acc
+
+
+@torch.no_grad()
+def predictions_and_truths(model, loader, transform, precision: Precision, task,
+                           channels_last: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Every image's prediction at the network's size (``task.from_probabilities``: probabilities (H, W) float32 of
+    a binary mask, the class map of label maps) and its ground truth (H, W), on the host, in ``loader``'s order: what
+    the postprocessing is chosen on (``postprocess.choose``)."""
+    model.eval()
+    predictions, truths = [], []
+    for batch in loader:
+        x, y = transform(batch)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with precision.autocast():
+            probs = task.probabilities(model(x))
+        for p, t in zip(probs, y):
+            predictions.append(task.from_probabilities(p[None]).cpu().numpy())
+            truths.append(task.truth(t))
+    return predictions, truths
 
 
 @torch.no_grad()

@@ -35,6 +35,22 @@ def _soft_dice(probs: torch.Tensor, onehot: torch.Tensor, dims: int) -> torch.Te
     return (1 - (2 * (probs * onehot).sum(dims) + 1) / (probs.sum(dims) + onehot.sum(dims) + 1)).mean()
 
 
+def _soft_tversky(probs: torch.Tensor, onehot: torch.Tensor, dims: int, alpha: float, beta: float) -> torch.Tensor:
+    """1 - the soft Tversky index TP / (TP + alpha FP + beta FN) (smoothed by 1), summed over the last ``dims`` axis,
+    averaged: beta > alpha weighs a missed lesion pixel more than a false one (alpha = beta = 0.5 is Dice)."""
+    tp = (probs * onehot).sum(dims)
+    fp, fn = (probs * (1 - onehot)).sum(dims), ((1 - probs) * onehot).sum(dims)
+    return (1 - (tp + 1) / (tp + alpha * fp + beta * fn + 1)).mean()
+
+
+def _focal(ce: torch.Tensor, gamma: float, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The focal loss of per-pixel cross-entropies ``ce``: each weighted by (1 - p)^gamma, p the probability given to
+    the pixel's true class, so that the many easy pixels (clear skin) weigh little beside the hard ones (a lesion's
+    border, a small lesion); averaged over the ``valid`` pixels."""
+    loss = (1 - torch.exp(-ce)).pow(gamma) * ce
+    return loss.mean() if valid is None else loss.sum() / valid.sum().clamp_min(1)
+
+
 class Task:
     """What the two tasks share: ``targets`` (``data.targets``), ``channels`` (the network's outputs),
     ``class_names``, whether a threshold applies (``thresholded``) and a probability map exists
@@ -71,11 +87,19 @@ class BinaryTask(Task):
     probability_maps = True  # an 8-bit probability map can be written
     outlines_truth = True  # an overlay can outline the ground truth beside the prediction
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, dice: bool = False) -> torch.Tensor:
-        """BCE with logits, + soft Dice (``dice``); ``target`` (B, 1, H, W) 0/1."""
-        loss = F.binary_cross_entropy_with_logits(logits.float(), target)
-        if dice:
-            loss = loss + _soft_dice(torch.sigmoid(logits.float()).flatten(1), target.flatten(1), 1)
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, kind: str = "bce", gamma: float = 2.0,
+             alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+        """``target`` (B, 1, H, W) 0/1. ``kind`` (``LOSSES``): bce (BCE with logits), dice_bce (+ soft Dice), focal
+        (BCE weighted by (1 - p)^``gamma``), tversky (1 - the soft Tversky index, ``alpha`` on false positives,
+        ``beta`` on false negatives, per image)."""
+        logits = logits.float()
+        if kind == "focal":
+            return _focal(F.binary_cross_entropy_with_logits(logits, target, reduction="none"), gamma)
+        if kind == "tversky":
+            return _soft_tversky(torch.sigmoid(logits).flatten(1), target.flatten(1), 1, alpha, beta)
+        loss = F.binary_cross_entropy_with_logits(logits, target)
+        if kind == "dice_bce":
+            loss = loss + _soft_dice(torch.sigmoid(logits).flatten(1), target.flatten(1), 1)
         return loss
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -96,6 +120,16 @@ class BinaryTask(Task):
     def from_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
         """The prediction from probabilities (1, C, h, w) at the image's size (an ensemble's mean)."""
         return probs[0, 0]
+
+    def as_prediction(self, mask: np.ndarray) -> np.ndarray:
+        """A (postprocessed) mask as a prediction ``score`` and ``mask`` take: 0/1 probabilities."""
+        return mask.astype(np.float32)
+
+    ignore = None  # no label means "no class" in a binary mask
+
+    def truth(self, target: torch.Tensor) -> np.ndarray:
+        """One image's target (1, H, W) as the host mask postprocessing is chosen against: bool."""
+        return (target[0] > 0.5).cpu().numpy()
 
     prediction_dtype = np.float32
 
@@ -162,16 +196,23 @@ class LabelMapTask(Task):
         self.description = f"label maps of {targets.classes} classes"
         self.colors = list(targets.colors) if targets.colors else class_colors(targets.classes)
 
-    def loss(self, logits: torch.Tensor, target: torch.Tensor, dice: bool = False) -> torch.Tensor:
-        """Softmax cross-entropy against the class indices in ``target`` (B, 1, H, W), + soft Dice averaged over the
-        foreground classes (``dice``)."""
-        labels = target[:, 0].long()
-        loss = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)  # pixels of no class: no part in it
-        if dice:
+    def loss(self, logits: torch.Tensor, target: torch.Tensor, kind: str = "bce", gamma: float = 2.0,
+             alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+        """Against the class indices in ``target`` (B, 1, H, W); pixels of no class take no part. ``kind``: bce
+        (softmax cross-entropy), dice_bce (+ soft Dice averaged over the foreground classes), focal (cross-entropy
+        weighted by (1 - p)^``gamma``), tversky (1 - the soft Tversky index per image and foreground class)."""
+        labels, logits = target[:, 0].long(), logits.float()
+        if kind == "focal":
+            ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="none")
+            return _focal(ce, gamma, labels != IGNORE)
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE) if kind != "tversky" else 0
+        if kind in ("dice_bce", "tversky"):
             valid = (labels != IGNORE).unsqueeze(1).flatten(2)  # (B, 1, HW)
-            probs = torch.softmax(logits.float(), dim=1)[:, 1:].flatten(2) * valid  # (B, K-1, HW)
+            probs = torch.softmax(logits, dim=1)[:, 1:].flatten(2) * valid  # (B, K-1, HW)
             onehot = F.one_hot(labels.masked_fill(labels == IGNORE, 0), logits.shape[1]).permute(0, 3, 1, 2)
-            loss = loss + _soft_dice(probs, onehot[:, 1:].flatten(2).float() * valid, 2)
+            onehot = onehot[:, 1:].flatten(2).float() * valid
+            loss = loss + (_soft_dice(probs, onehot, 2) if kind == "dice_bce" else
+                           _soft_tversky(probs, onehot, 2, alpha, beta))
         return loss
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -190,6 +231,15 @@ class LabelMapTask(Task):
 
     def from_probabilities(self, probs: torch.Tensor) -> torch.Tensor:
         return probs.argmax(1)[0].byte()
+
+    def as_prediction(self, mask: np.ndarray) -> np.ndarray:
+        return mask
+
+    ignore = IGNORE  # the label of pixels that belong to no class
+
+    def truth(self, target: torch.Tensor) -> np.ndarray:
+        """One image's target (1, H, W) as a class map (uint8, ``IGNORE`` where no class)."""
+        return target[0].byte().cpu().numpy()
 
     def mask(self, prediction: np.ndarray, threshold: float) -> np.ndarray:
         return prediction

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .. import progress as progress_lines
 from ..data.augment import AugmentConfig
@@ -34,6 +35,7 @@ from .checkpoint import (
     model_state,
     require_training_state,
     save_checkpoint,
+    store_postprocessing,
 )
 from .config import ConfigError, TrainConfig
 from .loop import (
@@ -44,8 +46,12 @@ from .loop import (
     evaluate,
     interrupt_behind,
     lr_factor,
+    precise_bn_batches,
+    predictions_and_truths,
+    recompute_batchnorm,
 )
-from .metrics import per_image_spread
+from .metrics import Accumulators, per_image_spread
+from .postprocess import NONE, PostprocessedScores, Postprocessing, choose
 from .runtime import (
     CompileWithFallback,
     configure_backends,
@@ -206,6 +212,15 @@ class TrainingSetup:
         self._setup_data(splits)
         self.model, self.optimizer, self.scaler = build_training(
             cfg, self.device, self.precision, self.lr, self.channels_last, sync_bn=cfg.sync_bn and info.distributed)
+        # an exponential moving average of the weights (--ema), updated after every step; its buffers follow the
+        # model's (and precise BatchNorm recomputes them for its weights before it is scored)
+        self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=False) \
+            if cfg.ema else None
+
+    @property
+    def scored_model(self) -> nn.Module:
+        """The network that is validated, kept in best.pt and tested: the weights' moving average with --ema."""
+        return self.ema.module if self.ema is not None else self.model
 
     def _check_memory(self) -> None:
         """Rank 0 says what a step needs against what its device has; a run that cannot fit stops everywhere."""
@@ -250,6 +265,11 @@ class TrainingSetup:
             **{s: make_loader(self.caches[s], self.batch_size, train=False, sampler=self.shards[s], num_workers=0,
                               pin_memory=pin, drop_last=False) for s in scored},
         }
+        if cfg.precise_bn and "train" in splits:  # fixed training batches, unaugmented, for precise BatchNorm
+            self.loaders["precise_bn"] = make_loader(
+                self.caches["train"], self.batch_size, train=False, num_workers=0, pin_memory=pin,
+                batch_sampler=precise_bn_batches(len(self.caches["train"]), self.batch_size, cfg.precise_bn,
+                                                 cfg.seed, info))
         self.augment, self.plain = (DeviceTransform(cfg.image_size, self.device, a, seed=cfg.seed + 7919 * info.rank,
                                                     img_ch=cfg.img_ch, labels=targets.nearest)
                                     for a in (AugmentConfig(augmentation_prob=cfg.augmentation_prob), None))
@@ -308,6 +328,8 @@ class TrainingRun(TrainingSetup):
     def _resume(self) -> None:
         ckpt = _load_on_rank0(self.files.last, self.info)
         load_weights(self.model, model_state(ckpt), str(self.files.last))
+        if self.ema is not None:
+            self._resume_ema(ckpt.get("extra", {}).get("ema"))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if ckpt.get("scheduler"):
             self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -329,6 +351,15 @@ class TrainingRun(TrainingSetup):
         else:
             self.log(f"resumed from {last}: epoch {self.start_epoch + 1}"
                      + (f", step {self.start_step}" if self.start_step else ""))
+
+    def _resume_ema(self, saved: dict | None) -> None:
+        """The moving average as last.pt kept it; a run that had none starts it from the resumed weights (said)."""
+        if saved is None:
+            self.log(f"note: {self.files.last} holds no moving average of the weights (the run had no --ema): "
+                     "it starts from the resumed weights")
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.cfg.ema), use_buffers=False)
+            return
+        self.ema.load_state_dict({k: v.to(self.device) for k, v in saved.items()})
 
     def _check_split(self, recorded: dict | None) -> None:
         """A resumed run on data whose split changed since it started (images moved between splits, added or
@@ -496,7 +527,8 @@ class TrainingRun(TrainingSetup):
                          self.precision, cfg, self.task, epoch, steps_done=skip,
                          carried=self.carried if skip else None,
                          nonfinite_run=self.state.nonfinite_run if self.state else None, progress=progress,
-                         channels_last=self.channels_last)
+                         channels_last=self.channels_last,
+                         after_step=(lambda: self.ema.update_parameters(self.model)) if self.ema else None)
         self.state, self.epoch_done = steps.state, False
         state = steps.state
         carried_images, t0 = state.images, time.perf_counter()  # images trained before a resume: not timed here
@@ -521,17 +553,21 @@ class TrainingRun(TrainingSetup):
         Eager, not compiled: the compiled graph is for training mode at the training batch size. Every process
         first takes rank 0's BatchNorm statistics, so every shard is scored with the model best.pt keeps. Its part
         of the metrics.jsonl row: the scores, and whether they are the best so far."""
-        D.broadcast_module(self.model, buffers_only=True)
+        model = self.scored_model
+        if "precise_bn" in self.loaders:  # the statistics of these weights, the same on every process
+            recompute_batchnorm(model, self.loaders["precise_bn"], self.plain, self.precision, self.channels_last)
+        else:
+            D.broadcast_module(model, buffers_only=True)
         valid = None
         if len(self.caches["valid"]):
-            valid = evaluate(self.model, self.loaders["valid"], self.plain, self.precision, self.task,
+            valid = evaluate(model, self.loaders["valid"], self.plain, self.precision, self.task,
                              self.cfg.threshold, self.channels_last, "validation" if self.bar else None).compute()
         score = (valid["JS"] + valid["DC"]) if valid else float(epoch)
         if score <= self.best_score:
             return {"valid": valid}
         self.best_score, self.best_epoch = score, epoch + 1
         if self.info.is_main:
-            save_checkpoint(self.files.best, model=self.model, config=self.cfg.to_dict(), epoch=epoch + 1,
+            save_checkpoint(self.files.best, model=model, config=self.cfg.to_dict(), epoch=epoch + 1,
                             best_score=self.best_score, best_epoch=self.best_epoch, data_split=self.data_split)
         return {"valid": valid, "best": True}
 
@@ -548,8 +584,9 @@ class TrainingRun(TrainingSetup):
         plots.plot_curves(plots.read_metrics(self.files.metrics), self.files.dir / "curves.png")
         if self.sample_idx and ((epoch + 1) % self.cfg.sample_every == 0 or epoch + 1 == self.cfg.num_epochs):
             self.files.samples.mkdir(exist_ok=True)
-            draw_samples(self.model, self.caches["valid"], self.sample_idx, self.plain, self.precision, self.task,
-                         self.cfg.threshold, self.files.samples / f"epoch_{epoch + 1:03d}.png", f"epoch {epoch + 1}")
+            draw_samples(self.scored_model, self.caches["valid"], self.sample_idx, self.plain, self.precision,
+                         self.task, self.cfg.threshold, self.files.samples / f"epoch_{epoch + 1:03d}.png",
+                         f"epoch {epoch + 1}")
 
     def save_last(self, epoch: int, step: int, extra: dict | None = None, augment_rng=None) -> None:
         if self.info.is_main:
@@ -557,7 +594,9 @@ class TrainingRun(TrainingSetup):
                    "augment": augment_rng if augment_rng is not None else self.augment.generator.get_state()}
             save_checkpoint(self.files.last, model=self.model, config=self.cfg.to_dict(), epoch=epoch, step=step,
                             optimizer=self.optimizer, scaler=self.scaler, scheduler=self.scheduler,
-                            best_score=self.best_score, best_epoch=self.best_epoch, rng=rng, extra=extra,
+                            best_score=self.best_score, best_epoch=self.best_epoch, rng=rng,
+                            extra={**(extra or {}), **({"ema": {k: v.detach().cpu() for k, v in
+                                                            self.ema.state_dict().items()}} if self.ema else {})},
                             data_split=self.data_split)
 
     def finish(self) -> dict:
@@ -567,7 +606,8 @@ class TrainingRun(TrainingSetup):
         if self.info.is_main and files.best.exists():
             load_weights(self.model, model_state(load_file(files.best)), str(files.best))
         D.broadcast_module(self.model)
-        test, test_spread = self._test_scores()
+        post = self._choose_postprocessing()
+        (test, test_spread), (post_test, post_spread) = self._test_scores(post)
         fps, train = self.throughput.fps, self.last_train
         if fps is None:  # nothing trained in this session (a finished run resumed): keep what training measured
             previous = files.previous_results()
@@ -577,17 +617,48 @@ class TrainingRun(TrainingSetup):
                    "image_size": cfg.image_size, "global_batch_size": self.global_batch,
                    "world_size": self.info.world_size, "precision": self.precision.name, "epochs": cfg.num_epochs,
                    "device": str(self.device), "torch": str(torch.__version__),
-                   "split_fingerprint": (self.data_split or {}).get("fingerprint")}
+                   "split_fingerprint": (self.data_split or {}).get("fingerprint"),
+                   "postprocessing": post.to_dict() if post.chosen_on else None,
+                   "test_postprocessed": post_test, "test_postprocessed_spread": post_spread}
         if self.info.is_main:
             self._write_results(results)
         return results
 
-    def _test_scores(self) -> tuple[dict | None, dict | None]:
+    def _choose_postprocessing(self) -> Postprocessing:
+        """The postprocessing of the kept model, chosen on the validation split (``postprocess.choose``; every
+        process gets every image's prediction and decides alike), and stored in best.pt and postprocessing.json."""
+        if self.cfg.postprocess == "none" or not len(self.caches["valid"]):
+            return NONE
+        predictions, truths = predictions_and_truths(self.model, self.loaders["valid"], self.plain, self.precision,
+                                                     self.task, self.channels_last)
+        order = D.gather_lists(self.shards["valid"].indices)  # the split's order: as a 1-process run decides
+        pairs = dict(zip(order, zip(D.gather_lists(predictions), D.gather_lists(truths))))
+        predictions, truths = zip(*(pairs[i] for i in sorted(pairs)))
+        post = choose(list(predictions), list(truths), self.task, self.cfg.threshold,
+                      f"the validation split ({len(pairs)} images at {self.cfg.image_size} px)")
+        if self.info.is_main and self.files.best.exists():
+            store_postprocessing(self.files, post)
+        return post
+
+    def _test_scores(self, post: Postprocessing) -> list[tuple[dict | None, dict | None]]:
+        """The test split's scores and their spread, as the network gives them and after ``post`` (None, None when
+        nothing is chosen); one forward pass."""
         if not len(self.caches["test"]):
+            return [(None, None), (None, None)]
+        raw = self.task.accumulator(self.cfg.threshold, self.device, keep_per_image=True)
+        processed = self.task.accumulator(0.5, self.device, keep_per_image=True) if post.active else None
+        threshold = post.threshold if post.threshold is not None else self.cfg.threshold
+        fed = Accumulators(raw, PostprocessedScores(processed, post, self.task, threshold)) \
+            if processed is not None else raw
+        evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.task, self.cfg.threshold,
+                 self.channels_last, "test" if self.bar else None, accumulator=fed)
+        return [self._with_spread(acc) for acc in (raw, processed)]
+
+    def _with_spread(self, acc) -> tuple[dict | None, dict | None]:
+        """The scores, and from every image's scores of all shards the sd and a 95 % bootstrap interval per mean
+        (error bars)."""
+        if acc is None:
             return None, None
-        acc = evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.task, self.cfg.threshold,
-                       self.channels_last, "test" if self.bar else None, keep_per_image=True)
-        # every image's scores, from all shards: sd and a 95 % bootstrap interval per mean (error bars)
         per = acc.per_image()
         rows = dict(zip(D.gather_lists(self.shards["test"].indices), D.gather_lists(list(zip(*per.values())))))
         rows = [rows[i] for i in sorted(rows)]  # the split's order: the same interval as a 1-process run
@@ -604,6 +675,14 @@ class TrainingRun(TrainingSetup):
                      + "  ".join(f"{k} {v:.4f}" for k, v in test.items()))
             self.log("  95% CI of the means: " + "  ".join(
                 f"{k} {spread[k]['ci'][0]:.3f}-{spread[k]['ci'][1]:.3f}" for k in ("JS", "DC", "ACC")))
+        if results["postprocessing"]:
+            post = Postprocessing.from_dict(results["postprocessing"])
+            self.log(f"postprocessing chosen on {post.chosen_on}: {post.describe()} (validation JS "
+                     f"{post.valid_JS['none']:.4f} -> {post.valid_JS['chosen']:.4f})")
+            if results["test_postprocessed"]:
+                after, ci = results["test_postprocessed"], results["test_postprocessed_spread"]["JS"]["ci"]
+                self.log(f"test with it: JS {after['JS']:.4f} ({ci[0]:.3f}-{ci[1]:.3f})  DC {after['DC']:.4f}  "
+                         f"(without: JS {test['JS']:.4f}  DC {test['DC']:.4f})")
         if results["fps"] is not None:
             self.log(f"FPS: {results['fps']:.2f}")
 
