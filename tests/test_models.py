@@ -209,5 +209,5 @@ def test_a_bare_state_dict_tells_its_network(name, base, img_ch, out_ch):
 
     state = create_model(name, img_ch=img_ch, output_ch=out_ch, base_channels=base).state_dict()
     assert infer_architecture(state) == {"model_type": name, "base_channels": base, "img_ch": img_ch,
-                                         "output_ch": out_ch}
+                                         "output_ch": out_ch, "step_stats": False}
     assert infer_architecture({"fc.weight": torch.zeros(2, 2)}) is None

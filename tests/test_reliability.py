@@ -112,9 +112,9 @@ def test_persistent_nan_loss_stops_with_epoch_and_step(tiny_data, tmp_path, monk
     real_loss = BinaryTask.loss
     calls = {"n": 0}
 
-    def loss_goes_nan_in_epoch_2(task, logits, target, dice):
+    def loss_goes_nan_in_epoch_2(task, logits, target, *options):
         calls["n"] += 1
-        loss = real_loss(task, logits, target, dice)
+        loss = real_loss(task, logits, target, *options)
         return loss * float("nan") if calls["n"] > steps_per_epoch else loss
 
     steps_per_epoch = 14 // 2  # 14 training images of the shared fixture, batch 2
@@ -135,9 +135,9 @@ def test_single_nan_step_does_not_poison_weights(tiny_data, tmp_path, monkeypatc
     real_loss = BinaryTask.loss
     calls = {"n": 0}
 
-    def one_nan(task, logits, target, dice):
+    def one_nan(task, logits, target, *options):
         calls["n"] += 1
-        loss = real_loss(task, logits, target, dice)
+        loss = real_loss(task, logits, target, *options)
         return loss * float("nan") if calls["n"] == 2 else loss
 
     monkeypatch.setattr(BinaryTask, "loss", one_nan)
@@ -438,9 +438,9 @@ def test_nonfinite_steps_are_counted_across_short_epochs(tiny_data, tmp_path, mo
                       output_dir=str(tmp_path / "run"), max_nonfinite_steps=10)  # log_every 10 > 7 steps/epoch
     real_loss, calls = BinaryTask.loss, {"n": 0}
 
-    def nan_after_the_first_epoch(task, logits, target, dice):
+    def nan_after_the_first_epoch(task, logits, target, *options):
         calls["n"] += 1
-        loss = real_loss(task, logits, target, dice)
+        loss = real_loss(task, logits, target, *options)
         return loss * float("nan") if calls["n"] > 7 else loss
 
     monkeypatch.setattr(BinaryTask, "loss", nan_after_the_first_epoch)

@@ -113,6 +113,27 @@ def _cmd_train(args) -> None:
     fit(_train_config(args))  # Ctrl-C / SIGTERM: fit saves last.pt and says so; main() exits with 130
 
 
+def _crossval(p) -> None:
+    """k-fold cross-validation over train+valid, then the folds' ensemble scored on the test split"""
+    p.add_argument("--folds", type=positive_int, default=5, help="folds (default: 5)")
+    p.add_argument("--fold", type=int, default=None, help="train this fold alone (0-based; e.g. one per GPU side "
+                   "by side); a call without it trains the folds left and scores the ensemble")
+    p.add_argument("--single", metavar="RUN", help="a run of 'train' on the same data, shown beside the folds")
+    add_train_flags(p)
+
+
+def _cmd_crossval(args) -> None:
+    from ..engine.crossval import CrossValidation
+
+    folds, only, single = args.folds, args.fold, args.single
+    given = {k: v for k, v in vars(args).items() if k not in ("func", "command", "parser", "folds", "fold", "single",
+                                                              "resume")}
+    given.setdefault("output_dir", "runs/crossval")
+    from ..engine.settings import train_settings
+
+    CrossValidation(train_settings(given), folds).run(only, single)
+
+
 def _overrides(args) -> dict:
     return {"model_type": args.model_type, "t": args.t, "base_channels": args.base_channels}
 
@@ -242,12 +263,14 @@ def _demo(p) -> None:
     p.add_argument("--num_images", type=positive_int, default=160, help="synthetic image/mask pairs")
     p.add_argument("--num_epochs", type=positive_int, default=None, help="default: 20")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hard", action="store_true", help="the harder synthetic set (synth --hard): hair, rulers, dark "
+                   "corners, satellite blobs; postprocessing has something to fix")
 
 
 def _cmd_demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.output, num_images=args.num_images, num_epochs=args.num_epochs, seed=args.seed)
+    run_demo(args.output, num_images=args.num_images, num_epochs=args.num_epochs, seed=args.seed, hard=args.hard)
 
 
 def _serve(p) -> None:
@@ -332,7 +355,8 @@ def _cmd_bench(args) -> None:
 
 # each command: (its flags, what it runs); the flags function's docstring is the command's help
 COMMANDS = {"synth": (_synth, _cmd_synth), "prepare": (_prepare, _cmd_prepare), "train": (_train, _cmd_train),
-            "evaluate": (_evaluate, _cmd_evaluate), "postprocess": (_postprocess, _cmd_postprocess),
+            "crossval": (_crossval, _cmd_crossval), "evaluate": (_evaluate, _cmd_evaluate),
+            "postprocess": (_postprocess, _cmd_postprocess),
             "predict": (_predict, _cmd_predict),
             "export": (_export, _cmd_export), "plot": (_plot, _cmd_plot), "compare": (_compare, _cmd_compare),
             "demo": (_demo, _cmd_demo), "serve": (_serve, _cmd_serve), "bench": (_bench, _cmd_bench)}

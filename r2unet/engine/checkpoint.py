@@ -183,12 +183,29 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict | None:
     model_type = next(name for name, kind in FAMILY.items() if kind == (recurrent, attention))
     head = state["Conv_1x1.weight"]
     return {"model_type": model_type, "base_channels": int(head.shape[1]), "img_ch": int(first.shape[1]),
-            "output_ch": int(head.shape[0])}
+            "output_ch": int(head.shape[0]), "step_stats": any(".step_norms." in k for k in state)}
+
+
+def _with_step_stats(state: dict[str, torch.Tensor], target: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint of shared recurrent statistics (the reference's) for a model with statistics per recurrence
+    step (``--step_stats``): each step starts from the shared ones ("...RCNN.0.step_norms.2.running_mean" from
+    "...RCNN.0.conv.1.running_mean")."""
+    missing = [k for k in target if ".step_norms." in k and k not in state]
+    if not missing:
+        return state
+    state = dict(state)
+    for key in missing:
+        block, rest = key.split(".step_norms.", 1)
+        shared = f"{block}.conv.1.{rest.split('.', 1)[1]}"
+        if shared in state:
+            state[key] = state[shared].clone()
+    return state
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """``load_state_dict(strict=True)`` with a readable report of missing/unexpected keys and shape mismatches."""
     target = unwrap(model).state_dict()
+    state = _with_step_stats(state, target)
     if state and not any(k in target for k in state):
         ours = ", ".join(list_models())
         shown = ", ".join(list(state)[:3])

@@ -46,6 +46,11 @@ class TrainConfig:
     class_colors: str | None = setting(None, "JSON/YAML list of [r, g, b] per class, for label maps stored as RGB "
                                              "colours (palette and grayscale maps hold the class indices)")
     base_channels: int = setting(defaults.BASE_CHANNELS, "width of the first stage (the reference's networks)")
+    step_stats: bool = setting(False, "R2U_Net / R2AttU_Net: BatchNorm statistics of their own for each recurrence "
+                                      "step (the reference shares one set over the t + 1 steps, which averages "
+                                      "different distributions: validation swings and scores lower). Same weights; "
+                                      "its checkpoints hold extra statistics, which r2unet loads (and which a "
+                                      "reference checkpoint gets from its shared ones)")
     preset: str | None = setting(None, "a named set of the settings above and below, which the flags given "
                                        "override: laptop (a small R2U-Net for a CPU) or gpu (the reference's "
                                        "recipe); see the README", choices=tuple(defaults.PRESETS))
@@ -75,8 +80,9 @@ class TrainConfig:
                                   "checkpoints see statistics of the weights they hold; 0: off (the running "
                                   "averages of training, as the reference)")
     ema: float = setting(0.0, "decay of an exponential moving average of the weights (updated every step), which is "
-                              "validated, kept in best.pt and tested instead of the weights; 0: off. Sensible: "
-                              "about 1 - 10 / (steps per epoch)")
+                              "validated, kept in best.pt and tested instead of the weights; 0: off. It averages "
+                              "about the last 1 / (1 - EMA) steps: 0.95 for runs of a few hundred steps, 0.999 for "
+                              "tens of thousands")
     augmentation_prob: float = setting(0.4, "probability of each augmentation", seed=True)
     # data
     data_path: str = setting("./dataset", "prepared dataset: train/ train_GT/ valid/ valid_GT/ test/ test_GT/",

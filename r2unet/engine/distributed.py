@@ -55,6 +55,11 @@ def _in_group() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def in_group() -> bool:
+    """This process has joined a process group (torchrun with more than one process)."""
+    return _in_group()
+
+
 def world_size() -> int:
     """The processes of the group this process joined (1 outside one)."""
     return dist.get_world_size() if _in_group() else 1

@@ -25,7 +25,7 @@ from .config import ConfigError, TrainConfig
 from .inference import Averaged, Segmenter, load_for_inference, read_gt_for
 from .loop import draw_samples, evaluate, predictions_and_truths
 from .metrics import Accumulators, per_image_spread
-from .postprocess import PostprocessedScores, choose
+from .postprocess import MARGIN, SIGN_P, PostprocessedScores, choose
 from .runtime import Precision
 from .task import task_of
 
@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
                           "(a class map is the argmax, with no threshold)")
     precision, channels_last = segmenter.members[0].precision, segmenter.members[0].channels_last
     acc = task.accumulator(threshold if not post.active else 0.5, dev, keep_per_image=True)
-    raw = task.accumulator(cfg.threshold, dev) if post.active else None  # the network's masks, beside
+    raw = task.accumulator(cfg.threshold, dev, keep_per_image=True) if post.active else None  # without, beside
     sweep = [task.accumulator(t, dev) for t in thresholds or ()]
     if sweep and split == "test":
         log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
@@ -101,6 +101,7 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     out["postprocessing"] = post.describe() if post.active else None
     if raw is not None:
         out["without_postprocessing"] = raw.compute("image")
+        out["without_spread"] = per_image_spread(raw.per_image())
     if split_note:
         out["split_changed"] = split_note
     if sweep:
@@ -228,21 +229,28 @@ def choose_postprocessing(run_dir: str | Path, data_path: str | Path | None = No
     if not run.best.is_file():
         raise ConfigError(f"{run_dir}: no run's checkpoints/best.pt there; pass a run folder of 'r2unet train'")
     segmenter = Segmenter(run.dir, device=device, log=log, postprocess="none")
-    cfg, task, member = segmenter.cfg, segmenter.task, segmenter.members[0]
+    cfg, task = segmenter.cfg, segmenter.task
     data_path = Path(data_path or cfg.data_path)
-    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cache_dir or cfg.cache_dir,
-                        targets=task.targets, log=log)
-    if not len(cache):
+    names, predictions, truths = validation_predictions(segmenter, data_path, cache_dir or cfg.cache_dir, log)
+    if not names:
         raise ConfigError(f"{data_path}: its validation split is empty; postprocessing is chosen on validation "
                           "images only (never on the test split)")
+    post = choose(predictions, truths, task, cfg.threshold,
+                  f"the validation split ({len(names)} images at {cfg.image_size} px)")
+    store_postprocessing(run, post)
+    return post, data_path
+
+
+def validation_predictions(segmenter: Segmenter, data_path, cache_dir=None, log=print) -> tuple[list, list, list]:
+    """(names, predictions, ground truths) of the validation split of ``data_path`` by the first model of
+    ``segmenter``, at the network's size (``loop.predictions_and_truths``): what postprocessing is chosen on."""
+    cfg, task, member = segmenter.cfg, segmenter.task, segmenter.members[0]
+    cache = split_cache(data_path, "valid", cfg.image_size, cache_dir=cache_dir, targets=task.targets, log=log)
     loader = make_loader(cache, defaults.BATCH_SIZE, train=False, drop_last=False)
     transform = DeviceTransform(cfg.image_size, member.device, None, img_ch=cfg.img_ch, labels=task.targets.nearest)
     predictions, truths = predictions_and_truths(member.model, loader, transform, member.precision, task,
                                                  member.channels_last)
-    post = choose(predictions, truths, task, cfg.threshold,
-                  f"the validation split ({len(cache)} images at {cfg.image_size} px)")
-    store_postprocessing(run, post)
-    return post, data_path
+    return list(cache.names), predictions, truths
 
 
 def postprocessing_report(post) -> str:
@@ -254,11 +262,11 @@ def postprocessing_report(post) -> str:
         lines.append("  thresholds: " + "  ".join(f"{t} {js:.4f}" for t, js in report["thresholds"].items()))
     for scope, tried in ([("", report["tried"])] if "tried" in report else
                          [(f"{k}: ", v["tried"]) for k, v in report.items() if isinstance(v, dict) and "tried" in v]):
-        best = {}
-        for row in tried:  # the last round each step was tried in
-            best[row["steps"]] = row["JS"]
-        lines.append(f"  {scope}steps tried: " + "; ".join(f"{s} {js:.4f}" for s, js in best.items()))
-    lines.append("  a step is kept only if it raises the validation JS by at least 0.0005; stored in best.pt and "
+        last = {row["steps"]: row for row in tried}  # the last round each step was tried in
+        lines.append(f"  {scope}steps tried (mean JS, images better/worse): " + "; ".join(
+            f"{s} {r['JS']:.4f} +{r['better']}/-{r['worse']}" for s, r in last.items()))
+    lines.append(f"  a step is kept only if it raises the mean validation JS by {MARGIN:g} or more and makes more "
+                 f"images better than worse beyond chance (sign test, p <= {SIGN_P:g}); stored in best.pt and "
                  "postprocessing.json (evaluate, predict, serve and export apply it; --postprocess none does not)")
     return "\n".join(lines)
 

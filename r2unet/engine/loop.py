@@ -38,7 +38,7 @@ def interrupt_behind(exc: BaseException) -> KeyboardInterrupt | None:
 def build_model(cfg: TrainConfig) -> nn.Module:
     """The network the settings describe, with the outputs its task needs (one per class of label maps)."""
     return create_model(cfg.model_type, img_ch=cfg.img_ch, output_ch=task_of(cfg).channels, t=cfg.t,
-                        base_channels=cfg.base_channels)
+                        base_channels=cfg.base_channels, step_stats=cfg.step_stats)
 
 
 def build_training(cfg: TrainConfig, device: torch.device, precision: Precision, lr: float, channels_last: bool,
@@ -347,11 +347,13 @@ def recompute_batchnorm(model: nn.Module, loader, transform, precision: Precisio
     of the batch statistics over ``loader``'s batches (training mode, no gradient), instead of the momentum-0.1
     averages that training leaves, which lag the weights by several steps and, in R2U-Net's recurrent blocks (one
     BatchNorm applied t + 1 times per forward), mix steps of different inputs. Across processes each statistic is
-    averaged over every process's calls. Returns the number of forward passes here."""
+    averaged over every process's calls; a BatchNorm no forward pass calls (the shared one of a network with
+    statistics per recurrence step) keeps what it had. Returns the number of forward passes here."""
     norms = batchnorms(model)
     if not norms:
         return 0
     momenta, was_training = [bn.momentum for bn in norms], model.training
+    before = [(bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone()) for bn in norms]
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None  # a cumulative average over the calls
@@ -379,6 +381,11 @@ def recompute_batchnorm(model: nn.Module, loader, transform, precision: Precisio
             bn.running_mean.copy_(sums[2 * k] / calls[k].clamp_min(1))
             bn.running_var.copy_(sums[2 * k + 1] / calls[k].clamp_min(1))
             bn.num_batches_tracked.fill_(int(calls[k]))
+    for bn, (mean, var, count) in zip(norms, before):
+        if int(bn.num_batches_tracked) == 0:  # not called: its statistics are not these weights' to replace
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(var)
+            bn.num_batches_tracked.copy_(count)
     return passes
 
 

@@ -17,8 +17,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 from scipy import ndimage
+from scipy.stats import binomtest
 
-MARGIN = 5e-4  # a step is kept only if it raises the mean validation JS by at least this much (not by noise)
+MARGIN = 5e-4  # a step is kept only if it raises the mean validation JS by at least this much, and (``_pays``)
+SIGN_P = 0.1  # the images it makes better outnumber those it makes worse beyond chance (one-sided sign test): a
+# gain on one or two images of a small validation split is luck, not a rule for every image
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)  # the decision thresholds tried for binary masks
 MIN_AREAS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)  # region sizes tried, as fractions of the image
 EIGHT = np.ones((3, 3), bool)  # regions are 8-connected
@@ -93,7 +96,7 @@ class Postprocessing:
 
     def describe(self) -> str:
         if not self.active:
-            return "none (no step raised the validation JS)" if self.chosen_on else "none"
+            return "none (no step raised the validation JS on enough images)" if self.chosen_on else "none"
         parts = [f"threshold {self.threshold:g}"] if self.threshold is not None else []
         if set(self.classes) == {1} and len(self.classes) == 1:
             parts += [self.classes[1].describe()] if self.classes[1] else []
@@ -164,14 +167,25 @@ class _Regions:
         return _js(kept, self.truth, self.valid)
 
 
-def _mean(regions: list[_Regions], steps: Steps) -> float:
-    return float(np.mean([r.score(steps) for r in regions])) if regions else 0.0
+def _per_image(regions: list[_Regions], steps: Steps) -> np.ndarray:
+    return np.array([r.score(steps) for r in regions])
+
+
+def _pays(new: np.ndarray, old: np.ndarray) -> bool:
+    """nnU-Net's rule (the mean JS rises, here by ``MARGIN`` at least), and more images gain than lose, beyond
+    chance: a one-sided sign test at ``SIGN_P`` (4 better and none worse pass; 1 better, or 5 better and 2 worse,
+    do not)."""
+    better, worse = int((new > old + 1e-9).sum()), int((new < old - 1e-9).sum())
+    if new.mean() < old.mean() + MARGIN or better <= worse:
+        return False
+    return binomtest(better, better + worse, 0.5, alternative="greater").pvalue <= SIGN_P
 
 
 def _greedy(regions: list[_Regions], tried: list) -> tuple[Steps, float, float]:
-    """nnU-Net's rule, greedily: from no step, add the one step that raises the mean JS most, by at least
-    ``MARGIN``, until none does. Returns (steps, JS without, JS with); ``tried`` gets every candidate's score."""
-    base = current = _mean(regions, Steps())
+    """Greedily: from no step, add the step that raises the mean JS most while it pays (``_pays``), until none
+    does. Returns (steps, JS without, JS with); ``tried`` gets every candidate's mean JS and the images it made
+    better and worse."""
+    current = base = _per_image(regions, Steps())
     steps = Steps()
     while True:
         candidates = []
@@ -181,19 +195,20 @@ def _greedy(regions: list[_Regions], tried: list) -> tuple[Steps, float, float]:
                 candidates += [replace(steps, min_area=a) for a in MIN_AREAS]
         if not steps.fill_holes:
             candidates.append(replace(steps, fill_holes=True))
-        scored = [(_mean(regions, c), c) for c in candidates]
-        tried += [{"steps": c.describe(), "JS": round(js, 5)} for js, c in scored]
-        js, best = max(scored, key=lambda sc: sc[0], default=(current, steps))
-        if js < current + MARGIN:
-            return steps, base, current
-        steps, current = best, js
+        scored = [(_per_image(regions, c), c) for c in candidates]
+        tried += [{"steps": c.describe(), "JS": round(float(js.mean()), 5), "better": int((js > current + 1e-9).sum()),
+                   "worse": int((js < current - 1e-9).sum())} for js, c in scored]
+        paying = [(js, c) for js, c in scored if _pays(js, current)]
+        if not paying:
+            return steps, float(base.mean()), float(current.mean())
+        current, steps = max(paying, key=lambda sc: sc[0].mean())
 
 
 def choose(predictions: list[np.ndarray], truths: list[np.ndarray], task, threshold: float,
            chosen_on: str = "") -> Postprocessing:
     """The postprocessing that raises the mean JS of ``predictions`` against ``truths`` (the validation split;
     never the test split): for binary masks (predictions: probabilities (H, W)) first the threshold, kept at the
-    model's ``threshold`` unless another of ``THRESHOLDS`` raises the JS by ``MARGIN``, then the steps; for label
+    model's ``threshold`` unless another of ``THRESHOLDS`` pays (``_pays``), then the steps; for label
     maps (class maps (H, W)) the steps of each foreground class, on its own JS (pixels of ``task.ignore``, no
     class, left out)."""
     if not predictions:
@@ -201,15 +216,15 @@ def choose(predictions: list[np.ndarray], truths: list[np.ndarray], task, thresh
     report: dict = {}
     if task.thresholded:
         truths_fg = [t > 0 for t in truths]
-        by_threshold = {t: float(np.mean([_js(p > t, g) for p, g in zip(predictions, truths_fg)]))
+        by_threshold = {t: np.array([_js(p > t, g) for p, g in zip(predictions, truths_fg)])
                         for t in sorted({*THRESHOLDS, threshold})}
-        best_t = max(by_threshold, key=lambda t: (by_threshold[t], t == threshold))
-        chosen_t = best_t if by_threshold[best_t] >= by_threshold[threshold] + MARGIN else threshold
-        report["thresholds"] = {f"{t:g}": round(js, 5) for t, js in by_threshold.items()}
+        paying = [t for t in by_threshold if _pays(by_threshold[t], by_threshold[threshold])]
+        chosen_t = max(paying, key=lambda t: by_threshold[t].mean()) if paying else threshold
+        report["thresholds"] = {f"{t:g}": round(float(js.mean()), 5) for t, js in by_threshold.items()}
         tried: list = []
         regions = [_Regions(p > chosen_t, g, None, None) for p, g in zip(predictions, truths_fg)]
         steps, _, after = _greedy(regions, tried)
-        report.update(none=round(by_threshold[threshold], 5), chosen=round(after, 5), tried=tried)
+        report.update(none=round(float(by_threshold[threshold].mean()), 5), chosen=round(after, 5), tried=tried)
         return Postprocessing(chosen_t if chosen_t != threshold else None, {1: steps}, chosen_on, report)
     classes, before, after = {}, [], []
     for k in range(1, task.classes):

@@ -146,6 +146,7 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
     """Train as configured; return the results (also written to ``results.json``), and with ``return_model`` the
     trained model of this process too (the best checkpoint's weights)."""
     cfg.validate()
+    joined = D.in_group()  # a group joined before (crossval's, for all its folds) is left to its owner
     info = D.init_distributed(device_type(cfg.device), timeout_s=cfg.dist_timeout_s)
     try:
         if info.distributed:  # one run: rank 0's settings everywhere (on --resume, those of its last.pt)
@@ -174,7 +175,8 @@ def fit(cfg: TrainConfig, log=print, return_model: bool = False):
             f"see its log; the last checkpoint in {Path(cfg.output_dir) / 'checkpoints'} is kept, continue with "
             "--resume (any number of processes)") from exc
     finally:
-        D.cleanup()
+        if not joined:
+            D.cleanup()
 
 
 def batch_and_lr(cfg: TrainConfig, world: int) -> tuple[int, int, float]:

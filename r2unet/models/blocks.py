@@ -52,29 +52,46 @@ class RecurrentBlock(nn.Module):
 
     so ``f`` is applied ``t + 1`` times with the same weights (and the same BatchNorm, whose running statistics are
     therefore updated ``t + 1`` times per forward pass in training mode, as in the reference).
+
+    ``step_stats``: each of the ``t + 1`` applications normalises with running statistics of its own
+    (``step_norms``, BatchNorms without weights; the shared BatchNorm's scale and shift still apply). In training
+    nothing changes (a batch is normalised by its own statistics); in evaluation each step's inputs are normalised
+    as training saw them, where the shared statistics average ``t + 1`` different distributions. The weights are
+    the reference's; the extra statistics are extra keys (``step_norms.k.running_mean`` ...), which a reference
+    checkpoint gets from its shared ones on loading (``checkpoint.load_weights``).
     """
 
-    def __init__(self, ch_out: int, t: int = DEFAULT_T):
+    def __init__(self, ch_out: int, t: int = DEFAULT_T, step_stats: bool = False):
         super().__init__()
         if t < 1:
             raise ValueError(f"t (recurrence steps) must be >= 1, got {t}")
         self.t = t
         self.conv = nn.Sequential(*_conv_bn_relu(ch_out, ch_out))
+        self.step_norms = nn.ModuleList(nn.BatchNorm2d(ch_out, affine=False) for _ in range(t + 1)) \
+            if step_stats else None
+
+    def _unit(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.step_norms is None:
+            return self.conv(x)
+        conv, bn, relu = self.conv
+        y = self.step_norms[step](conv(x))
+        return relu(torch.addcmul(bn.bias[:, None, None], y, bn.weight[:, None, None]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv(x)
-        for _ in range(self.t):
-            h = self.conv(x + h)
+        h = self._unit(x, 0)
+        for step in range(1, self.t + 1):
+            h = self._unit(x + h, step)
         return h
 
 
 class RRCNNBlock(nn.Module):
     """Recurrent residual block: 1x1 conv to ``ch_out``, two RecurrentBlocks, and a residual connection."""
 
-    def __init__(self, ch_in: int, ch_out: int, t: int = DEFAULT_T):
+    def __init__(self, ch_in: int, ch_out: int, t: int = DEFAULT_T, step_stats: bool = False):
         super().__init__()
         # Registration order (RCNN before Conv_1x1) matches the reference's state_dict order.
-        self.RCNN = nn.Sequential(RecurrentBlock(ch_out, t=t), RecurrentBlock(ch_out, t=t))
+        self.RCNN = nn.Sequential(RecurrentBlock(ch_out, t=t, step_stats=step_stats),
+                                  RecurrentBlock(ch_out, t=t, step_stats=step_stats))
         self.Conv_1x1 = nn.Conv2d(ch_in, ch_out, kernel_size=1, stride=1, padding=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

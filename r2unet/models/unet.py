@@ -27,6 +27,7 @@ class UNetFamily(nn.Module):
         recurrent: use recurrent residual (RRCNN) stages instead of plain double-conv stages (R2U-Net).
         attention: gate each skip connection with an attention gate (Attention U-Net).
         t: recurrence steps of each recurrent block (only with ``recurrent``).
+        step_stats: BatchNorm statistics of their own for each recurrence step (``blocks.RecurrentBlock``).
         base_channels: width of the first stage; stage ``i`` has ``base_channels * 2**i`` channels (64 -> 64..1024).
     """
 
@@ -39,6 +40,7 @@ class UNetFamily(nn.Module):
         attention: bool = False,
         t: int = DEFAULT_T,
         base_channels: int = DEFAULT_BASE_CHANNELS,
+        step_stats: bool = False,
     ):
         super().__init__()
         for name, value in (("img_ch", img_ch), ("output_ch", output_ch), ("base_channels", base_channels)):
@@ -51,7 +53,7 @@ class UNetFamily(nn.Module):
         widths = [base_channels * 2**i for i in range(DEPTH)]  # 64, 128, 256, 512, 1024
 
         def stage(ch_in: int, ch_out: int) -> nn.Module:
-            return RRCNNBlock(ch_in, ch_out, t=t) if recurrent else ConvBlock(ch_in, ch_out)
+            return RRCNNBlock(ch_in, ch_out, t=t, step_stats=step_stats) if recurrent else ConvBlock(ch_in, ch_out)
 
         self._enc_names = [f"{'RRCNN' if recurrent else 'Conv'}{i + 1}" for i in range(DEPTH)]
         self._dec_names = [f"{'Up_RRCNN' if recurrent else 'Up_conv'}{i + 1}" for i in range(1, DEPTH)]
@@ -97,9 +99,9 @@ def U_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = DEFAULT_BASE
 
 
 def R2U_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T,
-            base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
+            base_channels: int = DEFAULT_BASE_CHANNELS, step_stats: bool = False) -> UNetFamily:
     """Recurrent residual U-Net (https://arxiv.org/abs/1802.06955)."""
-    return UNetFamily(img_ch, output_ch, recurrent=True, t=t, base_channels=base_channels)
+    return UNetFamily(img_ch, output_ch, recurrent=True, t=t, base_channels=base_channels, step_stats=step_stats)
 
 
 def AttU_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
@@ -108,6 +110,7 @@ def AttU_Net(img_ch: int = 3, output_ch: int = 1, base_channels: int = DEFAULT_B
 
 
 def R2AttU_Net(img_ch: int = 3, output_ch: int = 1, t: int = DEFAULT_T,
-               base_channels: int = DEFAULT_BASE_CHANNELS) -> UNetFamily:
+               base_channels: int = DEFAULT_BASE_CHANNELS, step_stats: bool = False) -> UNetFamily:
     """Recurrent residual U-Net with attention gates."""
-    return UNetFamily(img_ch, output_ch, recurrent=True, attention=True, t=t, base_channels=base_channels)
+    return UNetFamily(img_ch, output_ch, recurrent=True, attention=True, t=t, base_channels=base_channels,
+                      step_stats=step_stats)
