@@ -278,3 +278,18 @@ def test_precise_bn_across_processes_equals_one_process(odd_data, tmp_path):
         assert torch.allclose(r0[k], one[k], rtol=1e-5, atol=1e-6), k
         assert int(r0[k.rsplit(".", 1)[0] + ".num_batches_tracked"]) == \
             int(one[k.rsplit(".", 1)[0] + ".num_batches_tracked"])
+
+
+def test_crossval_under_two_processes_trains_each_fold_on_both(odd_data, tmp_path):
+    """'torchrun ... r2unet crossval': every fold trains on all the processes (one process group for all folds),
+    then rank 0 alone predicts the held-out folds and scores the ensemble."""
+    out = tmp_path / "cv"
+    argv = ["crossval", "--folds", "2", "--data_path", str(odd_data), "--output_dir", str(out), "--model_type",
+            "U_Net", "--base_channels", "4", "--image_size", "32", "--batch_size", "2", "--num_epochs", "1",
+            "--num_epochs_decay", "0", "--num_workers", "0", "--device", "cpu", "--amp", "off", "--seed", "3"]
+    mp.spawn(_cli_worker, args=(2, _free_port(), [argv, argv]), nprocs=2, join=True)
+    for k in range(2):
+        results = json.loads((out / f"fold_{k}" / "results.json").read_text())
+        assert results["world_size"] == 2 and (out / f"fold_{k}" / "oof.npz").is_file()
+    report = json.loads((out / "crossval.json").read_text())
+    assert [r["name"] for r in report["rows"]] == ["fold 1", "fold 2", "ensemble of 2"]

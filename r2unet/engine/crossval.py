@@ -121,37 +121,40 @@ class CrossValidation:
         ``crossval.json``)."""
         if only is not None and not 0 <= only < self.folds:
             raise ConfigError(f"--fold: 0 to {self.folds - 1}, got {only}")
-        joined = D.in_group()
+        if D.in_group():  # its folds' training joins and leaves the process group; it must be crossval's own
+            raise ConfigError("crossval: start it as a command (under torchrun or not), not inside a process group")
         self.info = D.init_distributed(device_type(self.cfg.device), timeout_s=self.cfg.dist_timeout_s)
         try:
             plan = D.broadcast_object(self.plan())
             for k in ([only] if only is not None else range(self.folds)):
                 self.run_fold(plan, k)
-            left = [k for k in range(self.folds) if not RunFiles(fold_dir(self.root, k)).results.is_file()]
-            if left:
-                self.log(f"folds {', '.join(map(str, left))} still to train: run the same command without --fold "
-                         "(or with each) to finish")
-                return None
-            report = self.finish(single) if self.info.is_main else None
-            D.barrier()
-            return report
         finally:
-            if not joined:
-                D.cleanup()
+            D.cleanup()
+        if not self.info.is_main:  # what is left is one process's work, with no collectives: rank 0's
+            return None
+        done = [k for k in range(self.folds) if RunFiles(fold_dir(self.root, k)).results.is_file()]
+        for k in done:
+            if not (fold_dir(self.root, k) / OOF_FILE).is_file():
+                self.out_of_fold(k)
+        left = sorted(set(range(self.folds)) - set(done))
+        if left:
+            self.log(f"folds {', '.join(map(str, left))} still to train: run the same command without --fold "
+                     "(or with each) to finish")
+            return None
+        return self.finish(single)
 
     def run_fold(self, plan: dict, k: int) -> None:
-        """Fold k trained (or continued from its last.pt), then its out-of-fold predictions saved."""
+        """Fold k trained (or continued from its last.pt) on every process, unless it is done."""
         run = RunFiles(fold_dir(self.root, k))
-        if not run.results.is_file():
-            data = self.fold_data(plan, k) if self.info.is_main else fold_dir(self.root, k) / "data"
-            D.barrier()
-            resume = run.last.is_file()
-            self.log(f"fold {k + 1}/{self.folds}: " + ("continuing from " + str(run.last) if resume else
-                                                        f"training in {run.dir}"))
-            fit(self.cfg.updated(data_path=str(data), output_dir=str(run.dir), resume=resume), log=self.log)
-        if self.info.is_main and not (run.dir / OOF_FILE).is_file():
-            self.out_of_fold(k)
+        if D.broadcast_object(run.results.is_file()):
+            return
+        data = self.fold_data(plan, k) if self.info.is_main else fold_dir(self.root, k) / "data"
         D.barrier()
+        resume = D.broadcast_object(run.last.is_file())
+        self.log(f"fold {k + 1}/{self.folds}: " + ("continuing from " + str(run.last) if resume else
+                                                    f"training in {run.dir}"))
+        fit(self.cfg.updated(data_path=str(data), output_dir=str(run.dir), resume=resume),
+            log=self.log if self.info.is_main else (lambda *a, **k: None))
 
     def out_of_fold(self, k: int) -> None:
         """Fold k's best model's predictions of its own held-out images (at the network's size), kept in
