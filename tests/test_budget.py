@@ -92,7 +92,7 @@ def test_the_estimate_covers_what_a_real_step_takes():
     """The peak resident memory of two real training steps grows by no more than the estimate (and not by far
     less: an estimate ten times too high would stop runs that fit)."""
     script = textwrap.dedent("""
-        import json, resource, torch
+        import json, torch
         from r2unet.engine.budget import estimate_memory
         from r2unet.engine.config import TrainConfig
         from r2unet.engine.loop import build_model
@@ -105,7 +105,9 @@ def test_the_estimate_covers_what_a_real_step_takes():
         for _ in range(2):
             loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step()
-        grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+        # VmHWM: this process's own peak (ru_maxrss starts at the parent's size: Linux keeps it across fork + exec,
+        # so a test suite grown large would be counted)
+        grew = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024 - before
         print(json.dumps([grew, estimate_memory(cfg, placement(cfg, torch.device("cpu")), 4).need]))
     """)
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
