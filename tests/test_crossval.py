@@ -82,6 +82,13 @@ def test_crossval_killed_mid_fold_finishes_on_rerun_as_if_never_killed(cv_data, 
     assert main(_argv(cv_data, whole)) == 0
     assert "training in" not in capsys.readouterr().out
 
+    # the ensemble scored on the images its folds trained on is said to be optimistic
+    said = []
+    from r2unet.engine.evaluation import evaluate_checkpoint
+
+    evaluate_checkpoint(whole, cv_data, split="valid", device="cpu", log=said.append)
+    assert any("optimistic" in line for line in said)
+
     # the folder is a model: the ensemble of the folds, with its postprocessing
     out = tmp_path / "masks"
     assert main(["predict", "--checkpoint", str(whole), "--input", str(cv_data / "test"), "--output", str(out),

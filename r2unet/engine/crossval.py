@@ -163,7 +163,7 @@ class CrossValidation:
         segmenter = Segmenter(run.dir, device=self.cfg.device, postprocess="none", log=lambda *a: None)
         names, predictions, truths = validation_predictions(segmenter, segmenter.cfg.data_path,
                                                             segmenter.cfg.cache_dir, log=lambda *a: None)
-        tmp = run.dir / "oof.partial.npz"
+        tmp = run.dir / f"oof.{os.getpid()}.partial.npz"  # folds finishing side by side may both get here
         np.savez_compressed(tmp, names=np.array(names), predictions=np.stack(predictions), truths=np.stack(truths))
         tmp.replace(run.dir / OOF_FILE)
 

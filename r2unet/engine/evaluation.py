@@ -67,6 +67,7 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     cfg, task, dev, threshold = segmenter.cfg, segmenter.task, segmenter.device, segmenter.threshold
     post = segmenter.post
     split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
+    _folds_trained_on(checkpoints, split, log)
     if thresholds and not task.thresholded:
         raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {task.classes} classes "
                           "(a class map is the argmax, with no threshold)")
@@ -137,6 +138,15 @@ def _split_since_training(recorded: dict | None, cfg: TrainConfig, data_path, sp
         + f"{len(added)} added and {len(removed)} removed since; these scores are not the run's test scores"
         + (", and are optimistic (the model has seen those images)" if seen else ""))
     return {"trained_on": seen, "added": len(added), "removed": len(removed)}
+
+
+def _folds_trained_on(checkpoints, split: str, log) -> None:
+    """The ensemble of a cross-validation scored on its own training or validation split: every image there trained
+    all folds but one, so the scores are optimistic; said."""
+    given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if split != "test" and any((Path(c) / "folds.json").is_file() for c in given):
+        log(f"warning: the {split} split's images trained all but one of this cross-validation's folds: these "
+            "scores are optimistic; score the ensemble on the test split (or each fold on its own held-out fold)")
 
 
 @contextmanager
