@@ -34,6 +34,7 @@ from .evaluation import evaluate_checkpoint, validation_predictions
 from .inference import Segmenter
 from .postprocess import choose
 from .runtime import device_type
+from .task import task_of
 from .trainer import fit
 
 FOLDS_FILE, OOF_FILE, REPORT_FILE = "folds.json", "oof.npz", "crossval.json"
@@ -175,10 +176,10 @@ class CrossValidation:
         parts = [np.load(fold_dir(self.root, k) / OOF_FILE) for k in range(self.folds)]
         predictions = [p for part in parts for p in part["predictions"]]
         truths = [t for part in parts for t in part["truths"]]
-        segmenter = Segmenter(self.root, device=self.cfg.device, postprocess="none", log=lambda *a: None)
-        post = choose(predictions, truths, segmenter.task, segmenter.cfg.threshold,
+        trained = TrainConfig.from_dict(json.loads((fold_dir(self.root, 0) / "config.json").read_text()))
+        post = choose(predictions, truths, task_of(trained), trained.threshold,
                       f"the out-of-fold predictions of {self.folds} folds ({len(predictions)} images at "
-                      f"{segmenter.cfg.image_size} px)")
+                      f"{trained.image_size} px)")
         atomic_write_text(self.root / "postprocessing.json", json.dumps(post.to_dict(), indent=2) + "\n")
         ensemble = evaluate_checkpoint(self.root, self.data, split="test", device=self.cfg.device,
                                        log=lambda *a: None)

@@ -50,46 +50,41 @@ def init_distributed(device_type: str, timeout_s: float = 600.0) -> DistInfo:
     return DistInfo(rank, world, local_rank)
 
 
-def _in_group() -> bool:
+def in_group() -> bool:
     """This process has joined a process group (torchrun with more than one process)."""
     return dist.is_available() and dist.is_initialized()
 
 
-def in_group() -> bool:
-    """This process has joined a process group (torchrun with more than one process)."""
-    return _in_group()
-
-
 def world_size() -> int:
     """The processes of the group this process joined (1 outside one)."""
-    return dist.get_world_size() if _in_group() else 1
+    return dist.get_world_size() if in_group() else 1
 
 
 def cleanup() -> None:
-    if _in_group():
+    if in_group():
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if _in_group():
+    if in_group():
         dist.barrier()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _in_group():
+    if in_group():
         dist.all_reduce(t)
     return t
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if _in_group():
+    if in_group():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
 
 def broadcast_object(obj, src: int = 0):
     """Process ``src``'s ``obj`` (picklable) on every process; ``obj`` itself when alone."""
-    if _in_group() and dist.get_world_size() > 1:
+    if in_group() and dist.get_world_size() > 1:
         box = [obj]
         dist.broadcast_object_list(box, src)
         return box[0]
@@ -98,7 +93,7 @@ def broadcast_object(obj, src: int = 0):
 
 def gather_lists(items: list) -> list:
     """The concatenation of every process's ``items`` (small, picklable), in rank order; ``items`` when alone."""
-    if _in_group() and dist.get_world_size() > 1:
+    if in_group() and dist.get_world_size() > 1:
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, items)
         return [x for part in parts for x in part]
@@ -110,7 +105,7 @@ def broadcast_module(module: torch.nn.Module, src: int = 0, buffers_only: bool =
     able to read when the nodes do not share a file system. ``buffers_only``: the batch-norm running statistics
     alone, which without SyncBatchNorm drift apart within an epoch (DDP keeps the weights equal); scoring a sharded
     split with rank 0's everywhere makes the score that of the checkpoint rank 0 saves."""
-    if _in_group():
+    if in_group():
         for tensor in module.buffers() if buffers_only else module.state_dict().values():
             dist.broadcast(tensor, src)
 
@@ -184,7 +179,7 @@ class GlooSyncBatchNorm(torch.nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _in_group() and dist.get_world_size() > 1):
+        if not (self.training and in_group() and dist.get_world_size() > 1):
             return super().forward(x)
         c = x.shape[1]
         count = torch.full((1,), x.numel() // c, dtype=x.dtype, device=x.device)

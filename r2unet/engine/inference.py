@@ -340,11 +340,6 @@ class Segmenter:
                 "alone); a cross-validation folder (r2unet crossval) chooses one for its ensemble")
         return NONE
 
-    def shown(self, prediction: np.ndarray) -> np.ndarray:
-        """The prediction the mask file shows (postprocessed, as a prediction ``task.mask`` cuts at 0.5 when
-        postprocessing applies; else the network's)."""
-        return shown(self.task, prediction, self.threshold, self.post)[0]
-
     @classmethod
     def of(cls, model: nn.Module, cfg: TrainConfig | None = None, device: torch.device | str = "cpu",
            **settings) -> Segmenter:

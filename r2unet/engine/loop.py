@@ -413,24 +413,28 @@ def evaluate(model, loader, transform, precision: Precision, task, threshold: fl
     return acc
 
 
-@torch.no_grad()
+class _Kept:
+    """An accumulator's stand-in for ``evaluate``'s loop that keeps every image's prediction and ground truth."""
+
+    def __init__(self, task):
+        self.task, self.predictions, self.truths = task, [], []
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        for p, t in zip(probs, target):
+            self.predictions.append(self.task.from_probabilities(p[None]).cpu().numpy())
+            self.truths.append(self.task.truth(t))
+
+    def all_reduce(self) -> None:  # each process keeps its own images
+        pass
+
+
 def predictions_and_truths(model, loader, transform, precision: Precision, task,
                            channels_last: bool = False) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Every image's prediction at the network's size (``task.from_probabilities``: probabilities (H, W) float32 of
     a binary mask, the class map of label maps) and its ground truth (H, W), on the host, in ``loader``'s order: what
-    the postprocessing is chosen on (``postprocess.choose``)."""
-    model.eval()
-    predictions, truths = [], []
-    for batch in loader:
-        x, y = transform(batch)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with precision.autocast():
-            probs = task.probabilities(model(x))
-        for p, t in zip(probs, y):
-            predictions.append(task.from_probabilities(p[None]).cpu().numpy())
-            truths.append(task.truth(t))
-    return predictions, truths
+    the postprocessing is chosen on (``postprocess.choose``). ``evaluate``'s loop, keeping instead of scoring."""
+    kept = evaluate(model, loader, transform, precision, task, channels_last=channels_last, accumulator=_Kept(task))
+    return kept.predictions, kept.truths
 
 
 @torch.no_grad()

@@ -44,23 +44,32 @@ class Steps:
             + (["keep the largest region"] if self.largest else []) + (["fill holes"] if self.fill_holes else [])
         return ", ".join(parts) or "nothing"
 
-    def apply(self, fg: np.ndarray) -> np.ndarray:
-        """The mask (H, W) bool after these steps."""
-        if not (self.min_area or self.largest):
-            kept = fg
-        else:
-            labels, n = ndimage.label(fg, EIGHT)
-            kept = fg
-            if n:
-                sizes = np.bincount(labels.ravel(), minlength=n + 1)
-                sizes[0] = 0
-                keep = sizes >= self.min_area * fg.size
-                keep[0] = False
-                if self.largest and keep.any():
-                    keep[:] = False
-                    keep[int(np.argmax(sizes))] = True
-                kept = keep[labels]
-        return ndimage.binary_fill_holes(kept) if self.fill_holes else kept
+    def apply(self, fg: np.ndarray, regions: tuple[np.ndarray, np.ndarray] | None = None,
+              others: np.ndarray | None = None) -> np.ndarray:
+        """The mask (H, W) bool after these steps. ``regions``: ``fg``'s labelled regions and their sizes
+        (``regions_of``) when already known; ``others``: pixels of other classes, which filling holes leaves as
+        they are."""
+        kept = fg
+        if self.min_area or self.largest:
+            labels, sizes = regions if regions is not None else regions_of(fg)
+            keep = sizes >= self.min_area * fg.size
+            keep[0] = False
+            if self.largest and keep.any():
+                keep[:] = False
+                keep[int(np.argmax(sizes))] = True
+            kept = keep[labels]
+        if self.fill_holes:
+            filled = ndimage.binary_fill_holes(kept)
+            kept = filled if others is None else kept | (filled & ~others)
+        return kept
+
+
+def regions_of(fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(8-connected region labels of ``fg``, each label's size in pixels, 0 for the background's)."""
+    labels, n = ndimage.label(fg, EIGHT)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    return labels, sizes
 
 
 @dataclass(frozen=True)
@@ -89,16 +98,21 @@ class Postprocessing:
             if not steps:
                 continue
             fg = mask == k
-            new = steps.apply(fg)
+            new = steps.apply(fg, others=(mask != 0) & ~fg)
             out[fg & ~new] = 0
-            out[new & ~fg & (mask == 0)] = k
+            out[new & ~fg] = k
         return out
+
+    def mask_prediction(self, task, prediction: np.ndarray, threshold: float) -> np.ndarray:
+        """The mask these steps make of a prediction, as a prediction again (``task.as_prediction``: 0/1
+        probabilities of a binary mask, cut at 0.5; a class map as it is)."""
+        return task.as_prediction(self.apply(task.mask(prediction, threshold)))
 
     def describe(self) -> str:
         if not self.active:
             return "none (no step raised the validation JS on enough images)" if self.chosen_on else "none"
         parts = [f"threshold {self.threshold:g}"] if self.threshold is not None else []
-        if set(self.classes) == {1} and len(self.classes) == 1:
+        if set(self.classes) == {1}:
             parts += [self.classes[1].describe()] if self.classes[1] else []
         else:
             parts += [f"class {k}: {s.describe()}" for k, s in sorted(self.classes.items()) if s]
@@ -148,23 +162,10 @@ class _Regions:
 
     def __init__(self, fg: np.ndarray, truth: np.ndarray, valid: np.ndarray | None, others: np.ndarray | None):
         self.fg, self.truth, self.valid, self.others = fg, truth, valid, others
-        self.labels, n = ndimage.label(fg, EIGHT)
-        self.sizes = np.bincount(self.labels.ravel(), minlength=n + 1)
-        self.sizes[0] = 0
+        self.regions = regions_of(fg)
 
     def score(self, steps: Steps) -> float:
-        kept = self.fg
-        if steps.min_area or steps.largest:
-            keep = self.sizes >= steps.min_area * self.fg.size
-            keep[0] = False
-            if steps.largest and keep.any():
-                keep[:] = False
-                keep[int(np.argmax(self.sizes))] = True
-            kept = keep[self.labels]
-        if steps.fill_holes:
-            filled = ndimage.binary_fill_holes(kept)
-            kept = filled if self.others is None else kept | (filled & ~self.others)
-        return _js(kept, self.truth, self.valid)
+        return _js(steps.apply(self.fg, self.regions, self.others), self.truth, self.valid)
 
 
 def _per_image(regions: list[_Regions], steps: Steps) -> np.ndarray:
@@ -244,7 +245,7 @@ def shown(task, prediction: np.ndarray, threshold: float, post: Postprocessing) 
     overlay and the scores are made of (the probability map stays the network's)."""
     if not any(post.classes.values()):
         return prediction, threshold
-    return task.as_prediction(post.apply(task.mask(prediction, threshold))), 0.5
+    return post.mask_prediction(task, prediction, threshold), 0.5
 
 
 class PostprocessedScores:
@@ -257,9 +258,9 @@ class PostprocessedScores:
 
     def update(self, probs, target) -> None:
         for p, t in zip(probs, target):
-            mask = self.post.apply(self.task.mask(self.task.from_probabilities(p[None]).cpu().numpy(),
-                                                  self.threshold))
-            self.task.score(self.accumulator, self.task.as_prediction(mask), t[0].cpu().numpy())
+            prediction = self.task.from_probabilities(p[None]).cpu().numpy()
+            self.task.score(self.accumulator, self.post.mask_prediction(self.task, prediction, self.threshold),
+                            t[0].cpu().numpy())
 
     def all_reduce(self) -> None:
         self.accumulator.all_reduce()

@@ -552,9 +552,11 @@ class TrainingRun(TrainingSetup):
 
     def validate(self, epoch: int) -> dict:
         """Score the validation split; keep ``best.pt`` on JS + DC (with no validation split: the latest epoch).
-        Eager, not compiled: the compiled graph is for training mode at the training batch size. Every process
-        first takes rank 0's BatchNorm statistics, so every shard is scored with the model best.pt keeps. Its part
-        of the metrics.jsonl row: the scores, and whether they are the best so far."""
+        Eager, not compiled: the compiled graph is for training mode at the training batch size. The model scored
+        is ``scored_model`` (the weights' moving average with --ema); first its BatchNorm statistics are recomputed
+        for its weights (--precise_bn, the same on every process) or, without that, taken from rank 0, so every
+        shard is scored with the model best.pt keeps. Its part of the metrics.jsonl row: the scores, and whether
+        they are the best so far."""
         model = self.scored_model
         if "precise_bn" in self.loaders:  # the statistics of these weights, the same on every process
             recompute_batchnorm(model, self.loaders["precise_bn"], self.plain, self.precision, self.channels_last)
