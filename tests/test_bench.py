@@ -64,11 +64,15 @@ def test_a_failing_compiler_is_reported_in_its_row_not_a_crash(monkeypatch, caps
 def test_bench_predict_compares_every_path_with_the_naive_loop_and_the_float32_masks(tmp_path, capsys):
     """A tiny network on three synthetic photos: every row timed, its ratio to the naive loop, its FLOP-bound
     fraction, and its masks against the float32 masks (the float32 row itself agrees with them exactly)."""
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
     assert main(["bench", "predict", "--device", "cpu", "--base_channels", "4", "--image_size", "32",
-                 "--num_images", "3", "--configs", "batch,channels_last,default", "--json"]) == 0
+                 "--num_images", "3", "--configs", "batch,channels_last,onnxruntime,onnxruntime_int8,default",
+                 "--json"]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     rows = {r["config"]: r for r in out["rows"]}
-    assert list(rows) == ["naive", "fp32", "batch", "channels_last", "default"]
+    assert list(rows) == ["naive", "fp32", "batch", "channels_last", "onnxruntime", "onnxruntime_int8", "default"]
+    assert rows["onnxruntime"]["pixels_equal"] > 0.999 and rows["onnxruntime_int8"]["precision"] == "int8"
+    assert rows["default"]["runs"]  # what predict ran: the checkpoint, or an export made from it
     assert rows["naive"]["x_naive"] == 1.0 and rows["fp32"]["pixels_equal"] == 1.0
     for row in rows.values():
         assert row["img_per_s"] > 0 and 0 < row["frac_flop_bound"] < 1 and 0 <= row["mask_js"] <= 1

@@ -144,6 +144,10 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
                    help="auto: apply the postprocessing chosen on the validation split that the run (or the "
                         "cross-validation folder, or the ONNX file) stores; none: the network's masks as they are")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", choices=["auto", "torch"], default="auto",
+                   help="auto: where the checkpoint would run in float32 on a CPU, run the model 'r2unet export "
+                        "--int8' (or a plain ONNX export) made from it, if the run folder holds one; torch: the "
+                        "checkpoint itself")
     p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
                    help="precision of the forward pass; default: the checkpoint's training setting (auto for a "
                         "reference checkpoint), so scores match the run's; auto: bf16 on GPUs and on CPUs with "

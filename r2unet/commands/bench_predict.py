@@ -4,8 +4,9 @@ reference-style loop, measured in one run.
 Rows: ``naive`` (the loop a research repository writes: PIL decode, resize to the network size, one float32 forward
 per image, the mask resized back with PIL and saved), ``fp32`` (``predict``'s path in float32, NCHW: JPEG draft
 decoding, the device's batch (1 on a CPU, 8 on a GPU), decoding and writing on threads), each option on its own on
-top of it (``batch``: the other batch size, channels_last, bf16, torch.compile, onnxruntime, onnxruntime int8), and
-``default`` (what ``predict`` runs here). Each row's img/s, its
+top of it (``batch``: the other batch size, channels_last, bf16, torch.compile, onnxruntime: ``r2unet export``'s
+file, onnxruntime int8: ``export --int8``'s), and ``default`` (what ``predict`` runs here: for the bench's own
+network, after those exports, which it may run in the checkpoint's place). Each row's img/s, its
 ratio to the naive loop, its fraction of this device's FLOP bound, and how its masks agree with the float32 ones
 (equal pixels, and the JS between the masks).
 """
@@ -22,16 +23,15 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from .. import defaults
-from ..data.augment import eval_images
-from ..data.imageio import read_image
-from ..engine import runtime
+from ..engine import int8, runtime
 from ..engine.checkpoint import save_checkpoint
 from ..engine.config import TrainConfig
 from ..engine.inference import Segmenter
-from ..engine.onnx import OnnxModel, export_onnx
+from ..engine.onnx import OnnxModel
 from ..engine.runtime import describe_device, resolve_device, synchronize
 from ..errors import first_line
 from ..models import create_model
+from .export import export_checkpoint
 from .predict import run_predict
 
 ROWS = ("naive", "fp32", "batch", "channels_last", "bf16", "compile", "onnxruntime", "onnxruntime_int8", "default")
@@ -90,30 +90,6 @@ def _agreement(masks: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -
     return (equal / total if total else float("nan")), (float(np.mean(js)) if js else float("nan"))
 
 
-def _quantized(onnx_path: Path, paths: list[Path], image_size: int) -> Path:
-    """The ONNX model with int8 weights and activations, calibrated on ``paths`` (onnxruntime's static
-    quantisation), with the float model's metadata."""
-    import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-
-    class Photos(CalibrationDataReader):
-        def __init__(self):
-            self.items = iter([{"image": eval_images(torch.from_numpy(read_image(p, min_size=(image_size,) * 2))
-                                                     .unsqueeze(0), image_size).numpy()} for p in paths[:4]])
-
-        def get_next(self):
-            return next(self.items, None)
-
-    out = onnx_path.with_name(onnx_path.stem + "_int8.onnx")
-    quantize_static(str(onnx_path), str(out), Photos(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    quantized, original = onnx.load(str(out)), onnx.load(str(onnx_path))
-    del quantized.metadata_props[:]
-    quantized.metadata_props.extend(original.metadata_props)
-    onnx.save(quantized, str(out))
-    return out
-
-
 def bench_predict(checkpoint: str | Path | None = None, input_path: str | Path | None = None, device: str = "auto",
                   num_images: int = 12, model_type: str = defaults.MODEL_TYPE, t: int = 2,
                   base_channels: int = defaults.BASE_CHANNELS, image_size: int = defaults.IMAGE_SIZE,
@@ -140,7 +116,7 @@ def bench_predict(checkpoint: str | Path | None = None, input_path: str | Path |
             save_checkpoint(checkpoint, model=model, config=TrainConfig(
                 model_type=model_type, t=t, base_channels=base_channels, image_size=image_size).to_dict(), epoch=0)
         paths = sorted(Path(input_path).iterdir()) if input_path else synthetic_photos(tmp / "photos", num_images)
-        fp32 = Segmenter(checkpoint, device=str(dev), amp="off", log=lambda *_: None)
+        fp32 = Segmenter(checkpoint, device=str(dev), amp="off", runtime="torch", log=lambda *_: None)
         _memory_format(fp32, False)
         size = fp32.image_size
         megapixels = sum(Image.open(p).size[0] * Image.open(p).size[1] for p in paths) / len(paths) / 1e6
@@ -165,12 +141,13 @@ def bench_predict(checkpoint: str | Path | None = None, input_path: str | Path |
         peaks = {"fp32": runtime.peak_tflops(dev, dtype=torch.float32)[0]}
         if dev.type == "cuda" or runtime.cpu_info().native_bf16:
             peaks["bf16"] = runtime.peak_tflops(dev, dtype=torch.bfloat16)[0]
-        default_dtype = Segmenter(checkpoint, device=str(dev), log=lambda *_: None).members[0].precision.dtype
+        default = _runs(Segmenter(checkpoint, device=str(dev), log=lambda *_: None).members[0])
         naive = rows[0]["img_per_s"]
         for row in rows:
             ok = row["img_per_s"] is not None
-            row["precision"] = "bf16" if row["config"] == "bf16" or (
-                row["config"] == "default" and default_dtype == torch.bfloat16) else "fp32"
+            row["precision"] = {"bf16": "bf16", "onnxruntime_int8": "int8"}.get(row["config"], "fp32")
+            if row["config"] == "default":
+                row["precision"], row["runs"] = default
             row["x_naive"] = row["img_per_s"] / naive if ok else None
             peak = peaks.get(row["precision"], peaks["fp32"])
             row["frac_flop_bound"] = row["img_per_s"] * flops / (peak * 1e12) if ok else None
@@ -217,25 +194,38 @@ def _folder(paths: list[Path], folder: Path) -> Path:
 
 
 def _segmenter_for(key: str, checkpoint, fp32: Segmenter, dev, tmp: Path, paths: list[Path], size: int):
-    """The Segmenter and batch size of one row."""
+    """The Segmenter and batch size of one row. The ONNX rows are made by ``r2unet export`` (``--int8``: calibrated
+    on every other photo, its masks checked on the others); for the bench's own network they are written beside
+    its checkpoint, as into a run folder, so that the ``default`` row runs what ``predict`` would run after them."""
+    quiet = lambda *_: None  # noqa: E731
     if key == "default":
-        return Segmenter(checkpoint, device=str(dev), log=lambda *_: None), None
+        return Segmenter(checkpoint, device=str(dev), log=quiet), None
     if key in ("fp32", "batch"):
         other = defaults.PREDICT_BATCH_CPU if fp32.batch_size == defaults.PREDICT_BATCH else defaults.PREDICT_BATCH
         return fp32, other if key == "batch" else fp32.batch_size
     if key in ("onnxruntime", "onnxruntime_int8"):
-        onnx_path = tmp / "model.onnx"
-        if not onnx_path.exists():
-            export_onnx(fp32.members[0].model.float().cpu(), onnx_path, image_size=size, img_ch=fp32.cfg.img_ch,
-                        metadata={"model_type": fp32.cfg.model_type, "t": fp32.cfg.t,
-                                  "base_channels": fp32.cfg.base_channels})
-        path = _quantized(onnx_path, paths, size) if key == "onnxruntime_int8" else onnx_path
-        return Segmenter(path, log=lambda *_: None), fp32.batch_size
-    segmenter = Segmenter(checkpoint, device=str(dev), amp="bf16" if key == "bf16" else "off", log=lambda *_: None)
+        folder = tmp if Path(checkpoint).parent == tmp else tmp / "exports"  # never into a user's run
+        if key == "onnxruntime":
+            path = folder / "model.onnx"
+            export_checkpoint(checkpoint, path, check=False, log=quiet)
+        else:
+            path = folder / "model.int8.onnx"
+            export_checkpoint(checkpoint, path, quantize=True, calibration=_folder(paths, tmp / "calibration"),
+                              log=quiet)
+        return Segmenter(path, log=quiet), fp32.batch_size
+    segmenter = Segmenter(checkpoint, device=str(dev), amp="bf16" if key == "bf16" else "off", runtime="torch",
+                          log=quiet)
     _memory_format(segmenter, key == "channels_last")
     if key == "compile":
         segmenter.members[0].model = torch.compile(segmenter.members[0].model, dynamic=False)
     return segmenter, fp32.batch_size
+
+
+def _runs(member) -> tuple[str, str]:
+    """(precision, what computes it) of the default row's model."""
+    if isinstance(member.model, OnnxModel):
+        return member.model.metadata.get(int8.PRECISION, "fp32"), member.runs
+    return ("bf16" if member.precision.dtype == torch.bfloat16 else "fp32"), member.runs
 
 
 def _memory_format(segmenter: Segmenter, channels_last: bool) -> None:
@@ -271,4 +261,5 @@ def predict_report(result: dict) -> str:
             continue
         lines.append(f"  {row['config']:<18}{row['img_per_s']:8.2f}  {row['x_naive']:7.2f}  "
                      f"{row['frac_flop_bound']:10.1%}  {row['pixels_equal']:13.4%}  {row['mask_js']:10.4f}")
+    lines += [f"  default runs {row['runs']}" for row in r["rows"] if row.get("runs")]
     return "\n".join(lines)

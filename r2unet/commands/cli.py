@@ -164,7 +164,8 @@ def _cmd_evaluate(args) -> None:
                                   amp=args.amp, **_overrides(args), per_image_csv=args.per_image,
                                   resolution=args.resolution, tta=args.tta, cache_dir=args.cache_dir,
                                   thresholds=parse_thresholds(args.thresholds) if args.thresholds else None,
-                                  postprocess=args.postprocess, log=(lambda *_: None) if args.json else print)
+                                  postprocess=args.postprocess, runtime=args.runtime,
+                                  log=(lambda *_: None) if args.json else print)
     print(json.dumps(metrics) if args.json else evaluation_report(metrics, args.split, args.resolution, args.tta))
 
 
@@ -208,7 +209,8 @@ def _cmd_predict(args) -> None:
                                      device=args.device, amp=args.amp, image_size=args.image_size,
                                      threshold=args.threshold, batch_size=args.batch_size, tta=args.tta,
                                      save_probs=args.save_probs, save_overlay=args.overlay, gt_dir=args.gt_dir,
-                                     skip_existing=args.skip_existing, postprocess=args.postprocess)
+                                     skip_existing=args.skip_existing, postprocess=args.postprocess,
+                                     runtime=args.runtime)
     except PartialPrediction as exc:  # the readable images were written: say where, then name the others
         print(f"wrote {len(exc.written)} mask(s) to {args.output}")
         raise
@@ -218,15 +220,23 @@ def _cmd_predict(args) -> None:
 def _export(p) -> None:
     """ONNX export checked with onnxruntime, or weights as .safetensors"""
     add_checkpoint_flags(p)
-    p.add_argument("--output", required=True, help="model.onnx, or model.safetensors for the weights alone")
+    p.add_argument("--output", help="model.onnx, or model.safetensors for the weights alone (required, except "
+                                    "with --int8: the run's model.int8.onnx)")
     p.add_argument("--no_check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 weights and activations (onnxruntime): calibrated on the run's training images, its "
+                        "masks checked against float32's on its validation images; kept in the run folder, it runs "
+                        "in the checkpoint's place wherever that would run in float32 on a CPU")
+    p.add_argument("--calibration", help="with --int8: a folder of images like those you will segment, to "
+                                         "calibrate on and check against (alternate images), instead of the run's")
 
 
 def _cmd_export(args) -> None:
     from .export import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.output, model_overrides=_overrides(args),
-                            image_size=args.image_size, check=not args.no_check))
+                            image_size=args.image_size, check=not args.no_check, quantize=args.int8,
+                            calibration=args.calibration))
 
 
 def _plot(p) -> None:
@@ -300,7 +310,8 @@ def _cmd_serve(args) -> None:
     serve(args.checkpoint, args.host, args.port, args.device, args.tta, args.max_mb, model_overrides=_overrides(args),
           amp=args.amp, image_size=args.image_size, threshold=args.threshold, max_request_mb=args.max_request_mb,
           max_files=args.max_files, allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins,
-          max_batch=args.batch_size, batch_wait_ms=args.batch_wait_ms, postprocess=args.postprocess)
+          max_batch=args.batch_size, batch_wait_ms=args.batch_wait_ms, postprocess=args.postprocess,
+          runtime=args.runtime)
 
 
 def _bench(p) -> None:

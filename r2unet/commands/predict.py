@@ -178,11 +178,12 @@ class PartialPrediction(DataError):
 def predict_checkpoint(checkpoints, input_path: str | Path, output: str | Path, *,
                        model_overrides: dict | None = None, device: str = "auto", amp: str | None = None,
                        image_size: int | None = None, threshold: float | None = None, log=print,
-                       postprocess: str = "auto", **options) -> list[Path]:
+                       postprocess: str = "auto", runtime: str = "auto", **options) -> list[Path]:
     """``r2unet predict``: load the model (or the models of an ensemble, ``Segmenter``) and run ``run_predict``
     on ``input_path``; ``options``: ``run_predict``'s."""
     segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
-                          image_size=image_size, threshold=threshold, log=log, postprocess=postprocess)
+                          image_size=image_size, threshold=threshold, log=log, postprocess=postprocess,
+                          runtime=runtime)
     if segmenter.post.active:
         log(f"postprocessing (chosen on {segmenter.post.chosen_on or 'validation'}): {segmenter.post.describe()}; "
             "--postprocess none leaves it out")

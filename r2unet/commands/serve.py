@@ -126,6 +126,7 @@ class Service:
                 "num_classes": task.classes, "classes": list(task.class_names), "task": task.description,
                 "input_size": self.segmenter.image_size, "threshold": self.segmenter.threshold,
                 "postprocessing": self.segmenter.post.describe(),
+                "runs": [m.runs for m in self.segmenter.members],
                 "tta": self.tta, "device": str(self.segmenter.device), "max_bytes": self.max_bytes,
                 "max_request_bytes": self.max_request_bytes, "max_files": self.max_files,
                 "max_batch": self.batcher.max_batch}

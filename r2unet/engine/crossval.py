@@ -161,7 +161,8 @@ class CrossValidation:
         """Fold k's best model's predictions of its own held-out images (at the network's size), kept in
         ``fold_k/oof.npz``."""
         run = RunFiles(fold_dir(self.root, k))
-        segmenter = Segmenter(run.dir, device=self.cfg.device, postprocess="none", log=lambda *a: None)
+        segmenter = Segmenter(run.dir, device=self.cfg.device, postprocess="none", runtime="torch",
+                              log=lambda *a: None)
         names, predictions, truths = validation_predictions(segmenter, segmenter.cfg.data_path,
                                                             segmenter.cfg.cache_dir, log=lambda *a: None)
         tmp = run.dir / f"oof.{os.getpid()}.partial.npz"  # folds finishing side by side may both get here

@@ -37,8 +37,8 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
                         device: str = "auto", threshold: float | None = None, image_size: int | None = None,
                         amp: str | None = None, per_image_csv: str | Path | None = None, resolution: str = "training",
                         tta: bool = False, cache_dir: str | Path | None = None,
-                        thresholds: list[float] | None = None, postprocess: str = "auto", log=print,
-                        **model_overrides) -> dict:
+                        thresholds: list[float] | None = None, postprocess: str = "auto", runtime: str = "auto",
+                        log=print, **model_overrides) -> dict:
     """Metrics of a checkpoint (or of the models of an ensemble, averaged: ``inference.Segmenter``) on one split of a
     prepared dataset (also ``pooled`` scores under ``"pooled"``).
 
@@ -54,7 +54,9 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     these thresholds (same forward passes) under ``"threshold_sweep"``, and name the one with the best mean JS
     (``"best_threshold"``): choose it on the validation split, then pass it to evaluate/predict as ``threshold``.
     ``postprocess``: "auto" scores the masks after the postprocessing the run chose on validation (as predict
-    writes them; the scores without it under ``"without_postprocessing"``), "none" the network's."""
+    writes them; the scores without it under ``"without_postprocessing"``), "none" the network's. ``runtime``:
+    "auto" scores what predict runs (an int8 or ONNX model made from the checkpoint, where it would run in float32
+    on a CPU: ``Segmenter``), "torch" the checkpoint itself."""
     if split not in SPLITS:
         raise ConfigError(f"--split must be train, valid or test, got {split!r}")
     if resolution not in RESOLUTIONS:
@@ -63,7 +65,7 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     # amp None: the precision the run was trained (and tested) in
     segmenter = Segmenter(checkpoints, model_overrides=model_overrides, device=device, amp=amp,
                           image_size=image_size, threshold=threshold, log=log, record=recorded,
-                          postprocess=postprocess)
+                          postprocess=postprocess, runtime=runtime)
     cfg, task, dev, threshold = segmenter.cfg, segmenter.task, segmenter.device, segmenter.threshold
     post = segmenter.post
     split_note = _split_since_training(recorded.get("data_split"), cfg, data_path, split, log)
@@ -238,7 +240,7 @@ def choose_postprocessing(run_dir: str | Path, data_path: str | Path | None = No
     run = RunFiles(run_dir)
     if not run.best.is_file():
         raise ConfigError(f"{run_dir}: no run's checkpoints/best.pt there; pass a run folder of 'r2unet train'")
-    segmenter = Segmenter(run.dir, device=device, log=log, postprocess="none")
+    segmenter = Segmenter(run.dir, device=device, log=log, postprocess="none", runtime="torch")
     cfg, task = segmenter.cfg, segmenter.task
     data_path = Path(data_path or cfg.data_path)
     names, predictions, truths = validation_predictions(segmenter, data_path, cache_dir or cfg.cache_dir, log)

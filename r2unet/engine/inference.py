@@ -40,6 +40,7 @@ from ..data.imageio import image_size as image_size_of
 from ..data.targets import BINARY, Targets
 from ..fileio import encode_image
 from ..models import RECURRENT, list_models
+from . import int8, runtime
 from .checkpoint import (
     CheckpointError,
     RunFiles,
@@ -51,7 +52,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, TrainConfig
 from .loop import build_model
-from .onnx import load_onnx
+from .onnx import OnnxModel, load_onnx
 from .postprocess import NONE, Postprocessing, shown
 from .runtime import Precision, place_model, placement, resolve_device
 from .task import Task, task_of
@@ -156,6 +157,13 @@ class Member:
     @property
     def image_size(self) -> int:
         return self.cfg.image_size
+
+    @property
+    def runs(self) -> str:
+        """What computes this model: the checkpoint in PyTorch (precision, memory format), or an ONNX file."""
+        if isinstance(self.model, OnnxModel):
+            return f"{self.model.path.name} (onnxruntime, {self.model.metadata.get(int8.PRECISION, 'fp32')})"
+        return f"PyTorch ({self.precision.name}{', channels_last' if self.channels_last else ''})"
 
     def inputs(self, images: list[np.ndarray]) -> torch.Tensor:
         """The network's input (B, C, S, S) of decoded images (H, W, 3) uint8, on the model's device."""
@@ -299,13 +307,19 @@ class Segmenter:
 
     ``postprocess``: "auto" applies the postprocessing chosen on validation that the checkpoint (a run's best.pt,
     an exported ONNX file) or a cross-validation folder (its ``postprocessing.json``, chosen on the folds'
-    out-of-fold predictions) stores; "none" leaves it out. A threshold given wins over the one it chose."""
+    out-of-fold predictions) stores; "none" leaves it out. A threshold given wins over the one it chose.
+
+    ``runtime``: "auto" runs, in place of a checkpoint that would run in float32 on a CPU, the fastest exported
+    model made from it that may (``int8.companion``: an int8 one whose masks were checked against float32's, unless
+    ``amp`` asks for float32, else a float ONNX export); "torch" runs the checkpoint itself."""
 
     def __init__(self, checkpoints, *, model_overrides: dict | None = None, device: str = "auto",
                  amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print,
-                 record: dict | None = None, postprocess: str = "auto"):
+                 record: dict | None = None, postprocess: str = "auto", runtime: str = "auto"):
         if postprocess not in ("auto", "none"):
             raise ConfigError(f"--postprocess must be auto or none, got {postprocess!r}")
+        if runtime not in ("auto", "torch"):
+            raise ConfigError(f"--runtime must be auto or torch, got {runtime!r}")
         given = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
         paths = [p for c in given for p in model_folders(c)]
         members, decisions = [], []
@@ -317,7 +331,10 @@ class Segmenter:
                 record.update(seen)
             decisions.append(seen.get("postprocessing", NONE))
             dev = resolve_device(cfg.device, cfg.device_index)
-            members.append(Member(*_ready(model, cfg, dev, log)))
+            member = Member(*_ready(model, cfg, dev, log))
+            if runtime == "auto" and amp in (None, "auto", "off"):
+                member = _companion_member(path, member, int8_ok=amp != "off", log=log)
+            members.append(member)
         self._setup(members, [str(p) for p in paths])
         self.post = NONE if postprocess == "none" else self._postprocessing(given, decisions, log)
         if self.post.threshold is not None and threshold is None:
@@ -442,6 +459,25 @@ class Segmenter:
                               "scored on one training-size input; use --resolution original (each model sees each "
                               "image at its own size)")
         return Averaged([m.model for m in self.members], self.task, tta)
+
+
+def _companion_member(checkpoint: Path, member: Member, int8_ok: bool, log) -> Member:
+    """``member``, or, when it would run in float32 on a CPU, its checkpoint's fastest companion (``int8``) in its
+    place; where none is there and bf16 is not native, a note on how to make one."""
+    if member.device.type != "cpu" or member.precision.dtype is not None or str(checkpoint).lower().endswith(".onnx"):
+        return member
+    found = int8.companion(checkpoint, int8=int8_ok, image_size=member.cfg.image_size)
+    if found is None:
+        if not runtime.cpu_info().native_bf16 and int8.runnable():
+            log(f"note: this CPU runs {checkpoint} in float32; 'r2unet export --checkpoint {checkpoint} --int8' "
+                f"writes {int8.run_folder(checkpoint) / 'model.int8.onnx'}, an int8 model checked against it, that "
+                "predict, serve and evaluate then run in its place, several times faster (benchmarks/README.md)")
+        return member
+    path, meta = found
+    model, _ = load_onnx(path, image_size=member.cfg.image_size, log=log)
+    log(f"running {int8.describe(path, meta)} in place of {checkpoint}, which would run in float32 on this CPU "
+        "(--runtime torch runs the checkpoint itself)")
+    return Member(model, member.cfg, member.device, member.precision, False)
 
 
 def _ready(model: nn.Module, cfg: TrainConfig, device: torch.device, log) -> tuple:

@@ -51,14 +51,15 @@ def export_onnx(model: torch.nn.Module, output: str | Path, image_size: int = de
     props = {"r2unet.preprocessing": preprocessing_note(image_size, img_ch, output_note),
              "r2unet.image_size": image_size, **{f"r2unet.{k}": v for k, v in (metadata or {}).items()}}
     try:
-        atomic_write(output, lambda tmp: (_export(model, example, tmp), _add_metadata(tmp, props)))
+        atomic_write(output, lambda tmp: (_export(model, example, tmp), add_metadata(tmp, props)))
     finally:  # the exporter's side files (external data) next to the temporary file
         for side in output.parent.glob(f".{output.name}.tmp*"):
             side.unlink(missing_ok=True)
     return {"path": str(output), "opset": OPSET}
 
 
-def _add_metadata(path: Path, entries: dict) -> None:
+def add_metadata(path: Path, entries: dict) -> None:
+    """``entries`` added to the ``metadata_props`` of the ONNX file ``path`` (in place)."""
     import onnx
 
     proto = onnx.load(str(path))

@@ -1,0 +1,155 @@
+"""int8 models made from a checkpoint (``r2unet export --int8``): calibrated, their masks checked against float32's,
+and run in the checkpoint's place where it would run in float32 on a CPU, with the same bytes from predict and
+serve."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from r2unet import create_model
+from r2unet.commands.cli import main
+from r2unet.engine import int8
+from r2unet.engine.checkpoint import save_checkpoint
+from r2unet.engine.config import TrainConfig
+from r2unet.engine.inference import Segmenter
+from r2unet.engine.onnx import OnnxModel
+
+onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
+pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
+
+
+def _run(folder, seed: int = 0):
+    """A run folder with a tiny R2U-Net trained in float32 (amp off: it runs in float32 on any CPU)."""
+    torch.manual_seed(seed)
+    model = create_model("R2U_Net", t=2, base_channels=4)
+    with torch.no_grad():  # BatchNorm statistics that make the outputs vary with the input
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, 3, 32, 32) * 2 + 0.3)
+    cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=4, image_size=32, amp="off", device="cpu",
+                      threshold=0.38, data_path=str(folder / "nowhere"))  # the threshold: masks not all background
+    save_checkpoint(folder / "checkpoints" / "best.pt", model=model.eval(), config=cfg.to_dict(), epoch=1)
+    return folder, model, cfg
+
+
+def _photos(folder, n: int, seed: int = 5):
+    """Smooth random photos (blobs, not noise: masks with regions and edges), of several sizes."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        h, w = 60 + 7 * i, 80 + 5 * i
+        small = rng.integers(0, 255, (4, 5, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.BILINEAR).save(folder / f"p{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("int8")
+    run, model, cfg = _run(root / "run")
+    photos = _photos(root / "photos", 8)
+    assert main(["export", "--checkpoint", str(run), "--int8", "--calibration", str(photos)]) == 0
+    return run, model, cfg, photos
+
+
+def _meta(path) -> dict:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_export_int8_writes_a_quantised_model_with_its_measured_mask_agreement(exported):
+    run, model, cfg, photos = exported
+    path = run / "model.int8.onnx"  # the default output: the run folder
+    graph = onnx.load(str(path)).graph
+    assert any(n.op_type == "QuantizeLinear" for n in graph.node)  # activations in 8 bits...
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in graph.initializer)  # ...and weights
+    meta = _meta(path)
+    assert meta[int8.PRECISION] == "int8" and meta[int8.SOURCE] == int8.file_digest(run / "checkpoints" / "best.pt")
+    # the agreement it records is the share of equal mask pixels at the images' sizes, as predict makes them:
+    # recomputed here from the two models' predictions on the images it was checked on (every other one)
+    checks = sorted(photos.iterdir())[1::2]
+    equal = total = foreground = 0
+    quantised = Segmenter(path, log=lambda *_: None, postprocess="none")
+    reference = Segmenter.of(model, cfg)
+    for (_, _, a), (_, _, b) in zip(reference.predict(checks), quantised.predict(checks)):
+        equal += int(((a > 0.38) == (b > 0.38)).sum())  # the run's threshold
+        foreground += int((a > 0.38).sum())
+        total += a.size
+    assert 0.2 < foreground / total < 0.8  # masks with regions and edges, where int8 can differ
+    assert float(meta[int8.AGREED]) == pytest.approx(equal / total, abs=1e-6)
+    assert meta[int8.CHECKED_ON] == f"4 images of {photos}"
+    assert 0.9 < equal / total < 1  # this tiny, barely trained network differs on a few edge pixels
+
+
+def _with_agreement(path, value: float, to):
+    """A copy of the int8 model ``path`` at ``to`` whose recorded agreement is ``value``."""
+    proto = onnx.load(str(path))
+    for p in proto.metadata_props:
+        if p.key == int8.AGREED:
+            p.value = str(value)
+    onnx.save(proto, str(to))
+    return to
+
+
+def test_a_checked_int8_model_runs_in_place_of_a_checkpoint_that_would_run_in_float32(exported, tmp_path, cpu_like):
+    cpu_like("AVX2")
+    run, model, cfg, _ = exported
+    other = tmp_path / "run"  # a copy of the run, so the shared one keeps its files
+    other.mkdir()
+    (other / "checkpoints").mkdir()
+    (other / "checkpoints" / "best.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    target = other / "model.int8.onnx"
+    lines = []
+
+    def member_model(**options):
+        lines.clear()
+        return Segmenter(other, log=lines.append, **options).members[0].model
+
+    _with_agreement(run / "model.int8.onnx", 0.9995, target)
+    chosen = member_model()
+    assert isinstance(chosen, OnnxModel) and chosen.path == target
+    assert any("in place of" in line and "99.95 %" in line for line in lines)
+    assert not isinstance(member_model(runtime="torch"), OnnxModel)  # asked for the checkpoint itself
+    assert not isinstance(member_model(amp="off"), OnnxModel)  # float32 asked for: not int8
+    assert not isinstance(member_model(image_size=64), OnnxModel)  # checked at 32 px only
+
+    _with_agreement(run / "model.int8.onnx", 0.9985, target)  # masks too far from float32's: not by default
+    assert not isinstance(member_model(), OnnxModel)
+    assert any("--int8" in line for line in lines)  # the note that says how to make one
+
+    _with_agreement(run / "model.int8.onnx", 0.9995, target)
+    assert main(["export", "--checkpoint", str(other), "--output", str(other / "model.onnx")]) == 0
+    assert isinstance(member_model(), OnnxModel) and member_model().path == target  # int8 before float
+    assert member_model(amp="off").path == other / "model.onnx"  # float32 asked for: the float export
+    target.unlink()
+
+    _run(other, seed=1)  # a new best.pt: the files made from the old one are nobody's
+    assert not isinstance(member_model(), OnnxModel)
+
+
+def test_predict_and_serve_give_the_same_bytes_through_the_int8_model(exported, tmp_path):
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
+    from r2unet.commands.serve import Service
+
+    run, _, _, photos = exported
+    target = _with_agreement(run / "model.int8.onnx", 0.9995, tmp_path / "model.int8.onnx")
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    assert main(["predict", "--checkpoint", str(tmp_path), "--input", str(photos), "--output",
+                 str(tmp_path / "masks")]) == 0
+    segmenter = Segmenter(tmp_path, log=lambda *_: None)
+    assert isinstance(segmenter.members[0].model, OnnxModel) and segmenter.members[0].model.path == target
+    service = Service(segmenter, max_bytes=1_000_000)
+    assert service.info()["runs"] == ["model.int8.onnx (onnxruntime, int8)"]  # the server says what computes
+    for image in sorted(photos.iterdir()):
+        answer = service.segment(image.read_bytes(), image.name)
+        assert answer["mask_png"] == (tmp_path / "masks" / f"{image.stem}_segmentation.png").read_bytes()
+
+
+def test_int8_without_images_to_calibrate_on_says_what_to_pass(tmp_path, capsys):
+    run, _, _ = _run(tmp_path / "run")
+    assert main(["export", "--checkpoint", str(run), "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert "--calibration DIR" in err and not (run / "model.int8.onnx").exists()
+    assert main(["export", "--checkpoint", str(run)]) == 2
+    assert "--output" in capsys.readouterr().err
