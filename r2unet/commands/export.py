@@ -92,7 +92,9 @@ def export_int8(checkpoint, model: torch.nn.Module, cfg: TrainConfig, post: Post
             f"{checked_on}")
     if agreement < int8.AGREEMENT:
         return line + (f", under the {100 * int8.AGREEMENT:g} % a model needs to run by default: nothing runs it in "
-                       "the checkpoint's place (--checkpoint it to use it knowingly)")
+                       f"the checkpoint's place (--checkpoint it to use it knowingly). A float32 export runs there "
+                       f"instead, with float32's masks: r2unet export --checkpoint {checkpoint} --output "
+                       f"{int8.run_folder(checkpoint) / 'model.onnx'}")
     if output.resolve().parent in {f.resolve() for f in int8.companion_folders(checkpoint)}:
         return line + ("; where the checkpoint would run in float32 on a CPU (no native bf16), predict, serve and "
                        "evaluate run it in its place")

@@ -469,9 +469,7 @@ def _companion_member(checkpoint: Path, member: Member, int8_ok: bool, log) -> M
     found = int8.companion(checkpoint, int8=int8_ok, image_size=member.cfg.image_size)
     if found is None:
         if not runtime.cpu_info().native_bf16 and int8.runnable():
-            log(f"note: this CPU runs {checkpoint} in float32; 'r2unet export --checkpoint {checkpoint} --int8' "
-                f"writes {int8.run_folder(checkpoint) / 'model.int8.onnx'}, an int8 model checked against it, that "
-                "predict, serve and evaluate then run in its place, several times faster (benchmarks/README.md)")
+            log(int8.advice(checkpoint, int8_ok))
         return member
     path, meta = found
     model, _ = load_onnx(path, image_size=member.cfg.image_size, log=log)

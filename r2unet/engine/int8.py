@@ -158,35 +158,59 @@ def run_folder(checkpoint: str | Path) -> Path:
     return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
 
 
-def companion(checkpoint: str | Path, int8: bool = True, image_size: int | None = None) -> tuple[Path, dict] | None:
-    """The fastest exported model made from ``checkpoint`` (its digest) that may run in its place, with its
-    metadata: an int8 one whose masks matched float32's on at least ``AGREEMENT`` of the pixels (when ``int8``, and
-    at the size it was checked at: ``image_size``), else a float one; looked for among the ``*.onnx`` files of the
-    run folder and of the checkpoint's folder."""
+def made_from(checkpoint: str | Path) -> list[tuple[Path, dict]]:
+    """The exported models (with their metadata) in the run folder and the checkpoint's folder that were made from
+    ``checkpoint``'s file, as its digest says; none without onnx."""
     if not runnable():
-        return None
+        return []
     import onnx
 
-    ckpt = checkpoint_file(checkpoint)
-    found: list[tuple[int, Path, dict]] = []
-    digest = None
+    found, digest = [], None
     for path in sorted(p for folder in companion_folders(checkpoint) for p in folder.glob("*.onnx")):
         try:
             meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         except Exception:  # noqa: BLE001 - an unreadable file is nobody's companion
             continue
-        if SOURCE not in meta:
-            continue
-        digest = digest or file_digest(ckpt)
-        if meta[SOURCE] != digest:
-            continue
-        if meta.get(PRECISION) == "int8":
-            same_size = image_size is None or meta.get("r2unet.image_size") == str(image_size)
-            if int8 and same_size and float(meta.get(AGREED, 0)) >= AGREEMENT:
-                found.append((0, path, meta))
-        else:
-            found.append((1, path, meta))
+        if SOURCE in meta:
+            digest = digest or file_digest(checkpoint_file(checkpoint))
+            if meta[SOURCE] == digest:
+                found.append((path, meta))
+    return found
+
+
+def _checked(meta: dict, image_size: int | None) -> bool:
+    """An int8 model's masks matched float32's closely enough, at the size it runs at."""
+    same_size = image_size is None or meta.get("r2unet.image_size") == str(image_size)
+    return same_size and float(meta.get(AGREED, 0)) >= AGREEMENT
+
+
+def companion(checkpoint: str | Path, int8: bool = True, image_size: int | None = None) -> tuple[Path, dict] | None:
+    """The fastest exported model made from ``checkpoint`` that may run in its place, with its metadata: an int8 one
+    whose masks matched float32's on at least ``AGREEMENT`` of the pixels (when ``int8``, and at the size it was
+    checked at: ``image_size``), else a float one (``made_from``)."""
+    found = [(0 if meta.get(PRECISION) == "int8" else 1, path, meta) for path, meta in made_from(checkpoint)
+             if meta.get(PRECISION) != "int8" or (int8 and _checked(meta, image_size))]
     return min(found, key=lambda f: f[0])[1:] if found else None
+
+
+def advice(checkpoint: str | Path, int8: bool = True) -> str:
+    """What makes a checkpoint that runs in float32 on a CPU faster, when nothing runs in its place (``int8``:
+    whether an int8 model may)."""
+    run = run_folder(checkpoint)
+    float_export = f"r2unet export --checkpoint {checkpoint} --output {run / 'model.onnx'}"
+    if not int8:
+        return (f"note: float32 asked for, and this CPU runs {checkpoint} in PyTorch; a float32 ONNX export runs in "
+                f"its place, with the same masks, faster: {float_export}")
+    failed = [(path, meta) for path, meta in made_from(checkpoint) if meta.get(PRECISION) == "int8"]
+    if failed:
+        path, meta = failed[0]
+        return (f"note: this CPU runs {checkpoint} in float32; {path.name}, made from it, matched float32's masks on "
+                f"{100 * float(meta.get(AGREED, 0)):.3f} % of the pixels only (or at another size), under the "
+                f"{100 * AGREEMENT:g} % it needs to run in its place. A float32 export runs there with float32's "
+                f"masks: {float_export}")
+    return (f"note: this CPU runs {checkpoint} in float32; 'r2unet export --checkpoint {checkpoint} --int8' writes "
+            f"{run / 'model.int8.onnx'}, an int8 model checked against it, that predict, serve and evaluate then run "
+            "in its place, several times faster (benchmarks/README.md)")
 
 
 def describe(path: Path, meta: dict) -> str:
