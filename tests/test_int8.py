@@ -91,13 +91,17 @@ def _with_agreement(path, value: float, to):
     return to
 
 
+def _copy(run, folder):
+    """A copy of the run's checkpoint in a run folder of its own, so the shared one keeps its files."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "best.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    return folder
+
+
 def test_a_checked_int8_model_runs_in_place_of_a_checkpoint_that_would_run_in_float32(exported, tmp_path, cpu_like):
     cpu_like("AVX2")
     run, model, cfg, _ = exported
-    other = tmp_path / "run"  # a copy of the run, so the shared one keeps its files
-    other.mkdir()
-    (other / "checkpoints").mkdir()
-    (other / "checkpoints" / "best.pt").write_bytes((run / "checkpoints" / "best.pt").read_bytes())
+    other = _copy(run, tmp_path / "run")
     target = other / "model.int8.onnx"
     lines = []
 
@@ -128,6 +132,21 @@ def test_a_checked_int8_model_runs_in_place_of_a_checkpoint_that_would_run_in_fl
 
     _run(other, seed=1)  # a new best.pt: the files made from the old one are nobody's
     assert not isinstance(member_model(), OnnxModel)
+
+
+def test_on_a_cpu_with_native_bf16_a_checked_int8_model_runs_but_not_a_float32_export(exported, tmp_path,
+                                                                                    cpu_like):
+    """bf16 PyTorch outran onnxruntime's float32 there, and int8 outran bf16 (benchmarks/README.md)."""
+    cpu_like("AMX")
+    run, _, _, _ = exported
+    other = _copy(run, tmp_path / "run")
+    assert main(["export", "--checkpoint", str(other), "--output", str(other / "model.onnx")]) == 0
+    segmenter = Segmenter(other, amp="auto", log=lambda *_: None)  # the checkpoint's own setting would be float32
+    assert not isinstance(segmenter.members[0].model, OnnxModel)
+    assert segmenter.members[0].precision.dtype == torch.bfloat16
+    _with_agreement(run / "model.int8.onnx", 0.9995, other / "model.int8.onnx")
+    assert Segmenter(other, amp="auto", log=lambda *_: None).members[0].model.path == other / "model.int8.onnx"
+    assert not isinstance(Segmenter(other, amp="bf16", log=lambda *_: None).members[0].model, OnnxModel)
 
 
 def test_predict_and_serve_give_the_same_bytes_through_the_int8_model(exported, tmp_path):

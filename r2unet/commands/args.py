@@ -145,8 +145,8 @@ def add_checkpoint_flags(p, batch_size: int | None = None) -> None:
                         "cross-validation folder, or the ONNX file) stores; none: the network's masks as they are")
     p.add_argument("--device", default="auto")
     p.add_argument("--runtime", choices=["auto", "torch"], default="auto",
-                   help="auto: where the checkpoint would run in float32 on a CPU, run the model 'r2unet export "
-                        "--int8' (or a plain ONNX export) made from it, if the run folder holds one; torch: the "
+                   help="auto: on a CPU, run the model 'r2unet export --int8' made from the checkpoint if the "
+                        "run folder holds one (where PyTorch would run float32, a plain ONNX export too); torch: the "
                         "checkpoint itself")
     p.add_argument("--amp", choices=list(AMP_CHOICES), default=None,
                    help="precision of the forward pass; default: the checkpoint's training setting (auto for a "

@@ -96,10 +96,9 @@ def export_int8(checkpoint, model: torch.nn.Module, cfg: TrainConfig, post: Post
                        f"instead, with float32's masks: r2unet export --checkpoint {checkpoint} --output "
                        f"{int8.run_folder(checkpoint) / 'model.onnx'}")
     if output.resolve().parent in {f.resolve() for f in int8.companion_folders(checkpoint)}:
-        return line + ("; where the checkpoint would run in float32 on a CPU (no native bf16), predict, serve and "
-                       "evaluate run it in its place")
-    return line + (f"; kept in {int8.run_folder(checkpoint)}/ instead, it would run in the checkpoint's place where "
-                   "that would run in float32 on a CPU (no native bf16)")
+        return line + "; on a CPU, predict, serve and evaluate run it in the checkpoint's place"
+    return line + (f"; kept in {int8.run_folder(checkpoint)}/ instead, predict, serve and evaluate would run it in the "
+                   "checkpoint's place on a CPU")
 
 
 def check_onnx(model: torch.nn.Module, path: str | Path, task: Task, image_size: int, img_ch: int,

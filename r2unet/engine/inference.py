@@ -309,9 +309,10 @@ class Segmenter:
     an exported ONNX file) or a cross-validation folder (its ``postprocessing.json``, chosen on the folds'
     out-of-fold predictions) stores; "none" leaves it out. A threshold given wins over the one it chose.
 
-    ``runtime``: "auto" runs, in place of a checkpoint that would run in float32 on a CPU, the fastest exported
-    model made from it that may (``int8.companion``: an int8 one whose masks were checked against float32's, unless
-    ``amp`` asks for float32, else a float ONNX export); "torch" runs the checkpoint itself."""
+    ``runtime``: "auto" runs on a CPU, in place of a checkpoint, the fastest exported model made from it that may
+    (``int8.companion``): an int8 one whose masks were checked against float32's (unless ``amp`` asks for float32),
+    else, where PyTorch would run float32, a float ONNX export; "torch" runs the checkpoint itself (as does an
+    ``amp`` of bf16 or fp16)."""
 
     def __init__(self, checkpoints, *, model_overrides: dict | None = None, device: str = "auto",
                  amp: str | None = None, image_size: int | None = None, threshold: float | None = None, log=print,
@@ -462,19 +463,21 @@ class Segmenter:
 
 
 def _companion_member(checkpoint: Path, member: Member, int8_ok: bool, log) -> Member:
-    """``member``, or, when it would run in float32 on a CPU, its checkpoint's fastest companion (``int8``) in its
-    place; where none is there and bf16 is not native, a note on how to make one."""
-    if member.device.type != "cpu" or member.precision.dtype is not None or str(checkpoint).lower().endswith(".onnx"):
+    """``member``, or on a CPU its checkpoint's fastest companion in its place (``int8.companion``): a checked int8
+    model (``int8_ok``), or where PyTorch would run float32 a float32 export; where none is there and float32 would
+    run, a note on how to make one."""
+    if member.device.type != "cpu" or str(checkpoint).lower().endswith(".onnx"):
         return member
-    found = int8.companion(checkpoint, int8=int8_ok, image_size=member.cfg.image_size)
+    float32 = member.precision.dtype is None
+    found = int8.companion(checkpoint, int8=int8_ok, float32=float32, image_size=member.cfg.image_size)
     if found is None:
-        if not runtime.cpu_info().native_bf16 and int8.runnable():
+        if float32 and not runtime.cpu_info().native_bf16 and int8.runnable():
             log(int8.advice(checkpoint, int8_ok))
         return member
     path, meta = found
     model, _ = load_onnx(path, image_size=member.cfg.image_size, log=log)
-    log(f"running {int8.describe(path, meta)} in place of {checkpoint}, which would run in float32 on this CPU "
-        "(--runtime torch runs the checkpoint itself)")
+    log(f"running {int8.describe(path, meta)} in place of {checkpoint}, faster than PyTorch's {member.precision.name} "
+        "on this CPU (--runtime torch runs the checkpoint itself)")
     return Member(model, member.cfg, member.device, member.precision, False)
 
 
