@@ -175,3 +175,6 @@ def test_int8_without_images_to_calibrate_on_says_what_to_pass(tmp_path, capsys)
     assert "--calibration DIR" in err and not (run / "model.int8.onnx").exists()
     assert main(["export", "--checkpoint", str(run)]) == 2
     assert "--output" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "m.onnx"), "--calibration",
+                 str(tmp_path)]) == 2
+    assert "goes with --int8" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -27,6 +27,8 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None, *, mode
     """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime); with ``quantize``, as an int8 ONNX
     model (``export_int8``); for a ``.safetensors`` output, its weights with the run's settings as metadata. Returns
     a line saying what was written."""
+    if calibration is not None and not quantize:
+        raise ExportError("--calibration: the images an int8 model is calibrated on; it goes with --int8")
     if output is None:
         if not quantize:
             raise ExportError("--output: where to write (model.onnx, or model.safetensors for the weights alone)")
