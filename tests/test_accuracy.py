@@ -327,6 +327,17 @@ def test_step_statistics_load_reference_weights_and_change_nothing_but_evaluatio
         stepped(torch.randn(2, 3, 32, 32))
     norms = stepped.RRCNN1.RCNN[0].step_norms
     assert not torch.allclose(norms[0].running_mean, norms[2].running_mean)
+    # its saved shared statistics are the steps' averaged (what the reference's hold after training), the block's
+    # own left alone, and the reference network loads the file with the extra keys left out
+    own = stepped.RRCNN1.RCNN[0].conv[1].running_mean.clone()
+    saved = stepped.state_dict()
+    for stat in ("running_mean", "running_var"):
+        average = torch.stack([getattr(n, stat) for n in norms]).mean(0)
+        assert torch.allclose(saved[f"RRCNN1.RCNN.0.conv.1.{stat}"], average)
+    mean = torch.stack([n.running_mean for n in norms]).mean(0)
+    assert torch.equal(stepped.RRCNN1.RCNN[0].conv[1].running_mean, own) and not torch.allclose(own, mean)
+    create_model("R2AttU_Net", t=2, base_channels=4).load_state_dict(
+        {k: v for k, v in saved.items() if ".step_norms." not in k})
 
 
 def test_a_step_statistics_run_trains_resumes_and_predicts(tmp_path, small_data):

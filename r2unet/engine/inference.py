@@ -338,8 +338,8 @@ class Segmenter:
             members.append(member)
         self._setup(members, [str(p) for p in paths])
         self.post = NONE if postprocess == "none" else self._postprocessing(given, decisions, log)
-        if self.post.threshold is not None and threshold is None:
-            self.threshold = self.post.threshold
+        if threshold is None:  # a threshold given wins over the one chosen on validation
+            self.threshold = self.post.threshold_or(self.threshold)
 
     def _postprocessing(self, given: list, decisions: list[Postprocessing], log) -> Postprocessing:
         """The decision that belongs to these models as one: a single model's own, or the one a cross-validation

@@ -86,6 +86,10 @@ class Postprocessing:
     def active(self) -> bool:
         return self.threshold is not None or any(self.classes.values())
 
+    def threshold_or(self, given: float) -> float:
+        """The threshold the masks are made with: the one chosen on validation, else ``given`` (the run's)."""
+        return self.threshold if self.threshold is not None else given
+
     def apply(self, mask: np.ndarray) -> np.ndarray:
         """The mask after the steps: a bool mask (binary) or a class map (label maps), at any size. Pixels removed
         from a class become background; holes filled are background pixels only."""

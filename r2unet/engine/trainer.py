@@ -651,7 +651,7 @@ class TrainingRun(TrainingSetup):
             return [(None, None), (None, None)]
         raw = self.task.accumulator(self.cfg.threshold, self.device, keep_per_image=True)
         processed = self.task.accumulator(0.5, self.device, keep_per_image=True) if post.active else None
-        threshold = post.threshold if post.threshold is not None else self.cfg.threshold
+        threshold = post.threshold_or(self.cfg.threshold)
         fed = Accumulators(raw, PostprocessedScores(processed, post, self.task, threshold)) \
             if processed is not None else raw
         evaluate(self.model, self.loaders["test"], self.plain, self.precision, self.task, self.cfg.threshold,

@@ -59,7 +59,8 @@ class RecurrentBlock(nn.Module):
     nothing changes (a batch is normalised by its own statistics); in evaluation each step's inputs are normalised
     as training saw them, where the shared statistics average ``t + 1`` different distributions. The weights are
     the reference's; the extra statistics are extra keys (``step_norms.k.running_mean`` ...), which a reference
-    checkpoint gets from its shared ones on loading (``checkpoint.load_weights``).
+    checkpoint gets from its shared ones on loading (``checkpoint.load_weights``). Its saved shared statistics are
+    the steps' averaged (``_shared_from_steps``), so the reference code can run a checkpoint without the extra keys.
     """
 
     def __init__(self, ch_out: int, t: int = DEFAULT_T, step_stats: bool = False):
@@ -70,6 +71,8 @@ class RecurrentBlock(nn.Module):
         self.conv = nn.Sequential(*_conv_bn_relu(ch_out, ch_out))
         self.step_norms = nn.ModuleList(nn.BatchNorm2d(ch_out, affine=False) for _ in range(t + 1)) \
             if step_stats else None
+        if step_stats:
+            self.register_state_dict_post_hook(_shared_from_steps)
 
     def _unit(self, x: torch.Tensor, step: int) -> torch.Tensor:
         if self.step_norms is None:
@@ -90,6 +93,15 @@ class RecurrentBlock(nn.Module):
         for step in range(1, self.t + 1):
             h = self._unit(x + h, step)
         return h
+
+
+def _shared_from_steps(block: RecurrentBlock, state: dict, prefix: str, _metadata) -> None:
+    """The shared BatchNorm's statistics in a saved state of a block with per-step statistics: the mean over the
+    steps of their means and of their variances, what the reference's shared statistics hold after training (each
+    step updates them in turn). The block's own buffers are left as they are (it never reads them)."""
+    steps = block.step_norms
+    state[f"{prefix}conv.1.running_mean"] = torch.stack([n.running_mean for n in steps]).mean(0)
+    state[f"{prefix}conv.1.running_var"] = torch.stack([n.running_var for n in steps]).mean(0)
 
 
 class RRCNNBlock(nn.Module):
