@@ -12,7 +12,7 @@ from r2unet.commands.cli import main
 from r2unet.engine import int8
 from r2unet.engine.checkpoint import save_checkpoint
 from r2unet.engine.config import TrainConfig
-from r2unet.engine.inference import Segmenter
+from r2unet.engine.inference import Segmenter, _to_input
 from r2unet.engine.onnx import OnnxModel
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
@@ -178,3 +178,37 @@ def test_int8_without_images_to_calibrate_on_says_what_to_pass(tmp_path, capsys)
     assert main(["export", "--checkpoint", str(run), "--output", str(tmp_path / "m.onnx"), "--calibration",
                  str(tmp_path)]) == 2
     assert "goes with --int8" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not read")
+    for flags in (["--int8"], ["--output", str(tmp_path / "again.onnx")]):
+        assert main(["export", "--checkpoint", str(onnx_file), *flags]) == 2
+        assert "is an ONNX file already" in capsys.readouterr().err
+
+
+def test_a_label_map_model_is_quantised_and_its_class_maps_checked(tmp_path):
+    torch.manual_seed(1)
+    model = create_model("U_Net", base_channels=4, output_ch=3)
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, 3, 32, 32) * 2 + 0.3)
+    cfg = TrainConfig(model_type="U_Net", base_channels=4, image_size=32, num_classes=3, amp="off", device="cpu")
+    photos = _photos(tmp_path / "photos", 6, seed=7)
+    with torch.no_grad():  # logits that vary, centred on these photos per class: every class wins somewhere
+        x = torch.cat([_to_input(np.asarray(Image.open(p).convert("RGB")), 32, 3) for p in sorted(photos.iterdir())])
+        model.Conv_1x1.weight *= 50
+        model.Conv_1x1.bias *= 50
+        model.Conv_1x1.bias -= model.eval()(x).mean((0, 2, 3))
+    save_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt", model=model.eval(), config=cfg.to_dict(), epoch=1)
+    assert main(["export", "--checkpoint", str(tmp_path / "run"), "--int8", "--calibration", str(photos)]) == 0
+    path = tmp_path / "run" / "model.int8.onnx"
+    checks = sorted(photos.iterdir())[1::2]
+    equal = total = 0
+    classes = set()
+    quantised = Segmenter(path, log=lambda *_: None, postprocess="none")
+    assert quantised.task.classes == 3  # the class count travels in its metadata
+    for (_, _, a), (_, _, b) in zip(Segmenter.of(model, cfg).predict(checks), quantised.predict(checks)):
+        equal += int((a == b).sum())  # class maps, pixel by pixel
+        classes |= set(np.unique(a).tolist())
+        total += a.size
+    assert len(classes) >= 2 and float(_meta(path)[int8.AGREED]) == pytest.approx(equal / total, abs=1e-6)

@@ -27,6 +27,9 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None, *, mode
     """``r2unet export``: the checkpoint as ONNX (checked with onnxruntime); with ``quantize``, as an int8 ONNX
     model (``export_int8``); for a ``.safetensors`` output, its weights with the run's settings as metadata. Returns
     a line saying what was written."""
+    if str(checkpoint).lower().endswith(".onnx"):
+        raise ExportError(f"--checkpoint {checkpoint} is an ONNX file already; export reads the checkpoint it was made "
+                          "from (a run folder, a .pt, a .safetensors or the reference's .pkl)")
     if calibration is not None and not quantize:
         raise ExportError("--calibration: the images an int8 model is calibrated on; it goes with --int8")
     if output is None:
