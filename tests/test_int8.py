@@ -212,3 +212,15 @@ def test_a_label_map_model_is_quantised_and_its_class_maps_checked(tmp_path):
         classes |= set(np.unique(a).tolist())
         total += a.size
     assert len(classes) >= 2 and float(_meta(path)[int8.AGREED]) == pytest.approx(equal / total, abs=1e-6)
+
+
+def test_a_folder_of_runs_gets_an_int8_model_in_each_run(exported, tmp_path, capsys):
+    """Cross-validation folds or seeds: each run's file, so an ensemble runs int8 model by model."""
+    run, _, _, photos = exported
+    for k in range(2):
+        _copy(run, tmp_path / "folds" / f"fold_{k}")
+    assert main(["export", "--checkpoint", str(tmp_path / "folds"), "--int8", "--calibration", str(photos)]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    for k in range(2):
+        meta = _meta(tmp_path / "folds" / f"fold_{k}" / "model.int8.onnx")
+        assert meta[int8.SOURCE] == int8.file_digest(run / "checkpoints" / "best.pt")

@@ -226,7 +226,7 @@ def _export(p) -> None:
     p.add_argument("--int8", action="store_true",
                    help="int8 weights and activations (onnxruntime): calibrated on the run's training images, its "
                         "masks checked against float32's on its validation images; kept in the run folder, it runs "
-                        "in the checkpoint's place on a CPU")
+                        "in the checkpoint's place on a CPU (a folder of runs: each run's)")
     p.add_argument("--calibration", help="with --int8: a folder of images like those you will segment, to "
                                          "calibrate on and check against (alternate images), instead of the run's")
 

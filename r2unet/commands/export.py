@@ -12,7 +12,7 @@ import torch
 from ..engine import int8
 from ..engine.checkpoint import save_weights_safetensors
 from ..engine.config import TrainConfig
-from ..engine.inference import Segmenter, _to_input, load_for_inference, predict_logits
+from ..engine.inference import Segmenter, _to_input, load_for_inference, model_folders, predict_logits
 from ..engine.onnx import OnnxModel, add_metadata, export_onnx
 from ..engine.postprocess import Postprocessing
 from ..engine.task import Task, task_of
@@ -35,6 +35,10 @@ def export_checkpoint(checkpoint: str | Path, output: str | Path | None, *, mode
     if output is None:
         if not quantize:
             raise ExportError("--output: where to write (model.onnx, or model.safetensors for the weights alone)")
+        runs = model_folders(checkpoint)
+        if runs != [Path(checkpoint)]:  # a folder of runs (cross-validation folds, seeds): each run's own file
+            return "\n".join(export_checkpoint(run, None, model_overrides=model_overrides, image_size=image_size,
+                                                quantize=True, calibration=calibration, log=log) for run in runs)
         output = int8.run_folder(checkpoint) / "model.int8.onnx"
     stored: dict = {}
     model, cfg = load_for_inference(checkpoint, log=log, image_size=image_size, record=stored,
