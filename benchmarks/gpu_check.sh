@@ -6,12 +6,13 @@
 # $OUT gets summary.txt, summary.json and results.tar.gz (all logs/JSON): three files, few enough to copy back.
 #   run:  bash benchmarks/gpu_check.sh          (BUDGET=540 s by default; allow the call ~600 s)
 #   dry run of the plumbing on a CPU:
-#         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 OTHER_CONFIGS=fp32,default \
+#         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 OTHER_CONFIGS=fp32,default PREDICT_IMAGES=3 \
 #         PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/r2unet_gpu}
 DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STEPS=${STEPS:-30} EPOCHS=${EPOCHS:-10}
 NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,compile,default}
+PREDICT_IMAGES=${PREDICT_IMAGES:-12} PREDICT_CONFIGS=${PREDICT_CONFIGS:-batch,channels_last,bf16,default}
 PY=${PY:-python3}
 WORK=$(mktemp -d)
 RAW="$WORK/results"  # outside $OUT: only the three files below are copied back
@@ -86,10 +87,20 @@ run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch
 #    compiled bf16 run (the slowest, last)
 run tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
 
+# 4b. inference on the card: full-size photos to mask files, each path against the naive loop (bf16, channels_last,
+#     the batch of 8 against 1), and the default
+run bench_predict 90 $PY -m r2unet bench predict --device "$DEVICE" --t 2 --base_channels "$BASE" \
+    --image_size "$SIZE" --num_images "$PREDICT_IMAGES" --configs "$PREDICT_CONFIGS" --json
+
 # 5. the other three networks: baseline, compiled model-only step, default end to end
 for m in U_Net AttU_Net R2AttU_Net; do
     bench_train "$m" 100 "$m" "$OTHER_CONFIGS"
 done
+
+# 5b. the server on the card: one small image at a time (p50/p95) and 8 concurrent clients against predict (needs the
+#     serve extra; without it the stage records the import error)
+run serve 90 $PY benchmarks/serve_latency.py --device "$DEVICE" --num_images "$PREDICT_IMAGES" \
+    --base_channels "$BASE" --json
 
 # 6. seed-to-seed noise of the accuracy comparison, if time is left
 accuracy default_seed2 100 2

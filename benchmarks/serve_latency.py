@@ -49,14 +49,15 @@ def _post(url: str, name: str, data: bytes) -> bytes:
         return r.read()
 
 
-def _fresh_checkpoint(folder: Path) -> Path:
+def _fresh_checkpoint(folder: Path, base_channels: int = 64) -> Path:
     torch.manual_seed(0)
-    model = create_model("R2U_Net", t=2, base_channels=64)
+    model = create_model("R2U_Net", t=2, base_channels=base_channels)
     with torch.no_grad():
         model.train()
         model(torch.randn(2, 3, 64, 64))
     path = folder / "model.pt"
-    save_checkpoint(path, model=model, config=TrainConfig(model_type="R2U_Net", t=2).to_dict(), epoch=0)
+    save_checkpoint(path, model=model, config=TrainConfig(model_type="R2U_Net", t=2, base_channels=base_channels
+                                                          ).to_dict(), epoch=0)
     return path
 
 
@@ -68,11 +69,12 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20, help="one-at-a-time requests of the small image")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--base_channels", type=int, default=64, help="of the fresh network (without --checkpoint)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="r2unet-serve-bench-") as tmp:
         tmp = Path(tmp)
-        checkpoint = args.checkpoint or str(_fresh_checkpoint(tmp))
+        checkpoint = args.checkpoint or str(_fresh_checkpoint(tmp, args.base_channels))
         photos = sorted(Path(args.input).iterdir()) if args.input else synthetic_photos(tmp / "photos",
                                                                                          args.num_images)
         small = tmp / "small.png"

@@ -75,6 +75,25 @@ def _accuracy(raw: Path, summary: dict) -> None:
               f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s ({r['precision']})")
 
 
+def _inference(raw: Path, summary: dict) -> None:
+    """bench predict's table and the server's latency and throughput."""
+    predict = _last_json(raw / "bench_predict.out")
+    summary["bench_predict"] = predict
+    if predict:
+        from r2unet.commands.bench_predict import predict_report
+
+        print(predict_report(predict))
+    elif (raw / "bench_predict.err").exists():
+        print("bench predict: no result; " + " | ".join(_tail(raw / "bench_predict.err", 2)))
+    serve = _last_json(raw / "serve.out")
+    summary["serve"] = serve
+    if serve:
+        print("serve: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in serve.items()
+                                    if not isinstance(v, (dict, list))))
+    elif (raw / "serve.err").exists():
+        print("serve: no result; " + " | ".join(_tail(raw / "serve.err", 2)))
+
+
 def main(raw: Path, out_json: Path) -> None:
     summary: dict = {"gpu": (raw / "gpu.txt").read_text().strip() if (raw / "gpu.txt").exists() else None}
     print(summary["gpu"])
@@ -103,6 +122,7 @@ def main(raw: Path, out_json: Path) -> None:
             print(f"   {row['percent']:5.1f}%  x{row['calls_per_step']:<4.0f} {row['name'][:90]}")
     elif (raw / "profile.err").exists():
         print("profile: no result; " + " | ".join(_tail(raw / "profile.err", 2)))
+    _inference(raw, summary)
     out_json.write_text(json.dumps(summary, indent=1))
 
 
