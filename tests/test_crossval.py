@@ -47,6 +47,19 @@ def test_crossval_killed_mid_fold_finishes_on_rerun_as_if_never_killed(cv_data, 
     assert main(_argv(cv_data, whole)) == 0
     table = capsys.readouterr().out
     assert "ensemble of 3" in table and "fold 3" in table
+    # every file is decoded once for all the folds: fold 1's three splits, then rows copied from its caches
+    assert [line.split(" images from ")[0] for line in table.splitlines() if line.startswith("caching ")] == \
+        ["caching 16 of 16", "caching 8 of 8", "caching 6 of 6"]
+    from r2unet.data.cache import build_cache, cache_folder
+    from r2unet.data.pairs import split_folders
+
+    copied = cache_folder(whole / "fold_1" / "data", "train", 32)
+    fresh = build_cache(*split_folders(whole / "fold_1" / "data", "train"), tmp_path / "fresh", image_size=32,
+                        log=lambda *a: None)  # the same split decoded anew: the same rows, byte for byte
+    for name in ("images.npy", "masks.npy"):
+        assert np.array_equal(np.load(copied / name), np.load(tmp_path / "fresh" / name)), name
+    assert json.loads((copied / "meta.json").read_text())["entries"] == \
+        json.loads((tmp_path / "fresh" / "meta.json").read_text())["entries"] and len(fresh) == 16
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "r2unet", *_argv(cv_data, killed)], env=env,

@@ -367,6 +367,30 @@ def test_cache_is_incremental_and_detects_changes(tmp_path):
     assert logs[-1].startswith("caching 6 of 6")
 
 
+def test_a_cache_copies_the_rows_a_donor_cache_holds_of_the_same_files_and_decodes_the_rest(tmp_path):
+    """Cross-validation's folds: links to the same files in other folders, whose rows another cache holds."""
+    img_dir, mask_dir = _raw(tmp_path, 6)
+    build_cache(img_dir, mask_dir, tmp_path / "donor", image_size=32, progress=False, log=lambda *a: None)
+    links_i, links_m = tmp_path / "fold" / "i", tmp_path / "fold" / "m"
+    links_i.mkdir(parents=True)
+    links_m.mkdir(parents=True)
+    for p in sorted(img_dir.iterdir())[:4]:  # four of the donor's images, as links
+        (links_i / p.name).symlink_to(p)
+    for p in sorted(mask_dir.iterdir())[:4]:
+        (links_m / p.name).symlink_to(p)
+    _write_pair(links_i, links_m, "ISIC_0000077")  # and one the donor does not hold
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(img_dir / "ISIC_0000001.jpg")  # changed since the donor's build
+    logs = []
+    copied = build_cache(links_i, links_m, tmp_path / "c", image_size=32, progress=False, log=logs.append,
+                         donors=[tmp_path / "donor", tmp_path / "nowhere"])
+    assert logs[0].startswith("caching 2 of 5")  # the changed one and the new one
+    fresh = build_cache(links_i, links_m, tmp_path / "fresh", image_size=32, progress=False, log=lambda *a: None)
+    assert np.array_equal(copied.images, fresh.images) and np.array_equal(copied.masks, fresh.masks)
+    assert np.array_equal(copied.original_hw, fresh.original_hw) and copied.images[1, ..., 0].mean() > 240
+    assert build_cache(links_i, links_m, tmp_path / "other", image_size=64, progress=False, log=logs.append,
+                       donors=[tmp_path / "donor"]) and logs[-1].startswith("caching 5 of 5")  # another size
+
+
 def test_a_cache_build_stopped_between_rows_and_meta_is_rebuilt_not_broken(tmp_path, monkeypatch):
     """Rows and done flags reach the disk through the memory map as they are written, the meta (each row's size)
     only every 64 rows: a build stopped in between (Ctrl-C, kill -9) left rows flagged done with no size, and

@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -171,11 +172,14 @@ def build_cache(
     progress: bool | None = None,
     log=print,
     targets: Targets = BINARY,
+    donors: Sequence[str | Path] = (),
 ) -> SplitCache:
     """Create or update the cache of one split folder pair and open it (see the module docstring). ``progress``: a
     progress bar while decoding (default: on a terminal); without it, a ``log`` line once a minute on long builds.
     An up-to-date cache is opened without writing anything (it may sit on a read-only file system). ``targets``:
-    what the masks are (``targets.py``: binary masks or label maps)."""
+    what the masks are (``targets.py``: binary masks or label maps). ``donors``: other cache folders (of other
+    splits or datasets of the same files: cross-validation's folds) whose rows of the same files, by name and
+    fingerprints, are copied instead of decoded again; they are only read."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
@@ -191,7 +195,7 @@ def build_cache(
         return open_cache(cache_dir, side, targets)
     try:
         return _build(pairs, problems, entries, old, cache_dir, side, image_dir, num_workers, skip_bad, progress,
-                      log, targets)
+                      log, targets, donors)
     except OSError as exc:  # a read-only or full file system, no permission
         raise DataError(f"cannot write the cache in {cache_dir}: {exc.strerror or exc}; choose a writable folder "
                         "with --cache_dir (train, evaluate)") from exc
@@ -217,12 +221,16 @@ def _row_usable(done, prev: dict, entry: dict) -> bool:
 
 
 def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir, num_workers, skip_bad, progress,
-           log, targets: Targets) -> SplitCache:
-    """Decode the rows the cache lacks into its arrays (keeping every row still valid), then open it."""
+           log, targets: Targets, donors: Sequence[str | Path] = ()) -> SplitCache:
+    """Decode the rows the cache lacks into its arrays (keeping every row still valid, and copying those the
+    ``donors`` hold), then open it."""
     if old:
         targets.check([p.mask for p in pairs], old)  # rows kept from a build before masks were checked: a sample
     cache_dir.mkdir(parents=True, exist_ok=True)
     arrays = _arrays_keeping_rows(cache_dir, side, entries, old)
+    for donor in map(Path, donors):
+        if donor.resolve() != cache_dir.resolve():
+            _carry_rows(arrays, entries, donor, _read_meta(donor / "meta.json", side, targets))
 
     def save_meta():
         for arr in arrays.values():
@@ -270,25 +278,37 @@ def _arrays_keeping_rows(cache_dir: Path, side: int, entries: list[dict], old: d
         return arrays
     arrays = _new_arrays(cache_dir, shapes, dtypes)
     arrays["done.npy"][:] = False
-    if old:  # carry over rows that are still valid (files renamed, added or removed elsewhere)
-        old_rows = {e["image"]: (i, e) for i, e in enumerate(old["entries"])}
-        try:
-            old_arrays = {f: np.load(cache_dir / f, mmap_mode="r") for f in shapes}
-        except (OSError, ValueError):
-            old_arrays = None
-        for i, e in enumerate(entries):
-            j, prev = old_rows.get(e["image"], (None, None))
-            if old_arrays is not None and prev and _row_usable(old_arrays["done.npy"][j], prev, e):
-                arrays["images.npy"][i] = old_arrays["images.npy"][j]
-                arrays["masks.npy"][i] = old_arrays["masks.npy"][j]
-                arrays["done.npy"][i] = True
-                e["hw"] = prev["hw"]
-        del old_arrays
+    _carry_rows(arrays, entries, cache_dir, old)  # rows still valid (files renamed, added or removed elsewhere)
     for arr in arrays.values():
         arr.flush()
     for f in shapes:
         os.replace(cache_dir / f"{f}.new", cache_dir / f)
     return {f: np.load(cache_dir / f, mmap_mode="r+") for f in shapes}
+
+
+def _carry_rows(arrays: dict, entries: list[dict], folder: Path, meta: dict | None) -> int:
+    """Copy into ``arrays`` the rows not yet done whose files the cache in ``folder`` (described by ``meta``: this
+    cache's previous build, or a donor of the same size and targets) holds still valid (``_row_usable``: the same
+    image name and fingerprints, decoded, its size recorded); their sizes go into ``entries``. Returns how many."""
+    if not meta:
+        return 0
+    rows = {e["image"]: (i, e) for i, e in enumerate(meta["entries"])}
+    try:
+        source = {f: np.load(folder / f, mmap_mode="r") for f in ("images.npy", "masks.npy", "done.npy")}
+    except (OSError, ValueError):
+        return 0
+    carried = 0
+    for i, e in enumerate(entries):
+        j, prev = rows.get(e["image"], (None, None))
+        if prev is None or arrays["done.npy"][i] or j >= len(source["done.npy"]) \
+                or not _row_usable(source["done.npy"][j], prev, e):
+            continue
+        arrays["images.npy"][i] = source["images.npy"][j]
+        arrays["masks.npy"][i] = source["masks.npy"][j]
+        arrays["done.npy"][i] = True
+        e["hw"] = prev["hw"]
+        carried += 1
+    return carried
 
 
 def _decode_rows(arrays: dict, todo: list[int], pairs, entries: list[dict], side: int, targets: Targets,
@@ -391,9 +411,10 @@ def _write_meta(path: Path, side: int, entries: list[dict], targets: Targets) ->
 # ---------------------------------------------------------------------------------- the caches of a dataset's splits
 CACHE_DIRNAME = ".r2unet_cache"
 
-def _cache_folder(data_path: Path, split: str, image_size: int, cache_dir: str | Path | None,
-                  targets: Targets) -> Path:
-    root = Path(cache_dir) if cache_dir else data_path / CACHE_DIRNAME
+def cache_folder(data_path: str | Path, split: str, image_size: int, cache_dir: str | Path | None = None,
+                 targets: Targets = BINARY) -> Path:
+    """Where the cache of ``data_path``'s ``split`` at ``image_size`` lives (``cache_dir``, else in the dataset)."""
+    root = Path(cache_dir) if cache_dir else Path(data_path) / CACHE_DIRNAME
     return root / targets.cache_name(f"{split}-{cache_side(image_size)}")
 
 def require_split(data_path: str | Path, split: str) -> None:
@@ -410,12 +431,12 @@ def split_cache(data_path: str | Path, split: str, image_size: int, cache_dir: s
     ``targets``: what the masks are (``targets.py``)."""
     data_path = Path(data_path)
     require_split(data_path, split)
-    folder = _cache_folder(data_path, split, image_size, cache_dir, targets)
+    folder = cache_folder(data_path, split, image_size, cache_dir, targets)
     return build_cache(*split_folders(data_path, split), folder, image_size=image_size, targets=targets,
                        **build_kwargs)
 
 def open_split_cache(data_path: str | Path, split: str, image_size: int, cache_dir=None,
                      targets: Targets = BINARY) -> SplitCache:
     """Open an existing cache (built by another process) without revalidating it."""
-    return open_cache(_cache_folder(Path(data_path), split, image_size, cache_dir, targets), cache_side(image_size),
+    return open_cache(cache_folder(Path(data_path), split, image_size, cache_dir, targets), cache_side(image_size),
                       targets)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.cache import cache_folder, split_cache
 from ..data.pairs import SPLITS, checked_pairs, split_folders
 from ..data.prepare import data_split, split_changes
 from ..fileio import atomic_write_text
@@ -150,12 +151,25 @@ class CrossValidation:
         if D.broadcast_object(run.results.is_file()):
             return
         data = self.fold_data(plan, k) if self.info.is_main else fold_dir(self.root, k) / "data"
+        if self.info.is_main and self.cfg.cache_dir is None:
+            self.seed_caches(data, k)
         D.barrier()
         resume = D.broadcast_object(run.last.is_file())
         self.log(f"fold {k + 1}/{self.folds}: " + ("continuing from " + str(run.last) if resume else
                                                     f"training in {run.dir}"))
         fit(self.cfg.updated(data_path=str(data), output_dir=str(run.dir), resume=resume),
             log=self.log if self.info.is_main else (lambda *a, **k: None))
+
+    def seed_caches(self, data: Path, k: int) -> None:
+        """Fold k's caches, built before its training from the rows the other folds' caches and the dataset's own
+        already hold (the same files: each is decoded once for all folds, not once per fold); what none holds is
+        decoded here, as training would. (A shared ``--cache_dir`` carries rows over by itself.)"""
+        targets, size = task_of(self.cfg).targets, self.cfg.image_size
+        sources = [fold_dir(self.root, j) / "data" for j in range(self.folds) if j != k] + [self.data]
+        donors = [cache_folder(source, split, size, None, targets) for source in sources for split in SPLITS]
+        for split in SPLITS:
+            split_cache(data, split, size, targets=targets, num_workers=self.cfg.num_workers or None,
+                        skip_bad=self.cfg.skip_bad, donors=[d for d in donors if d.is_dir()], log=self.log)
 
     def out_of_fold(self, k: int) -> None:
         """Fold k's best model's predictions of its own held-out images (at the network's size), kept in
