@@ -179,7 +179,8 @@ def build_cache(
     An up-to-date cache is opened without writing anything (it may sit on a read-only file system). ``targets``:
     what the masks are (``targets.py``: binary masks or label maps). ``donors``: other cache folders (of other
     splits or datasets of the same files: cross-validation's folds) whose rows of the same files, by name and
-    fingerprints, are copied instead of decoded again; they are only read."""
+    fingerprints, are copied instead of decoded again; they are only read, and must not be rebuilt with another
+    file list meanwhile (their meta and arrays are read one after the other)."""
     side = cache_side(image_size)
     cache_dir = Path(cache_dir)
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)

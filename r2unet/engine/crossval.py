@@ -161,12 +161,15 @@ class CrossValidation:
             log=self.log if self.info.is_main else (lambda *a, **k: None))
 
     def seed_caches(self, data: Path, k: int) -> None:
-        """Fold k's caches, built before its training from the rows the other folds' caches and the dataset's own
-        already hold (the same files: each is decoded once for all folds, not once per fold); what none holds is
-        decoded here, as training would. (A shared ``--cache_dir`` carries rows over by itself.)"""
+        """Fold k's caches, built before its training from the rows the other folds' caches already hold (the same
+        files: each is decoded once for all folds, not once per fold); what none holds is decoded here, as training
+        would. Only the folds' own caches give rows: their file lists never change while the cross-validation runs,
+        so a row's index in a donor's meta is its index in the donor's arrays (a dataset that another command
+        re-lays out meanwhile could swap them between the two reads). A shared ``--cache_dir`` carries rows over by
+        itself."""
         targets, size = task_of(self.cfg).targets, self.cfg.image_size
-        sources = [fold_dir(self.root, j) / "data" for j in range(self.folds) if j != k] + [self.data]
-        donors = [cache_folder(source, split, size, None, targets) for source in sources for split in SPLITS]
+        donors = [cache_folder(fold_dir(self.root, j) / "data", split, size, None, targets)
+                  for j in range(self.folds) if j != k for split in SPLITS]
         for split in SPLITS:
             split_cache(data, split, size, targets=targets, num_workers=self.cfg.num_workers or None,
                         skip_bad=self.cfg.skip_bad, donors=[d for d in donors if d.is_dir()], log=self.log)
