@@ -185,7 +185,6 @@ def predict_checkpoint(checkpoints, input_path: str | Path, output: str | Path, 
                           image_size=image_size, threshold=threshold, log=log, postprocess=postprocess,
                           runtime=runtime)
     if segmenter.post.active:
-        log(f"postprocessing (chosen on {segmenter.post.chosen_on or 'validation'}): {segmenter.post.describe()}; "
-            "--postprocess none leaves it out")
+        log(f"postprocessing {segmenter.post.headline()}; --postprocess none leaves it out")
     with torch.inference_mode():
         return run_predict(segmenter, input_path, output, log=log, **options)

@@ -226,8 +226,7 @@ def _row(name: str, results: dict) -> dict:
 
 
 def crossval_table(report: dict, post) -> str:
-    lines = [f"test split, per-image means (95% CI); postprocessing of the ensemble, chosen on {post.chosen_on}: "
-             f"{post.describe()}",
+    lines = [f"test split, per-image means (95% CI); postprocessing of the ensemble, {post.headline()}",
              f"  {'':<24}{'JS':>7}  {'95% CI':<13}{'DC':>7}   {'JS postprocessed':<16}"]
     for row in report["rows"]:
         after = f"{row['post_JS']:.4f} ({row['post_JS_ci'][0]:.3f}-{row['post_JS_ci'][1]:.3f})" \

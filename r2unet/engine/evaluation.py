@@ -268,7 +268,7 @@ def validation_predictions(segmenter: Segmenter, data_path, cache_dir=None, log=
 def postprocessing_report(post) -> str:
     """What ``choose_postprocessing`` tried and chose, as a table of mean validation JS."""
     report = post.valid_JS
-    lines = [f"chosen on {post.chosen_on}: {post.describe()}",
+    lines = [post.headline(),
              f"  validation JS without: {report['none']:.4f}   with: {report['chosen']:.4f}"]
     if "thresholds" in report:
         lines.append("  thresholds: " + "  ".join(f"{t} {js:.4f}" for t, js in report["thresholds"].items()))

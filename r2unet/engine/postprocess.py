@@ -86,6 +86,10 @@ class Postprocessing:
     def active(self) -> bool:
         return self.threshold is not None or any(self.classes.values())
 
+    def headline(self) -> str:
+        """"chosen on <where>: <the steps>", as every report names a decision."""
+        return f"chosen on {self.chosen_on or 'validation'}: {self.describe()}"
+
     def threshold_or(self, given: float) -> float:
         """The threshold the masks are made with: the one chosen on validation, else ``given`` (the run's)."""
         return self.threshold if self.threshold is not None else given

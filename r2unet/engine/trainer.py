@@ -681,7 +681,7 @@ class TrainingRun(TrainingSetup):
                 f"{k} {spread[k]['ci'][0]:.3f}-{spread[k]['ci'][1]:.3f}" for k in ("JS", "DC", "ACC")))
         if results["postprocessing"]:
             post = Postprocessing.from_dict(results["postprocessing"])
-            self.log(f"postprocessing chosen on {post.chosen_on}: {post.describe()} (validation JS "
+            self.log(f"postprocessing {post.headline()} (validation JS "
                      f"{post.valid_JS['none']:.4f} -> {post.valid_JS['chosen']:.4f})")
             if results["test_postprocessed"]:
                 after, ci = results["test_postprocessed"], results["test_postprocessed_spread"]["JS"]["ci"]
