@@ -130,6 +130,13 @@ def test_a_checked_int8_model_runs_in_place_of_a_checkpoint_that_would_run_in_fl
     assert member_model(amp="off").path == other / "model.onnx"  # float32 asked for: the float export
     target.unlink()
 
+    proto = onnx.load(str(_with_agreement(run / "model.int8.onnx", 0.9995, target)))
+    del proto.graph.node[: len(proto.graph.node) // 2]  # a damaged file (its metadata intact): named, not fatal
+    onnx.save(proto, str(target))
+    assert not isinstance(member_model(), OnnxModel)
+    assert any(line.startswith("warning: ") and str(target) in line for line in lines)
+    target.unlink()
+
     _run(other, seed=1)  # a new best.pt: the files made from the old one are nobody's
     assert not isinstance(member_model(), OnnxModel)
 

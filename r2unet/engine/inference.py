@@ -38,6 +38,7 @@ from ..data.imageio import (
 )
 from ..data.imageio import image_size as image_size_of
 from ..data.targets import BINARY, Targets
+from ..errors import ExportError
 from ..fileio import encode_image
 from ..models import RECURRENT, list_models
 from . import int8, runtime
@@ -475,7 +476,11 @@ def _companion_member(checkpoint: Path, member: Member, int8_ok: bool, log) -> M
             log(int8.advice(checkpoint, int8_ok))
         return member
     path, meta = found
-    model, _ = load_onnx(path, image_size=member.cfg.image_size, log=log)
+    try:
+        model, _ = load_onnx(path, image_size=member.cfg.image_size, log=log)
+    except ExportError as exc:  # a damaged file beside the run: the checkpoint still runs, and the file is named
+        log(f"warning: {exc}; running {checkpoint} itself")
+        return member
     log(f"running {int8.describe(path, meta)} in place of {checkpoint}, faster than PyTorch's {member.precision.name} "
         "on this CPU (--runtime torch runs the checkpoint itself)")
     return Member(model, member.cfg, member.device, member.precision, False)
