@@ -117,6 +117,8 @@ def test_a_checked_int8_model_runs_in_place_of_a_checkpoint_that_would_run_in_fl
     assert not isinstance(member_model(amp="off"), OnnxModel)  # float32 asked for: not int8
     assert not isinstance(member_model(image_size=64), OnnxModel)  # checked at 32 px only
 
+    _with_agreement(run / "model.int8.onnx", "n/a", target)  # an agreement that is no number: none
+    assert not isinstance(member_model(), OnnxModel)
     _with_agreement(run / "model.int8.onnx", 0.9985, target)  # masks too far from float32's: not by default
     assert not isinstance(member_model(), OnnxModel)
     assert any("99.850 % of the pixels only" in line and "--output" in line for line in lines)  # and what instead

@@ -1,4 +1,4 @@
-"""int8 models for CPUs that run a network in float32.
+"""int8 models made from a checkpoint, run in its place on CPUs.
 
 A CPU without native bf16 (AVX2 only, or AVX-512 without bf16) runs PyTorch in float32, which already reaches
 60-85 % of the float32 matmul bound on an R2U-Net (benchmarks/README.md, "Predict and serve"): only less arithmetic
@@ -179,10 +179,18 @@ def made_from(checkpoint: str | Path) -> list[tuple[Path, dict]]:
     return found
 
 
+def _agreement(meta: dict) -> float:
+    """The share of equal pixels a file records (0 when it records none, or not as a number)."""
+    try:
+        return float(meta.get(AGREED, 0))
+    except ValueError:
+        return 0.0
+
+
 def _checked(meta: dict, image_size: int | None) -> bool:
     """An int8 model's masks matched float32's closely enough, at the size it runs at."""
     same_size = image_size is None or meta.get("r2unet.image_size") == str(image_size)
-    return same_size and float(meta.get(AGREED, 0)) >= AGREEMENT
+    return same_size and _agreement(meta) >= AGREEMENT
 
 
 def companion(checkpoint: str | Path, int8: bool = True, float32: bool = True,
@@ -209,17 +217,17 @@ def advice(checkpoint: str | Path, int8: bool = True) -> str:
     if failed:
         path, meta = failed[0]
         return (f"note: this CPU runs {checkpoint} in float32; {path.name}, made from it, matched float32's masks on "
-                f"{100 * float(meta.get(AGREED, 0)):.3f} % of the pixels only (or at another size), under the "
+                f"{100 * _agreement(meta):.3f} % of the pixels only (or at another size), under the "
                 f"{100 * AGREEMENT:g} % it needs to run in its place. A float32 export runs there with float32's "
                 f"masks: {float_export}")
     return (f"note: this CPU runs {checkpoint} in float32; 'r2unet export --checkpoint {checkpoint} --int8' writes "
             f"{run / 'model.int8.onnx'}, an int8 model checked against it, that predict, serve and evaluate then run "
-            "in its place, several times faster (benchmarks/README.md)")
+            "in its place (4x float32 PyTorch's speed on the CPU it was measured on: benchmarks/README.md)")
 
 
 def describe(path: Path, meta: dict) -> str:
     """What a companion is, for the line that says it runs."""
     if meta.get(PRECISION) == "int8":
-        return (f"{path} (onnxruntime, int8; its masks matched float32's on {100 * float(meta[AGREED]):.2f} % of the "
+        return (f"{path} (onnxruntime, int8; its masks matched float32's on {100 * _agreement(meta):.2f} % of the "
                 f"pixels of {meta.get(CHECKED_ON, 'held-out images')})")
     return f"{path} (onnxruntime, float32)"
