@@ -348,7 +348,7 @@ def test_a_step_statistics_run_trains_resumes_and_predicts(tmp_path, small_data)
     segmenter = Segmenter(tmp_path / "steps", device="cpu")
     assert segmenter.cfg.step_stats and segmenter.members[0].model.RRCNN1.RCNN[0].step_norms is not None
     # its exports carry the statistics of every step: the same predictions from the safetensors and ONNX files
-    from r2unet.commands.export import export_checkpoint
+    from r2unet.engine.export import export_checkpoint
 
     image = np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     (_, _, expected), = segmenter.predict([image])

@@ -26,12 +26,12 @@ from .. import defaults
 from ..engine import int8, runtime
 from ..engine.checkpoint import save_checkpoint
 from ..engine.config import TrainConfig
+from ..engine.export import export_checkpoint
 from ..engine.inference import Segmenter
 from ..engine.onnx import OnnxModel
 from ..engine.runtime import describe_device, resolve_device, synchronize
 from ..errors import first_line
 from ..models import create_model
-from .export import export_checkpoint
 from .predict import run_predict
 
 ROWS = ("naive", "fp32", "batch", "channels_last", "bf16", "compile", "onnxruntime", "onnxruntime_int8", "default")

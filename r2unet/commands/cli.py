@@ -232,7 +232,7 @@ def _export(p) -> None:
 
 
 def _cmd_export(args) -> None:
-    from .export import export_checkpoint
+    from ..engine.export import export_checkpoint
 
     print(export_checkpoint(args.checkpoint, args.output, model_overrides=_overrides(args),
                             image_size=args.image_size, check=not args.no_check, quantize=args.int8,

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from ..engine import int8
-from ..engine.checkpoint import save_weights_safetensors
-from ..engine.config import TrainConfig
-from ..engine.inference import Segmenter, _to_input, load_for_inference, model_folders, predict_logits
-from ..engine.onnx import OnnxModel, add_metadata, export_onnx
-from ..engine.postprocess import Postprocessing
-from ..engine.task import Task, task_of
 from ..errors import ExportError
 from ..fileio import atomic_write, check_writable
 from ..models import SIZE_MULTIPLE
+from . import int8
+from .checkpoint import save_weights_safetensors
+from .config import TrainConfig
+from .inference import Segmenter, _to_input, load_for_inference, model_folders, predict_logits
+from .onnx import OnnxModel, add_metadata, export_onnx
+from .postprocess import Postprocessing
+from .task import Task, task_of
 
 
 def export_checkpoint(checkpoint: str | Path, output: str | Path | None, *, model_overrides: dict | None = None,
