@@ -23,7 +23,8 @@ THRESHOLD = 0.5  # probability above which a pixel is foreground
 # default.
 PRESETS = {
     "laptop": {"model_type": MODEL_TYPE, "t": 2, "base_channels": 16, "image_size": 128, "batch_size": 8,
-               "num_epochs": 30, "num_epochs_decay": 12, "lr": 1e-3, "beta1": 0.9, "step_stats": True},
+               "num_epochs": 30, "num_epochs_decay": 12, "lr": 1e-3, "beta1": 0.9, "step_stats": True,
+               "int8": "on"},
     "gpu": {"model_type": MODEL_TYPE, "t": T, "base_channels": BASE_CHANNELS, "image_size": IMAGE_SIZE,
             "batch_size": BATCH_SIZE, "num_epochs": 150, "num_epochs_decay": 70},
 }

@@ -196,6 +196,7 @@ def test_a_signal_is_acknowledged_while_a_long_operation_still_runs():
 def test_presets_fill_settings_the_flags_and_config_file_override(tmp_path):
     laptop = train_settings({"preset": "laptop"})
     assert (laptop.base_channels, laptop.image_size, laptop.t, laptop.num_epochs) == (16, 128, 2, 30)
+    assert laptop.int8 == "on" and train_settings({}).int8 == "off"  # the laptop's run ends with its fast model
     given = train_settings({"preset": "laptop", "batch_size": 4, "image_size": 96})
     assert (given.batch_size, given.image_size, given.base_channels) == (4, 96, 16)
     config = tmp_path / "c.yaml"

@@ -9,6 +9,7 @@ from PIL import Image
 
 from r2unet import create_model
 from r2unet.commands.cli import main
+from r2unet.data.imageio import is_image_file
 from r2unet.engine import int8
 from r2unet.engine.checkpoint import save_checkpoint
 from r2unet.engine.config import TrainConfig
@@ -233,3 +234,39 @@ def test_a_folder_of_runs_gets_an_int8_model_in_each_run(exported, tmp_path, cap
     for k in range(2):
         meta = _meta(tmp_path / "folds" / f"fold_{k}" / "model.int8.onnx")
         assert meta[int8.SOURCE] == int8.file_digest(run / "checkpoints" / "best.pt")
+
+
+def _train(tmp_path, data, **settings):
+    from r2unet.engine.trainer import fit
+
+    lines = []
+    cfg = TrainConfig(model_type="R2U_Net", t=2, base_channels=4, image_size=32, batch_size=4, num_epochs=2,
+                      num_epochs_decay=1, lr=2e-3, amp="off", num_workers=0, device="cpu", data_path=str(data),
+                      output_dir=str(tmp_path / "run"), seed=1, **settings)
+    fit(cfg, log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    return tmp_path / "run", "\n".join(lines)
+
+
+def test_train_with_int8_on_ends_with_a_checked_int8_model_of_its_kept_checkpoint(tmp_path, tiny_data):
+    run, log = _train(tmp_path, tiny_data, int8="on")
+    path = run / "model.int8.onnx"
+    meta = _meta(path)
+    assert meta[int8.PRECISION] == "int8" and meta[int8.SOURCE] == int8.file_digest(run / "checkpoints" / "best.pt")
+    valid = [p for p in (tiny_data / "valid").iterdir() if is_image_file(p)]  # checked on the validation images
+    assert meta[int8.CHECKED_ON] == f"{min(len(valid), int8.CHECK_IMAGES)} validation images of {tiny_data}"
+    assert 0 <= float(meta[int8.AGREED]) <= 1 and f"wrote {path} (int8)" in log
+    # it is the run's companion exactly when its masks agree well enough (a 2-epoch model may not)
+    assert (int8.companion(run) == path) == (float(meta[int8.AGREED]) >= int8.AGREEMENT)
+    assert (run / "results.json").is_file()  # the scores came first
+
+
+def test_train_with_int8_on_but_no_onnxruntime_finishes_and_says_how_to_make_it_later(tmp_path, tiny_data,
+                                                                                        monkeypatch):
+    for name in ("onnxruntime", "onnxruntime.quantization", "onnxruntime.quantization.shape_inference"):
+        monkeypatch.setitem(__import__("sys").modules, name, None)  # an import of it fails, as where it is missing
+    assert not int8.runnable()
+    run, log = _train(tmp_path, tiny_data, int8="on")
+    assert log.index("--int8 on needs onnx and onnxruntime") < log.index("epoch")  # said before training, and after:
+    assert "warning: --int8 on: no int8 model written (int8 quantisation needs onnx and onnxruntime" in log
+    assert f"r2unet export --checkpoint {run} --int8" in log
+    assert (run / "results.json").is_file() and not (run / "model.int8.onnx").exists()

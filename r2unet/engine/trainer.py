@@ -22,11 +22,11 @@ from ..data.cache import open_split_cache, require_split, split_cache
 from ..data.dataset import DeviceTransform, make_loader
 from ..data.pairs import SPLITS
 from ..data.prepare import data_split, split_changes
-from ..errors import CheckpointError, Terminated, TrainingError, first_line
+from ..errors import CheckpointError, ExportError, Terminated, TrainingError, first_line
 from ..fileio import FolderLock, append_line, atomic_write_text
 from ..models import RECURRENT
 from . import distributed as D
-from . import plots
+from . import int8, plots
 from .budget import check_memory, say_step_time
 from .checkpoint import (
     RunFiles,
@@ -38,6 +38,7 @@ from .checkpoint import (
     store_postprocessing,
 )
 from .config import ConfigError, TrainConfig
+from .export import export_checkpoint
 from .loop import (
     EpochRun,
     JobThroughput,
@@ -414,6 +415,9 @@ class TrainingRun(TrainingSetup):
             self.log(f"note: the global batch {self.global_batch} is larger than the {len(caches['train'])} training "
                      "images: every epoch is a single partial step; a smaller --batch_size or fewer processes "
                      "updates the model more often")
+        if cfg.int8 == "on" and not int8.runnable():  # said now, not after hours of training
+            self.log("note: --int8 on needs onnx and onnxruntime (pip install 'r2unet[export]'): this run will "
+                     "train and test without writing its int8 model")
         if cfg.device_index is not None and self.device.type == "cpu":
             self.log(f"note: --npu_idx {cfg.device_index}: there is no CUDA GPU here, so training runs on the CPU")
 
@@ -626,7 +630,21 @@ class TrainingRun(TrainingSetup):
                    "test_postprocessed": post_test, "test_postprocessed_spread": post_spread}
         if self.info.is_main:
             self._write_results(results)
+            if cfg.int8 == "on":
+                self._write_int8()
         return results
+
+    def _write_int8(self) -> None:
+        """``--int8 on``: the kept model as an int8 model beside the run (``export.export_checkpoint``), which
+        predict, serve and evaluate run in its place on a CPU if its masks agree with float32's. The run's results
+        stand without it: a model that cannot be made (no onnxruntime, no validation images) is a warning."""
+        if not self.files.best.exists():
+            return
+        try:
+            self.log(export_checkpoint(self.files.dir, None, quantize=True, log=self.log))
+        except (ExportError, OSError, RuntimeError, ValueError) as exc:  # the ONNX exporter and quantiser raise these
+            self.log(f"warning: --int8 on: no int8 model written ({first_line(exc) or type(exc).__name__}). The "
+                     f"run is complete; 'r2unet export --checkpoint {self.files.dir} --int8' makes it later")
 
     def _choose_postprocessing(self) -> Postprocessing:
         """The postprocessing of the kept model, chosen on the validation split (``postprocess.choose``; every
