@@ -1,5 +1,6 @@
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -365,6 +366,55 @@ def test_cache_is_incremental_and_detects_changes(tmp_path):
     logs.clear()
     build_cache(img_dir, mask_dir, tmp_path / "c", image_size=64, progress=False, log=logs.append)
     assert logs[-1].startswith("caching 6 of 6")
+
+
+def _build_in_process(img_dir, mask_dir, cache_dir, start):
+    start.wait(60)
+    build_cache(img_dir, mask_dir, cache_dir, image_size=32, num_workers=1, progress=False, log=lambda *a: None)
+
+
+def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
+    """Two runs started on one dataset build its cache at the same moment: they had replaced each other's arrays
+    mid-build ("cannot write the cache ... No such file or directory"); they take turns, and both end with it."""
+    import multiprocessing as mp
+
+    img_dir, mask_dir = _raw(tmp_path, 48)
+    ctx = mp.get_context("spawn")
+    start = ctx.Event()  # all three begin together, once started
+    procs = [ctx.Process(target=_build_in_process, args=(img_dir, mask_dir, tmp_path / "c", start))
+             for _ in range(3)]
+    for p in procs:
+        p.start()
+    time.sleep(3)
+    start.set()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    logs = []
+    cache = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
+    assert logs == [] and len(cache) == 48  # complete and up to date: nothing decoded again
+    fresh = build_cache(img_dir, mask_dir, tmp_path / "fresh", image_size=32, progress=False, log=lambda *a: None)
+    assert np.array_equal(cache.images, fresh.images) and np.array_equal(cache.masks, fresh.masks)
+
+
+def test_a_build_waits_for_the_process_holding_the_cache_lock_and_says_so(tmp_path):
+    import fcntl
+    import threading
+
+    img_dir, mask_dir = _raw(tmp_path, 4)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    logs, done = [], threading.Event()
+    with open(folder / ".lock", "a") as held:  # another builder (flock: per open file, so a thread waits too)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        thread = threading.Thread(target=lambda: (build_cache(img_dir, mask_dir, folder, image_size=32,
+                                                              progress=False, log=logs.append), done.set()))
+        thread.start()
+        assert not done.wait(1.5)  # held back while the lock is taken
+        assert logs and logs[0].startswith("waiting for another process building the cache in ")
+        fcntl.flock(held, fcntl.LOCK_UN)
+    thread.join(60)
+    assert done.is_set() and logs[-1].startswith("caching 4 of 4")
 
 
 def test_a_cache_copies_the_rows_a_donor_cache_holds_of_the_same_files_and_decodes_the_rest(tmp_path):

@@ -14,6 +14,8 @@ at the smallest 1/2^k scale that still covers S x S, which is several times fast
 
 The cache is re-validated against the folder on every open: rows whose source changed are decoded again, new files
 are added and removed ones dropped, so a dataset folder that changes under a cache is detected and never served stale.
+Processes that build the same cache at once (two runs started on one dataset) take turns through a lock file
+(``.lock``): the second waits, then finds the cache up to date.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -186,20 +188,53 @@ def build_cache(
     pairs, problems, _ = checked_pairs(image_dir, mask_dir)
     # Problems are reported together after decoding the good pairs, so one run lists every bad file.
 
-    meta_path = cache_dir / "meta.json"
-    old = _read_meta(meta_path, side, targets)
     entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
                 "hw": None} for p in pairs]
-    if old is not None and _up_to_date(cache_dir, old["entries"], entries):
+
+    def current():  # the cache opened as it is, if every row is up to date; else None
+        old = _read_meta(cache_dir / "meta.json", side, targets)
+        if old is None or not _up_to_date(cache_dir, old["entries"], entries):
+            return old, None
         targets.check([p.mask for p in pairs], old)  # a cache built before masks were checked: a sample
         report_problems(problems, skip_bad, log)
-        return open_cache(cache_dir, side, targets)
+        return old, open_cache(cache_dir, side, targets)
+
+    old, cache = current()
+    if cache is not None:
+        return cache
     try:
-        return _build(pairs, problems, entries, old, cache_dir, side, image_dir, num_workers, skip_bad, progress,
-                      log, targets, donors)
+        with _build_lock(cache_dir, log):
+            old, cache = current()  # another process may have built it while this one waited
+            if cache is not None:
+                return cache
+            return _build(pairs, problems, entries, old, cache_dir, side, image_dir, num_workers, skip_bad,
+                          progress, log, targets, donors)
     except OSError as exc:  # a read-only or full file system, no permission
         raise DataError(f"cannot write the cache in {cache_dir}: {exc.strerror or exc}; choose a writable folder "
                         "with --cache_dir (train, evaluate)") from exc
+
+
+@contextmanager
+def _build_lock(cache_dir: Path, log=print):
+    """One builder at a time per cache folder, across processes: an exclusive ``flock`` on ``cache_dir/.lock``,
+    released when the builder ends or dies. Without it two builders replace each other's arrays mid-build. On a
+    system without ``fcntl`` (Windows) there is no lock."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(cache_dir / ".lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process building the cache in {cache_dir}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _up_to_date(cache_dir: Path, old_entries: list[dict], entries: list[dict]) -> bool:
@@ -227,7 +262,6 @@ def _build(pairs, problems, entries, old, cache_dir: Path, side: int, image_dir,
     ``donors`` hold), then open it."""
     if old:
         targets.check([p.mask for p in pairs], old)  # rows kept from a build before masks were checked: a sample
-    cache_dir.mkdir(parents=True, exist_ok=True)
     arrays = _arrays_keeping_rows(cache_dir, side, entries, old)
     for donor in map(Path, donors):
         if donor.resolve() != cache_dir.resolve():
