@@ -74,13 +74,8 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
         raise ConfigError(f"--thresholds: for binary masks only; this checkpoint segments {task.classes} classes "
                           "(a class map is the argmax, with no threshold)")
     precision, channels_last = segmenter.members[0].precision, segmenter.members[0].channels_last
-    acc = task.accumulator(threshold if not post.active else 0.5, dev, keep_per_image=True)
-    raw = task.accumulator(cfg.threshold, dev, keep_per_image=True) if post.active else None  # without, beside
-    sweep = [task.accumulator(t, dev) for t in thresholds or ()]
-    if sweep and split == "test":
-        log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
-    fed = Accumulators(PostprocessedScores(acc, post, task, threshold), raw, *sweep) if post.active else \
-        (Accumulators(acc, *sweep) if sweep else acc)
+    acc, raw, sweep, fed = _accumulators(task, threshold, cfg.threshold, post, dev, thresholds or (), split, log)
+    transform = DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch, labels=task.targets.nearest)
     cache = None
     scored = _scoring_module(segmenter, tta, resolution, per_image_csv, log)
     with _binary_model_on_label_maps(segmenter.names[0], split):
@@ -90,10 +85,38 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
             cache = split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir, targets=task.targets, log=log)
             names = cache.names
             loader = make_loader(cache, batch_size, train=False, drop_last=False, pin_memory=dev.type == "cuda")
-            evaluate(scored, loader, DeviceTransform(cfg.image_size, dev, None, img_ch=cfg.img_ch,
-                                                     labels=task.targets.nearest), precision, task,
-                     threshold, channels_last, progress=f"{split} split" if sys.stderr.isatty() else None,
-                     accumulator=fed)
+            evaluate(scored, loader, transform, precision, task, threshold, channels_last,
+                     progress=f"{split} split" if sys.stderr.isatty() else None, accumulator=fed)
+    out = _scores(acc, raw, sweep, post, resolution, tta, split_note)
+    if per_image_csv is not None:
+        def draw(cache, rows, picture, title, row_titles):
+            draw_samples(scored, cache, rows, transform, precision, task, cfg.threshold, picture, title, row_titles)
+
+        def open_cache():
+            return cache if cache is not None else split_cache(data_path, split, cfg.image_size, cache_dir=cache_dir,
+                                                               targets=task.targets, log=log)
+
+        out.update(_per_image_report(acc.per_image(), names, per_image_csv, split, resolution, log=log, draw=draw,
+                                     open_cache=open_cache))
+    return out
+
+
+def _accumulators(task, threshold: float, trained_threshold: float, post, dev, thresholds, split: str, log):
+    """(the scores reported, the scores without postprocessing or None, one per swept threshold, what the
+    predictions are fed to: all of them at once)."""
+    acc = task.accumulator(threshold if not post.active else 0.5, dev, keep_per_image=True)
+    raw = task.accumulator(trained_threshold, dev, keep_per_image=True) if post.active else None  # without, beside
+    sweep = [task.accumulator(t, dev) for t in thresholds]
+    if sweep and split == "test":
+        log("note: a threshold chosen on the test split makes its test scores optimistic; sweep on --split valid")
+    if post.active:
+        return acc, raw, sweep, Accumulators(PostprocessedScores(acc, post, task, threshold), raw, *sweep)
+    return acc, raw, sweep, Accumulators(acc, *sweep) if sweep else acc
+
+
+def _scores(acc, raw, sweep, post, resolution: str, tta: bool, split_note: dict | None) -> dict:
+    """What ``evaluate_checkpoint`` reports from its accumulators: the means over images (and pooled), their spread,
+    how the masks were made, the scores without postprocessing and the threshold sweep."""
     out = acc.compute("image")
     if "pooled" in acc.reductions:
         out["pooled"] = acc.compute("pooled")
@@ -110,16 +133,6 @@ def evaluate_checkpoint(checkpoints, data_path: str | Path, split: str = "test",
     if sweep:
         out["threshold_sweep"] = [{"threshold": a.threshold, **a.compute("image")} for a in sweep]
         out["best_threshold"] = max(out["threshold_sweep"], key=lambda r: r["JS"])["threshold"]
-    if per_image_csv is not None:
-        out.update(_per_image_report(acc.per_image(), names, per_image_csv, split, resolution, log=log,
-                                     draw=lambda cache, rows, picture, title, row_titles: draw_samples(
-                                         scored, cache, rows, DeviceTransform(cfg.image_size, dev, None,
-                                                                              img_ch=cfg.img_ch,
-                                                                              labels=task.targets.nearest),
-                                         precision, task, cfg.threshold, picture, title, row_titles),
-                                     open_cache=lambda: cache if cache is not None else split_cache(
-                                         data_path, split, cfg.image_size, cache_dir=cache_dir,
-                                         targets=task.targets, log=log)))
     return out
 
 
