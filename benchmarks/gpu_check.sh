@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
-# One script for a machine with an H100/H200 GPU: GPU tests, training-step benchmarks, data pipeline and a
-# short fp32-vs-default accuracy comparison. Installs nothing; uses the machine's torch. Most important first; every
+# One script for a machine with an H100/H200 GPU: GPU tests, training-step benchmarks, data pipeline, inference and
+# a short fp32-vs-default accuracy comparison. Installs nothing; uses the machine's torch. Most important first; every
 # stage's time limit is cut to what is left of BUDGET seconds, so the script ends (and prints its table) inside one
-# 600-second remote call, and the summary is rewritten after every stage, so a run cut short still returns what it measured.
+# 600-second remote call, and the summary is rewritten after every stage, so a run cut short still returns what it
+# measured. The GPU tests and the two accuracy runs share the card at the same time (they measure correctness and
+# scores, not speed); every timed stage runs alone.
 # $OUT gets summary.txt, summary.json and results.tar.gz (all logs/JSON): three files, few enough to copy back.
 #   run:  bash benchmarks/gpu_check.sh          (BUDGET=540 s by default; allow the call ~600 s)
+#         STAGES=others,serve bash benchmarks/gpu_check.sh     (only those stages; names below)
 #   dry run of the plumbing on a CPU:
 #         DEVICE=cpu SIZE=32 BATCH=2 BASE=4 STEPS=2 EPOCHS=1 NIMG=40 OTHER_CONFIGS=fp32,default PREDICT_IMAGES=3 \
 #         PY=.venv/bin/python bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/r2unet_gpu}
 DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STEPS=${STEPS:-30} EPOCHS=${EPOCHS:-10}
-NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,compile,default}
+NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,default}
 PREDICT_IMAGES=${PREDICT_IMAGES:-12} PREDICT_CONFIGS=${PREDICT_CONFIGS:-batch,channels_last,bf16,default}
 PY=${PY:-python3}
+STAGES=${STAGES:-headline,data,check,profile,predict,cudagraphs,others,serve,pipeline,seed2,autotune}
+NETS=${NETS:-U_Net AttU_Net R2AttU_Net}  # the other networks of the 'others' stage
 WORK=$(mktemp -d)
 RAW="$WORK/results"  # outside $OUT: only the three files below are copied back
 mkdir -p "$RAW" "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
+
+# want STAGE: whether STAGE is among $STAGES
+want() { [[ ",$STAGES," == *",$1,"* ]]; }
 
 summarize() {
     $PY benchmarks/summarize_gpu_check.py "$RAW" "$OUT/summary.json" > "$OUT/summary.txt" 2>&1
@@ -56,14 +64,16 @@ bench_train() {  # NAME WANT MODEL CONFIGS [MORE FLAGS...]
         --configs "$configs" --json "$@"
 }
 
-# 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, default end to end, CUDA graphs
-bench_train R2U_Net 300 R2U_Net all
+# 1. the headline: R2U-Net t=2, 224, batch 16 - baseline, each optimisation, the default end to end (on an H200
+#    these seven rows, two of them compiled, took about 300 s: CUDA graphs, a third compilation, is stage 6b)
+want headline && bench_train R2U_Net 330 R2U_Net fp32,cudnn_benchmark,bf16,channels_last,fused,compile,default
 
-# 2. the dataset for the accuracy runs, and the data pipeline on the GPU
-run synth 60 $PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1
-run prepare 60 $PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
-    --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" --num_workers 8
-run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" --num_workers 4 --json
+# 2. the dataset for the accuracy runs (the 'check' and 'pipeline' stages need it)
+if want data || want check || want pipeline || want seed2; then
+    run synth 60 $PY -m r2unet synth --output "$WORK/raw" --num_images "$NIMG" --seed 1
+    run prepare 60 $PY -m r2unet prepare --origin_data_path "$WORK/raw/ISIC2018_Task1-2_Training_Input" \
+        --origin_GT_path "$WORK/raw/ISIC2018_Task1_Training_GroundTruth" --data_path "$WORK/data" --num_workers 8
+fi
 
 # 3. accuracy: fp32 eager vs the default fast configuration, same seed and data, short runs
 accuracy() {  # NAME WANT SEED FLAGS...
@@ -74,41 +84,58 @@ accuracy() {  # NAME WANT SEED FLAGS...
         --image_size "$SIZE" --base_channels "$BASE" --lr 1e-3 --num_workers 4 --device "$DEVICE" --seed "$seed" "$@"
     cp "$WORK/acc_$name/results.json" "$RAW/acc_$name.results.json" 2>/dev/null
     cp "$WORK/acc_$name/metrics.jsonl" "$RAW/acc_$name.metrics.jsonl" 2>/dev/null
-    summarize
 }
-accuracy fp32 120 1 --amp off --compile off --channels_last off
-accuracy default 120 1
+FP32=(--amp off --compile off --channels_last off)
 
-# where the fast step's device time goes (kernel groups, top kernels): what to tune next
-run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" --image_size "$SIZE" \
-    --base_channels "$BASE" --device "$DEVICE" --json
+# 4. correctness on the GPU (augmentation parity, no host sync inside the training step, fp16 + GradScaler, a
+#    compiled bf16 run) beside the two accuracy runs: three processes on the card at once, none of them timed
+if want check; then
+    echo concurrent > "$RAW/acc_concurrent"
+    run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py &
+    accuracy fp32 200 1 "${FP32[@]}" &
+    accuracy default 200 1 &
+    wait
+    summarize
+fi
 
-# 4. correctness on the GPU: augmentation parity, no host sync inside the training step, fp16 + GradScaler, then a
-#    compiled bf16 run (the slowest, last)
-run tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+# 5. where the fast step's device time goes (kernel groups, top kernels): what to tune next
+want profile && run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
+    --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --json
 
-# 4b. inference on the card: full-size photos to mask files, each path against the naive loop (bf16, channels_last,
-#     the batch of 8 against 1), and the default
-run bench_predict 90 $PY -m r2unet bench predict --device "$DEVICE" --t 2 --base_channels "$BASE" \
+# 6. inference on the card: full-size photos to mask files, each path against the naive loop (bf16, channels_last,
+#    the batch of 8 against 1), and the default
+want predict && run bench_predict 90 $PY -m r2unet bench predict --device "$DEVICE" --t 2 --base_channels "$BASE" \
     --image_size "$SIZE" --num_images "$PREDICT_IMAGES" --configs "$PREDICT_CONFIGS" --json
 
-# 5. the other three networks: baseline, compiled model-only step, default end to end
-for m in U_Net AttU_Net R2AttU_Net; do
-    bench_train "$m" 100 "$m" "$OTHER_CONFIGS"
-done
+# 6b. CUDA graphs (compile mode reduce-overhead) for the model-only step, beside its own baseline
+want cudagraphs && bench_train R2U_Net_cudagraphs 150 R2U_Net cudagraphs
 
-# 5b. the server on the card: one small image at a time (p50/p95) and 8 concurrent clients against predict (needs the
-#     serve extra; without it the stage records the import error)
-run serve 90 $PY benchmarks/serve_latency.py --device "$DEVICE" --num_images "$PREDICT_IMAGES" \
+# 7. the other three networks ($NETS): baseline and the default step end to end
+if want others; then
+    for m in $NETS; do
+        bench_train "$m" 100 "$m" "$OTHER_CONFIGS"
+    done
+fi
+
+# 8. the server on the card: one small image at a time (p50/p95) and 8 concurrent clients against predict (needs the
+#    serve extra; without it the stage records the import error)
+want serve && run serve 90 $PY benchmarks/serve_latency.py --device "$DEVICE" --num_images "$PREDICT_IMAGES" \
     --base_channels "$BASE" --json
 
-# 6. seed-to-seed noise of the accuracy comparison, if time is left
-accuracy default_seed2 100 2
-accuracy fp32_seed2 100 2 --amp off --compile off --channels_last off
+# 9. the data pipeline alone on the GPU (cache -> augmentation)
+want pipeline && run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/data" --device "$DEVICE" \
+    --num_workers 4 --json
 
-# 7. if time is still left: inductor's autotuned kernels (Triton convolution templates among them) for the
-#    model-only step; raises e if cuDNN's convolutions are the bottleneck (benchmarks/README.md), slow to compile
-bench_train R2U_Net_max_autotune 240 R2U_Net compile --compile_mode max-autotune-no-cudagraphs
+# 10. seed-to-seed noise of the accuracy comparison, if time is left (concurrent, like stage 4)
+if want seed2; then
+    accuracy default_seed2 100 2 &
+    accuracy fp32_seed2 100 2 "${FP32[@]}" &
+    wait
+fi
+
+# 11. if time is still left: inductor's autotuned kernels (Triton convolution templates among them) for the
+#     model-only step; raises e if cuDNN's convolutions are the bottleneck (benchmarks/README.md), slow to compile
+want autotune && bench_train R2U_Net_max_autotune 240 R2U_Net compile --compile_mode max-autotune-no-cudagraphs
 
 summarize
 rm -rf "$WORK"

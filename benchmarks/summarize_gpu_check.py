@@ -56,6 +56,8 @@ def _bench_train(raw: Path, summary: dict) -> None:
 
 def _accuracy(raw: Path, summary: dict) -> None:
     summary["accuracy"] = {}
+    # beside the GPU tests and each other on one card: their img/s are no throughput figures
+    shared = " on a shared card" if (raw / "acc_concurrent").exists() else ""
     for f in sorted(raw.glob("acc_*.err")):
         name = f.stem.removeprefix("acc_")
         res = raw / f"acc_{name}.results.json"
@@ -72,7 +74,7 @@ def _accuracy(raw: Path, summary: dict) -> None:
         summary["accuracy"][name] = r
         best_valid = f"best valid JS {max(valid_js):.4f}, " if valid_js else ""
         print(f"accuracy {name}: {best_valid}test JS {r['test']['JS']:.4f} DC {r['test']['DC']:.4f} "
-              f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s ({r['precision']})")
+              f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s{shared} ({r['precision']})")
 
 
 def _inference(raw: Path, summary: dict) -> None:
