@@ -20,8 +20,8 @@ THRESHOLD = 0.5  # probability above which a pixel is foreground
 # trains at 41 s per 1,000 training images and epoch in bf16 (AMX) and 94 s in float32, with per-step BatchNorm
 # statistics (test JS 0.962 against 0.924 with shared ones, on 400 synthetic lesions; benchmarks/README.md,
 # "Training presets"), ending with a checked int8 model for predict and serve on a CPU (used only where its masks
-# match float32's on 99.9 % of the pixels; on one such run they did not); gpu: the reference's recipe, with the mixed precision and compilation a GPU run takes by
-# default.
+# match float32's on 99.9 % of the pixels; on one such run they did not); gpu: the reference's recipe, with the
+# mixed precision and compilation a GPU run takes by default.
 PRESETS = {
     "laptop": {"model_type": MODEL_TYPE, "t": 2, "base_channels": 16, "image_size": 128, "batch_size": 8,
                "num_epochs": 30, "num_epochs_decay": 12, "lr": 1e-3, "beta1": 0.9, "step_stats": True,
