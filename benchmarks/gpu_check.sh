@@ -99,8 +99,13 @@ if want check; then
 fi
 
 # 5. where the fast step's device time goes (kernel groups, top kernels): what to tune next
-want profile && run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
-    --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --json
+#    (model-only, then the default step with its data, augmentation and metrics: each beside its wall time)
+if want profile; then
+    run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
+        --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --json
+    run profile_e2e 120 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
+        --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --end_to_end --json
+fi
 
 # 6. inference on the card: full-size photos to mask files, each path against the naive loop (bf16, channels_last,
 #    the batch of 8 against 1), and the default

@@ -1,6 +1,11 @@
 """Where a training step's device time goes: torch.profiler over a few steps of the model-only step in the fast
 configuration (bf16, channels_last, fused Adam, compiled on GPUs), kernels grouped into convolutions, compiler-fused
 elementwise/normalisation kernels, other elementwise work, the optimizer and copies. Run by gpu_check.sh.
+``--end_to_end``: the trainer's default step instead (cache batch -> augmentation -> step -> metrics, as ``bench
+train``'s default row runs it), which adds the data, augmentation and metric kernels.
+
+Beside the device time per step it prints the wall time per step of the same steps run without the profiler: their
+difference is the time the device waited (launch gaps, the host, the data).
 
 It also prints the convolutions' throughput: the step's FLOPs (torch.utils.flop_counter counts only convolutions
 here) over the convolution kernels' device time, as a fraction of a large bf16 matmul's measured rate. That fraction
@@ -13,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from r2unet.commands.bench import FAST, model_step, train_flops_per_image
+from r2unet.commands.bench import FAST, DefaultTraining, model_step, train_flops_per_image
 from r2unet.engine.runtime import configure_backends, peak_tflops, synchronize
 
 # substrings of kernel names, first match wins (cuDNN/CUTLASS convolution kernels carry these in their names)
@@ -49,22 +55,58 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=["on", "off"], default=None, help="default: on for CUDA")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--end_to_end", action="store_true", help="the trainer's default step, data and metrics "
+                        "included, instead of the model-only step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dev = torch.device(args.device)
     compiled = (args.compile or ("on" if dev.type == "cuda" else "off")) == "on"
     configure_backends(dev)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    if args.end_to_end:
+        prof, wall_ms, steps, model = _profile_default_step(args, dev, compiled, activities)
+    else:
+        prof, wall_ms, steps, model = _profile_model_step(args, dev, compiled, activities)
+    flops_per_step = train_flops_per_image(model, args.batch_size, args.image_size) * args.batch_size
+    report(prof, args, dev, compiled, steps, wall_ms, flops_per_step)
+
+
+def _profile_model_step(args, dev, compiled, activities):
+    """The model-only step: warmed up, timed without the profiler, then profiled over ``args.steps`` steps."""
     step, model = model_step(args.model_type, args.t, args.base_channels, args.image_size, args.batch_size, dev,
                              **FAST, compile_model=compiled)
-    flops_per_step = train_flops_per_image(model, args.batch_size, args.image_size) * args.batch_size
     for _ in range(5):  # compilation, cuDNN autotuning, allocator warm-up
         step()
     synchronize(dev)
-    cuda = dev.type == "cuda"
-    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    synchronize(dev)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / args.steps
+    with profile(activities=activities) as prof:
         for _ in range(args.steps):
             step()
         synchronize(dev)
+    return prof, wall_ms, args.steps, model
+
+
+def _profile_default_step(args, dev, compiled, activities):
+    """The trainer's default step, epochs of 3 warm-up + ``args.steps`` steps: one to compile, one timed without
+    the profiler (its steady steps), one profiled whole."""
+    with DefaultTraining(args.model_type, args.t, args.base_channels, args.image_size, args.batch_size, dev,
+                         args.steps, 3, compile_flag="on" if compiled else "off", log=lambda *_: None) as run:
+        run.epoch()
+        state = run.epoch()
+        wall_ms = state.steady_seconds * 1e3 / max(1, state.steady_images // args.batch_size)
+        with profile(activities=activities) as prof:
+            state = run.epoch()
+            synchronize(dev)
+        return prof, wall_ms, state.steps, run.setup.model
+
+
+def report(prof, args, dev, compiled, steps, wall_ms, flops_per_step) -> None:
+    """Device time per kernel group and the top kernels of ``steps`` profiled steps, beside ``wall_ms``."""
+    cuda = dev.type == "cuda"
     events = prof.key_averages()
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     # on a GPU, the kernels' own rows only: a CPU operator's "self device time" repeats the kernels it launched
@@ -74,24 +116,29 @@ def main() -> None:
     groups: dict[str, float] = defaultdict(float)
     for name, us, _ in rows:
         groups[group_of(name)] += us
-    per_step_ms = total / 1e3 / args.steps
-    conv_ms = groups.get("convolution", 0.0) / 1e3 / args.steps
+    per_step_ms = total / 1e3 / steps
+    conv_ms = groups.get("convolution", 0.0) / 1e3 / steps
     conv_tflops = flops_per_step / (conv_ms * 1e-3) / 1e12 if conv_ms else None
     peak = peak_tflops(dev)[0] if cuda else None
     result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "compiled": compiled,
+              "step": "default (data, augmentation, metrics)" if args.end_to_end else "model-only",
               "model_type": args.model_type, "batch_size": args.batch_size, "image_size": args.image_size,
               "device_ms_per_step": per_step_ms, "img_per_s_if_busy": args.batch_size / per_step_ms * 1e3,
+              "wall_ms_per_step": wall_ms, "img_per_s": args.batch_size / wall_ms * 1e3,
+              "device_busy_percent": 100 * per_step_ms / wall_ms,
               "convolution_ms_per_step": conv_ms, "convolution_tflops": conv_tflops, "peak_bf16_tflops": peak,
               "convolution_fraction_of_peak": conv_tflops / peak if conv_tflops and peak else None,
               "groups_percent": {g: 100 * us / total for g, us in sorted(groups.items(), key=lambda x: -x[1])},
-              "top": [{"name": n[:120], "percent": 100 * us / total, "calls_per_step": c / args.steps}
+              "top": [{"name": n[:120], "percent": 100 * us / total, "calls_per_step": c / steps}
                       for n, us, c in sorted(rows, key=lambda r: -r[1])[:15]]}
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.model_type} batch {args.batch_size} {args.image_size}px on {result['device']} "
-          f"(compiled: {compiled}): {per_step_ms:.2f} ms of {'device' if cuda else 'CPU'} time per step "
-          f"-> {result['img_per_s_if_busy']:.0f} img/s if the device never idles")
+    print(f"{args.model_type} batch {args.batch_size} {args.image_size}px on {result['device']}, {result['step']} "
+          f"step (compiled: {compiled}): {per_step_ms:.2f} ms of {'device' if cuda else 'CPU'} time per step "
+          f"-> {result['img_per_s_if_busy']:.0f} img/s if the device never idles; {wall_ms:.2f} ms of wall time "
+          f"({result['img_per_s']:.0f} img/s" + (f", the device busy {result['device_busy_percent']:.0f} % of it)"
+                                                  if cuda else ")"))
     for g, pct in result["groups_percent"].items():
         print(f"  {g:<26}{pct:6.1f}%")
     if conv_tflops:

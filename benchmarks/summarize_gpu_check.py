@@ -77,6 +77,27 @@ def _accuracy(raw: Path, summary: dict) -> None:
               f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s{shared} ({r['precision']})")
 
 
+def _profile(raw: Path, stage: str, summary: dict) -> None:
+    """profile_step.py's groups and top kernels (``profile``: the model-only step; ``profile_e2e``: the default)."""
+    prof = _last_json(raw / f"{stage}.out")
+    summary[stage] = prof
+    if not prof:
+        if (raw / f"{stage}.err").exists():
+            print(f"{stage}: no result; " + " | ".join(_tail(raw / f"{stage}.err", 2)))
+        return
+    wall = (f"; wall {prof['wall_ms_per_step']:.1f} ms ({prof['img_per_s']:.0f} img/s, device busy "
+            f"{prof['device_busy_percent']:.0f} %)" if "wall_ms_per_step" in prof else "")
+    print(f"{stage} ({prof.get('step', 'model-only')}, {'compiled' if prof['compiled'] else 'eager'}): "
+          f"{prof['device_ms_per_step']:.1f} ms device time per step ({prof['img_per_s_if_busy']:.0f} img/s if never "
+          f"idle){wall}; " + ", ".join(f"{g} {pct:.0f}%" for g, pct in prof["groups_percent"].items()))
+    if prof.get("convolution_fraction_of_peak"):
+        print(f"   convolutions: {prof['convolution_tflops']:.0f} TFLOP/s = e "
+              f"{prof['convolution_fraction_of_peak']:.2f} of the bf16 matmul peak (benchmarks/README.md: 550 "
+              "img/s needs e >= 0.72 on an H200, >= 0.92 on an H100)")
+    for row in prof["top"][:6 if stage == "profile" else 10]:
+        print(f"   {row['percent']:5.1f}%  x{row['calls_per_step']:<4.0f} {row['name'][:90]}")
+
+
 def _inference(raw: Path, summary: dict) -> None:
     """bench predict's table and the server's latency and throughput."""
     predict = _last_json(raw / "bench_predict.out")
@@ -110,20 +131,8 @@ def main(raw: Path, out_json: Path) -> None:
     elif (raw / "bench_data.err").exists():
         print("data pipeline: no result; " + " | ".join(_tail(raw / "bench_data.err", 2)))
     _accuracy(raw, summary)
-    prof = _last_json(raw / "profile.out")
-    summary["profile"] = prof
-    if prof:
-        print(f"profile ({'compiled' if prof['compiled'] else 'eager'}): {prof['device_ms_per_step']:.1f} ms device "
-              f"time per step ({prof['img_per_s_if_busy']:.0f} img/s if never idle); "
-              + ", ".join(f"{g} {pct:.0f}%" for g, pct in prof["groups_percent"].items()))
-        if prof.get("convolution_fraction_of_peak"):
-            print(f"   convolutions: {prof['convolution_tflops']:.0f} TFLOP/s = e "
-                  f"{prof['convolution_fraction_of_peak']:.2f} of the bf16 matmul peak (benchmarks/README.md: 550 "
-                  "img/s needs e >= 0.72 on an H200, >= 0.92 on an H100)")
-        for row in prof["top"][:6]:
-            print(f"   {row['percent']:5.1f}%  x{row['calls_per_step']:<4.0f} {row['name'][:90]}")
-    elif (raw / "profile.err").exists():
-        print("profile: no result; " + " | ".join(_tail(raw / "profile.err", 2)))
+    for stage in ("profile", "profile_e2e"):
+        _profile(raw, stage, summary)
     _inference(raw, summary)
     out_json.write_text(json.dumps(summary, indent=1))
 

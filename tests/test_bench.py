@@ -1,4 +1,8 @@
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +83,19 @@ def test_bench_predict_compares_every_path_with_the_naive_loop_and_the_float32_m
     assert out["images"] == 3 and out["mean_megapixels"] > 0.5  # photos of dermoscopy sizes
     assert main(["bench", "predict", "--configs", "fp64"]) == 2
     assert "--configs: unknown row(s) fp64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("end_to_end", [False, True])
+def test_the_step_profile_splits_device_time_into_groups_beside_the_wall_time(end_to_end):
+    """benchmarks/profile_step.py is for GPUs, which CI has none of: its plumbing is checked here, on a CPU."""
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "profile_step.py"), "--device", "cpu", "--base_channels", "4",
+           "--image_size", "32", "--batch_size", "2", "--steps", "2", "--json"] + (["--end_to_end"] * end_to_end)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["step"].startswith("default" if end_to_end else "model-only")
+    assert result["device_ms_per_step"] > 0 and result["wall_ms_per_step"] > 0
+    assert abs(sum(result["groups_percent"].values()) - 100) < 1e-6
+    assert result["groups_percent"]["convolution"] > 0 and result["top"]

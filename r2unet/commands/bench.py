@@ -255,44 +255,73 @@ def bench_train(model_type: str = defaults.MODEL_TYPE, batch_size: int = default
             "flop_bound_img_per_s": peak * 1e12 / flops, "rows": rows}
 
 
+class DefaultTraining:
+    """The trainer's own step with its default settings, as ``train`` sets it up (but the run folder): batches from
+    the cache, augmentation on the device, loss, backward, optimizer and training metrics (``train_one_epoch``),
+    ``warmup + steps`` steps an epoch. Without ``data_path``, on synthetic images in a temporary folder, enough for
+    one epoch (the warm-up is excluded once per epoch). A context manager; ``epoch()`` runs the next epoch."""
+
+    def __init__(self, model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path=None,
+                 compile_flag: str = "auto", compile_mode: str = "default", log=print):
+        self._tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-") if data_path is None else None
+        try:
+            self._set_up(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
+                         compile_flag, compile_mode, log)
+        except BaseException:
+            self.__exit__()
+            raise
+        self._epoch = 0
+
+    def _set_up(self, model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
+                compile_flag, compile_mode, log):
+        if data_path is None:
+            raw = Path(self._tmp.name) / "raw"
+            generate_dataset(raw, num_images=min(512, batch_size * (warmup + steps + 1)), seed=0, max_side=400)
+            data_path = Path(self._tmp.name) / "data"
+            prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
+                          test_ratio=0, log=lambda *_: None)
+        self.cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
+                               batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
+                               max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
+                               compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
+        self.compile_mode = compile_mode
+        self.setup = TrainingSetup(self.cfg, D.DistInfo(), log, splits=("train",))
+        self.model = self.setup.wrap_for_training()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def epoch(self):
+        """One epoch; its state holds the steady-state images and seconds (after the warm-up steps)."""
+        s = self.setup
+        s.train_sampler.set_epoch(self._epoch)
+        state = train_one_epoch(self.model, s.loaders["train"], s.augment, s.optimizer, s.scaler, s.precision,
+                                self.cfg, s.task, self._epoch, channels_last=s.channels_last)
+        self._epoch += 1
+        return state
+
+    def name(self) -> str:
+        s = self.setup
+        compiled = (", compile" + (f" {self.compile_mode}" if self.compile_mode != "default" else "")
+                    if s.place.compile else "")
+        name = (f"default train step ({s.precision.name}{', channels_last' if s.channels_last else ''}{compiled}, "
+                "data+aug)")
+        return name + (" [compile failed: eager]" if s.place.compile and self.model.fell_back else "")
+
+
 def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup,
                             data_path, compile_flag: str = "auto", compile_mode: str = "default",
                             log=print) -> dict:
-    """The trainer's own step with its default settings: batches from the cache, augmentation on the device,
-    loss, backward, optimizer and training metrics (train_one_epoch)."""
-    tmp = None
-    if data_path is None:
-        tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-")
-        raw = Path(tmp.name) / "raw"
-        # enough images for one epoch of warm-up + timed steps (the warm-up is excluded once per epoch)
-        generate_dataset(raw, num_images=min(512, batch_size * (warmup + steps + 1)), seed=0, max_side=400)
-        data_path = Path(tmp.name) / "data"
-        prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
-                      test_ratio=0, log=lambda *_: None)
-    try:
-        cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
-                          batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
-                          max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
-                          compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
-        setup = TrainingSetup(cfg, D.DistInfo(), log, splits=("train",))  # what train sets up, but the run folder
-        train_model = setup.wrap_for_training()
+    """The default row of ``bench train``: the steady-state img/s of ``DefaultTraining``."""
+    with DefaultTraining(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
+                         compile_flag, compile_mode, log) as run:
         images = seconds = 0.0
-        epoch = 0
         while images < batch_size * steps:
-            setup.train_sampler.set_epoch(epoch)
-            state = train_one_epoch(train_model, setup.loaders["train"], setup.augment, setup.optimizer,
-                                    setup.scaler, setup.precision, cfg, setup.task, epoch,
-                                    channels_last=setup.channels_last)
+            state = run.epoch()
             images += state.steady_images
             seconds += state.steady_seconds
-            epoch += 1
-        precision, channels_last, use_compile = setup.precision, setup.channels_last, setup.place.compile
-        compiled = (", compile" + (f" {compile_mode}" if compile_mode != "default" else "")) if use_compile else ""
-        name = f"default train step ({precision.name}{', channels_last' if channels_last else ''}{compiled}, data+aug)"
-        row = {"config": name, "img_per_s": images / max(seconds, 1e-9)}
-        if use_compile and train_model.fell_back:
-            row["config"] += " [compile failed: eager]"
-        return row
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
+        return {"config": run.name(), "img_per_s": images / max(seconds, 1e-9)}
