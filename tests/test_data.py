@@ -393,6 +393,7 @@ def test_two_processes_building_one_cache_at_once_both_get_it_whole(tmp_path):
     logs = []
     cache = build_cache(img_dir, mask_dir, tmp_path / "c", image_size=32, progress=False, log=logs.append)
     assert logs == [] and len(cache) == 48  # complete and up to date: nothing decoded again
+    assert not (tmp_path / "c" / ".lock").exists()  # the lock file goes with its last holder
     fresh = build_cache(img_dir, mask_dir, tmp_path / "fresh", image_size=32, progress=False, log=lambda *a: None)
     assert np.array_equal(cache.images, fresh.images) and np.array_equal(cache.masks, fresh.masks)
 

@@ -44,6 +44,11 @@ from .imageio import DataError, NotBinaryMask, label_maps_among, mask_frame, rea
 from .pairs import checked_pairs, note_ambiguous, report_problems, split_folders
 from .targets import BINARY, Targets
 
+try:
+    import fcntl
+except ImportError:  # Windows: cache builds are not locked
+    fcntl = None
+
 CACHE_VERSION = 1
 
 
@@ -217,24 +222,37 @@ def build_cache(
 @contextmanager
 def _build_lock(cache_dir: Path, log=print):
     """One builder at a time per cache folder, across processes: an exclusive ``flock`` on ``cache_dir/.lock``,
-    released when the builder ends or dies. Without it two builders replace each other's arrays mid-build. On a
-    system without ``fcntl`` (Windows) there is no lock."""
+    released when the builder ends or dies. Without it two builders replace each other's arrays mid-build. The
+    holder removes the file when it is done, so nothing stays behind (a refused build leaves no file); a waiter that
+    then holds the removed file's lock tries again on the new one. Without ``fcntl`` (Windows) there is no lock."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         yield
         return
-    with open(cache_dir / ".lock", "a") as f:
+    path = cache_dir / ".lock"
+    said = False
+    while True:
+        f = open(path, "a")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"waiting for another process building the cache in {cache_dir}")
-            fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    log(f"waiting for another process building the cache in {cache_dir}")
+                    said = True
+                fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                try:
+                    yield
+                finally:
+                    path.unlink(missing_ok=True)  # before the lock is released: no one can hold this file then
+                return
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()  # releases the lock
 
 
 def _up_to_date(cache_dir: Path, old_entries: list[dict], entries: list[dict]) -> bool:
