@@ -72,7 +72,9 @@ def _accuracy(raw: Path, summary: dict) -> None:
                         if line.strip() and json.loads(line).get("valid")]
         r["valid_JS_per_epoch"] = valid_js
         summary["accuracy"][name] = r
-        best_valid = f"best valid JS {max(valid_js):.4f}, " if valid_js else ""
+        last = valid_js[-3:]
+        best_valid = (f"best valid JS {max(valid_js):.4f}, mean of the last {len(last)} epochs "
+                      f"{sum(last) / len(last):.4f}, " if valid_js else "")
         print(f"accuracy {name}: {best_valid}test JS {r['test']['JS']:.4f} DC {r['test']['DC']:.4f} "
               f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s{shared} ({r['precision']})")
 
