@@ -411,7 +411,11 @@ def test_a_build_waits_for_the_process_holding_the_cache_lock_and_says_so(tmp_pa
         thread = threading.Thread(target=lambda: (build_cache(img_dir, mask_dir, folder, image_size=32,
                                                               progress=False, log=logs.append), done.set()))
         thread.start()
-        assert not done.wait(1.5)  # held back while the lock is taken
+        for _ in range(600):  # until it reaches the lock (pairing the files comes first)
+            if logs or done.is_set():
+                break
+            time.sleep(0.05)
+        assert not done.wait(0.5)  # held back while the lock is taken
         assert logs and logs[0].startswith("waiting for another process building the cache in ")
         fcntl.flock(held, fcntl.LOCK_UN)
     thread.join(60)

@@ -264,29 +264,23 @@ class DefaultTraining:
     def __init__(self, model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path=None,
                  compile_flag: str = "auto", compile_mode: str = "default", log=print):
         self._tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-") if data_path is None else None
+        self._epoch = 0
         try:
-            self._set_up(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
-                         compile_flag, compile_mode, log)
+            if data_path is None:
+                raw = Path(self._tmp.name) / "raw"
+                generate_dataset(raw, num_images=min(512, batch_size * (warmup + steps + 1)), seed=0, max_side=400)
+                data_path = Path(self._tmp.name) / "data"
+                prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
+                              test_ratio=0, log=lambda *_: None)
+            self.cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
+                                   batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
+                                   max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
+                                   compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
+            self.setup = TrainingSetup(self.cfg, D.DistInfo(), log, splits=("train",))
+            self.model = self.setup.wrap_for_training()
         except BaseException:
             self.__exit__()
             raise
-        self._epoch = 0
-
-    def _set_up(self, model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,
-                compile_flag, compile_mode, log):
-        if data_path is None:
-            raw = Path(self._tmp.name) / "raw"
-            generate_dataset(raw, num_images=min(512, batch_size * (warmup + steps + 1)), seed=0, max_side=400)
-            data_path = Path(self._tmp.name) / "data"
-            prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
-                          test_ratio=0, log=lambda *_: None)
-        self.cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
-                               batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
-                               max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
-                               compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
-        self.compile_mode = compile_mode
-        self.setup = TrainingSetup(self.cfg, D.DistInfo(), log, splits=("train",))
-        self.model = self.setup.wrap_for_training()
 
     def __enter__(self):
         return self
@@ -306,8 +300,8 @@ class DefaultTraining:
 
     def name(self) -> str:
         s = self.setup
-        compiled = (", compile" + (f" {self.compile_mode}" if self.compile_mode != "default" else "")
-                    if s.place.compile else "")
+        mode = self.cfg.compile_mode
+        compiled = (", compile" + (f" {mode}" if mode != "default" else "")) if s.place.compile else ""
         name = (f"default train step ({s.precision.name}{', channels_last' if s.channels_last else ''}{compiled}, "
                 "data+aug)")
         return name + (" [compile failed: eager]" if s.place.compile and self.model.fell_back else "")

@@ -196,7 +196,7 @@ def build_cache(
     entries = [{"image": p.image.name, "mask": p.mask.name, "fp": _file_fp(p.image) + "|" + _file_fp(p.mask),
                 "hw": None} for p in pairs]
 
-    def current():  # the cache opened as it is, if every row is up to date; else None
+    def current():  # (its meta, the cache opened as it is if every row is up to date, else None)
         old = _read_meta(cache_dir / "meta.json", side, targets)
         if old is None or not _up_to_date(cache_dir, old["entries"], entries):
             return old, None
