@@ -17,7 +17,7 @@ DEVICE=${DEVICE:-cuda} SIZE=${SIZE:-224} BATCH=${BATCH:-16} BASE=${BASE:-64} STE
 NIMG=${NIMG:-400} BUDGET=${BUDGET:-540} OTHER_CONFIGS=${OTHER_CONFIGS:-fp32,default}
 PREDICT_IMAGES=${PREDICT_IMAGES:-12} PREDICT_CONFIGS=${PREDICT_CONFIGS:-batch,channels_last,bf16,default}
 PY=${PY:-python3}
-STAGES=${STAGES:-headline,data,check,profile,predict,cudagraphs,others,serve,pipeline,seed2,autotune}
+STAGES=${STAGES:-headline,data,check,profile,profile_e2e,predict,cudagraphs,others,serve,pipeline,seed2,autotune}
 NETS=${NETS:-U_Net AttU_Net R2AttU_Net}  # the other networks of the 'others' stage
 WORK=$(mktemp -d)
 RAW="$WORK/results"  # outside $OUT: only the three files below are copied back
@@ -91,20 +91,25 @@ FP32=(--amp off --compile off --channels_last off)
 
 # 4. correctness on the GPU (augmentation parity, no host sync inside the training step, fp16 + GradScaler, a
 #    compiled bf16 run) beside the two accuracy runs: three processes on the card at once, none of them timed
+#    (with the 'seed2' stage wanted too, its two runs join them: five processes, the seed-to-seed noise for free)
 if want check; then
     echo concurrent > "$RAW/acc_concurrent"
     run tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py &
     accuracy fp32 200 1 "${FP32[@]}" &
     accuracy default 200 1 &
+    if want seed2; then
+        accuracy default_seed2 200 2 &
+        accuracy fp32_seed2 200 2 "${FP32[@]}" &
+    fi
     wait
     summarize
 fi
 
 # 5. where the fast step's device time goes (kernel groups, top kernels): what to tune next
 #    (model-only, then the default step with its data, augmentation and metrics: each beside its wall time)
-if want profile; then
-    run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
-        --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --json
+want profile && run profile 90 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
+    --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --json
+if want profile_e2e; then
     run profile_e2e 120 $PY benchmarks/profile_step.py --model_type R2U_Net --t 2 --batch_size "$BATCH" \
         --image_size "$SIZE" --base_channels "$BASE" --device "$DEVICE" --end_to_end --json
 fi
@@ -134,7 +139,7 @@ want pipeline && run bench_data 45 $PY -m r2unet bench data --data_path "$WORK/d
     --num_workers 4 --json
 
 # 10. seed-to-seed noise of the accuracy comparison, if time is left (concurrent, like stage 4)
-if want seed2; then
+if want seed2 && ! want check; then
     accuracy default_seed2 100 2 &
     accuracy fp32_seed2 100 2 "${FP32[@]}" &
     wait
