@@ -77,6 +77,27 @@ def _accuracy(raw: Path, summary: dict) -> None:
                       f"{sum(last) / len(last):.4f}, " if valid_js else "")
         print(f"accuracy {name}: {best_valid}test JS {r['test']['JS']:.4f} DC {r['test']['DC']:.4f} "
               f"(best epoch {r['best_epoch']}), {r['fps']:.0f} img/s{shared} ({r['precision']})")
+    _accuracy_by_arm(summary["accuracy"])
+
+
+def _accuracy_by_arm(runs: dict) -> None:
+    """Runs named ARM_seedN: each arm's mean over its seeds (test JS; validation JS of the last three epochs)."""
+    arms: dict[str, list[dict]] = {}
+    for name, r in runs.items():
+        arm, sep, seed = name.rpartition("_seed")
+        if sep and seed.isdigit():
+            arms.setdefault(arm, []).append(r)
+    for arm, rs in arms.items():
+        if len(rs) < 2:
+            continue
+        test = [r["test"]["JS"] for r in rs]
+        valid = [sum(r["valid_JS_per_epoch"][-3:]) / len(r["valid_JS_per_epoch"][-3:]) for r in rs
+                 if r["valid_JS_per_epoch"]]
+        line = f"accuracy arm {arm}, {len(rs)} seeds: test JS mean {sum(test) / len(test):.4f} " \
+               f"(min {min(test):.4f}, max {max(test):.4f})"
+        if valid:
+            line += f"; validation JS of the last epochs, mean {sum(valid) / len(valid):.4f}"
+        print(line)
 
 
 def _profile(raw: Path, stage: str, summary: dict) -> None:

@@ -62,3 +62,58 @@ def small_disk(tmp_path):
         yield folder
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def eager_and_compiled_steps(device: str, amp: str = "off", channels_last: bool = False, base_channels: int = 4,
+                             size: int = 32):
+    """One ``train`` step (``loop.train_step`` with its non-finite guard, fused Adam and the statistics'
+    snapshot) of R2U-Net t=2 from equal weights on one batch, eagerly and through ``CompileWithFallback``. Its
+    recurrent blocks apply one BatchNorm three times a forward, so a compiled graph must chain three updates of the
+    same running statistics. Returns ``(eager_model, compiled_model, eager_loss, compiled_loss, lr)``; the
+    compiled model is the plain module (its weights), and the step must not have fallen back to eager."""
+    import copy
+
+    from r2unet.engine.loop import BufferSnapshot, StepBuffers, train_step
+    from r2unet.engine.runtime import CompileWithFallback, Precision, place_model
+    from r2unet.engine.task import BINARY_TASK
+    from r2unet.models import create_model
+
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    eager = place_model(create_model("R2U_Net", t=2, base_channels=base_channels), dev, channels_last)
+    plain = copy.deepcopy(eager)
+    compiled = CompileWithFallback(plain, log=print)
+    x = torch.randn(4, 3, size, size, device=dev)
+    y = (torch.rand(4, 1, size, size, device=dev) > 0.5).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    dtype = {"off": None, "bf16": torch.bfloat16}[amp]
+    lr, losses = 1e-3, []
+    for forward, model in ((eager, eager), (compiled, plain)):
+        model.train()
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.5, 0.999), fused=True)
+        snapshot = BufferSnapshot(model)
+        snapshot.take()
+        scaler = torch.amp.GradScaler(dev.type, enabled=False)
+        _, loss, finite = train_step(forward, x, y, Precision(dtype, dev), scaler, optimizer, StepBuffers(dev),
+                                     BINARY_TASK.loss)
+        snapshot.keep_if(finite)
+        assert bool(finite)
+        losses.append(float(loss.detach()))
+    assert not compiled.fell_back
+    return eager, plain, losses[0], losses[1], lr
+
+
+def assert_same_step(eager, compiled, lr: float, stats_tol: float) -> None:
+    """The two models after one step agree: every running statistic within ``stats_tol`` of the largest of its
+    tensor, the same update counts, and the weights moved alike (Adam's first update is +-lr per element wherever the
+    gradient is not ~0; elements whose gradient is ~0 may flip, a wrong or skipped update moves all of them)."""
+    for (name, a), (_, b) in zip(eager.named_buffers(), compiled.named_buffers()):
+        if a.is_floating_point():
+            scale = a.float().abs().max().clamp_min(1e-6)
+            assert float((a.float() - b.float()).abs().max() / scale) < stats_tol, name
+        else:
+            assert torch.equal(a, b), name
+    moved = [((p.detach() - q.detach()).abs() / lr).mean() for (n, p), (_, q)
+             in zip(eager.named_parameters(), compiled.named_parameters()) if n.endswith("weight")]
+    assert float(torch.stack(moved).mean()) < 0.5

@@ -593,3 +593,13 @@ def test_a_global_batch_larger_than_the_training_split_is_said_at_the_start(tiny
     assert out.index("every epoch is a single partial step") < out.index("epoch 1/1")
     assert main([*argv, "--batch_size", "14", "--output_dir", str(tmp_path / "fits")]) == 0
     assert "partial step" not in capsys.readouterr().out
+
+
+def test_a_compiled_step_updates_weights_and_batchnorm_statistics_like_the_eager_step():
+    """torch.compile must not change what a training step does: R2U-Net's shared BatchNorms update their running
+    statistics three times a forward, which the compiled graph must chain as eager mode does."""
+    from conftest import assert_same_step, eager_and_compiled_steps
+
+    eager, compiled, loss_eager, loss_compiled, lr = eager_and_compiled_steps("cpu")
+    assert loss_compiled == pytest.approx(loss_eager, rel=1e-4)
+    assert_same_step(eager, compiled, lr, stats_tol=1e-4)
