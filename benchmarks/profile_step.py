@@ -53,14 +53,15 @@ def main() -> None:
     parser.add_argument("--image_size", type=int, default=224)
     parser.add_argument("--base_channels", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", choices=["on", "off"], default=None, help="default: on for CUDA")
+    parser.add_argument("--compile", choices=["on", "off"], default=None,
+                        help="default: on for the model-only step on CUDA; as train runs it (off) with --end_to_end")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--end_to_end", action="store_true", help="the trainer's default step, data and metrics "
                         "included, instead of the model-only step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dev = torch.device(args.device)
-    compiled = (args.compile or ("on" if dev.type == "cuda" else "off")) == "on"
+    compiled = (args.compile or ("on" if dev.type == "cuda" and not args.end_to_end else "off")) == "on"
     configure_backends(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     if args.end_to_end:

@@ -81,13 +81,13 @@ def test_training_steps_never_wait_for_the_gpu(tiny_data):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_default_gpu_training_runs(tiny_data, tmp_path):
+def test_compiled_gpu_training_runs(tiny_data, tmp_path):
     """Last in this file: it compiles (the slowest GPU test), so a time limit cuts it rather than the others."""
     from r2unet.engine.config import TrainConfig
     from r2unet.engine.trainer import fit
 
     cfg = TrainConfig(model_type="R2AttU_Net", t=2, base_channels=8, image_size=64, batch_size=4, num_epochs=2,
-                      num_epochs_decay=1, num_workers=2, device="cuda", data_path=str(tiny_data),
+                      num_epochs_decay=1, num_workers=2, device="cuda", compile="on", data_path=str(tiny_data),
                       output_dir=str(tmp_path / "run"))
     results = fit(cfg, log=print)
     assert results["precision"] in ("bf16", "fp16") and results["fps"] > 0

@@ -221,8 +221,10 @@ def bench_train(model_type: str = defaults.MODEL_TYPE, batch_size: int = default
             name += f" ({compile_mode})"
         try:
             if key == "default":
+                # --compile on/off decide for the default row too; auto: as train runs it
                 row = _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps,
-                                              warmup, data_path, "on" if use_compile else "off", compile_mode, log)
+                                              warmup, data_path, None if compile_model == "auto" else compile_model,
+                                              compile_mode, log)
             else:
                 step, model = model_step(model_type, t, base_channels, image_size, batch_size, dev, **opts)
                 seconds = _time_steps(step, dev, steps, warmup + (3 if opts["compile_model"] else 0),
@@ -259,10 +261,11 @@ class DefaultTraining:
     """The trainer's own step with its default settings, as ``train`` sets it up (but the run folder): batches from
     the cache, augmentation on the device, loss, backward, optimizer and training metrics (``train_one_epoch``),
     ``warmup + steps`` steps an epoch. Without ``data_path``, on synthetic images in a temporary folder, enough for
-    one epoch (the warm-up is excluded once per epoch). A context manager; ``epoch()`` runs the next epoch."""
+    one epoch (the warm-up is excluded once per epoch). ``compile_flag``: train's ``--compile`` (None: its default).
+    A context manager; ``epoch()`` runs the next epoch."""
 
     def __init__(self, model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path=None,
-                 compile_flag: str = "auto", compile_mode: str = "default", log=print):
+                 compile_flag: str | None = None, compile_mode: str = "default", log=print):
         self._tmp = tempfile.TemporaryDirectory(prefix="r2unet-bench-") if data_path is None else None
         self._epoch = 0
         try:
@@ -272,10 +275,11 @@ class DefaultTraining:
                 data_path = Path(self._tmp.name) / "data"
                 prepare_split(raw / IMAGE_DIR, raw / MASK_DIR, data_path=data_path, train_ratio=1, valid_ratio=0,
                               test_ratio=0, log=lambda *_: None)
+            compiling = {} if compile_flag is None else {"compile": compile_flag}  # None: train's default
             self.cfg = TrainConfig(model_type=model_type, t=t, base_channels=base_channels, image_size=image_size,
                                    batch_size=batch_size, device=dev.type, warmup_steps=warmup, log_every=10**9,
                                    max_steps_per_epoch=warmup + steps, num_workers=2 if dev.type == "cuda" else 0,
-                                   compile=compile_flag, compile_mode=compile_mode, data_path=str(data_path))
+                                   compile_mode=compile_mode, data_path=str(data_path), **compiling)
             self.setup = TrainingSetup(self.cfg, D.DistInfo(), log, splits=("train",))
             self.model = self.setup.wrap_for_training()
         except BaseException:
@@ -308,7 +312,7 @@ class DefaultTraining:
 
 
 def _bench_default_training(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup,
-                            data_path, compile_flag: str = "auto", compile_mode: str = "default",
+                            data_path, compile_flag: str | None = None, compile_mode: str = "default",
                             log=print) -> dict:
     """The default row of ``bench train``: the steady-state img/s of ``DefaultTraining``."""
     with DefaultTraining(model_type, t, base_channels, image_size, batch_size, dev, steps, warmup, data_path,

@@ -325,7 +325,9 @@ def _bench(p) -> None:
                           ("steps", 20), ("warmup", 5), ("num_workers", 0)):
         p.add_argument(f"--{name}", type=int, default=default, help={"steps": "timed steps per configuration",
                                                                         "warmup": "untimed steps first"}.get(name))
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="train: the compiled rows (auto: on CUDA) and, when on or off, the default row's setting "
+                        "(auto: train's default, off)")
     p.add_argument("--compile_mode", choices=COMPILE_MODES, default="default", help="of the compiled rows")
     p.add_argument("--configs", default="all", help="train: 'all' or a comma list of fp32, cudnn_benchmark, bf16, "
                    "channels_last, fused, compile, cudagraphs, default (the baseline always runs); predict: 'all' or "

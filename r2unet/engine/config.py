@@ -99,7 +99,9 @@ class TrainConfig:
     amp: str = setting("auto", AMP_HELP, choices=AMP_CHOICES)
     loss_scale: str = setting("dynamic", "initial fp16 loss scale, a number or 'dynamic'", seed=True,
                               flag="loss_scale_value")
-    compile: str = setting("auto", "torch.compile (auto: on for CUDA)", choices=("auto", "on", "off"))
+    compile: str = setting("off", "torch.compile: on is ~20 %% faster on GPUs, but compiled runs validated worse "
+                                  "than eager ones on an H200 (benchmarks/README.md); auto: on for CUDA",
+                           choices=("auto", "on", "off"))
     compile_mode: str = setting("default", "torch.compile mode (reduce-overhead adds CUDA graphs)",
                                 choices=COMPILE_MODES)
     channels_last: str = setting("auto", "memory format (auto: on for CUDA, and on CPUs with native bf16 from "

@@ -304,7 +304,8 @@ def resolve_channels_last(setting: str, precision: Precision, base_channels: int
 
 
 def resolve_compile(setting: str, device: torch.device) -> bool:
-    """``auto``: compile on GPUs only (on CPUs inductor's code was slower than eager bf16; benchmarks/README.md)."""
+    """``auto``: compile on GPUs only (on CPUs inductor's code was slower than eager bf16; benchmarks/README.md).
+    Training's default is ``off``: on an H200 every compiled bf16/fp32 run validated worse than its eager pair."""
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
