@@ -65,22 +65,27 @@ def small_disk(tmp_path):
 
 
 def eager_and_compiled_steps(device: str, amp: str = "off", channels_last: bool = False, base_channels: int = 4,
-                             size: int = 32):
+                             size: int = 32, whole: bool = True):
     """One ``train`` step (``loop.train_step`` with its non-finite guard, fused Adam and the statistics'
     snapshot) of R2U-Net t=2 from equal weights on one batch, eagerly and through ``CompileWithFallback``. Its
     recurrent blocks apply one BatchNorm three times a forward, so a compiled graph must chain three updates of the
-    same running statistics. Returns ``(eager_model, compiled_model, eager_loss, compiled_loss, lr)``; the
-    compiled model is the plain module (its weights), and the step must not have fallen back to eager."""
+    same running statistics. ``whole`` False: one recurrent residual block and a 1x1 head instead of the network
+    (a CPU compiles the whole one in over a minute). Returns ``(eager_model, compiled_model, eager_loss,
+    compiled_loss, lr)``; the compiled model is the plain module (its weights), and the step must not have fallen
+    back to eager."""
     import copy
 
     from r2unet.engine.loop import BufferSnapshot, StepBuffers, train_step
     from r2unet.engine.runtime import CompileWithFallback, Precision, place_model
     from r2unet.engine.task import BINARY_TASK
     from r2unet.models import create_model
+    from r2unet.models.blocks import RRCNNBlock
 
     dev = torch.device(device)
     torch.manual_seed(0)
-    eager = place_model(create_model("R2U_Net", t=2, base_channels=base_channels), dev, channels_last)
+    network = create_model("R2U_Net", t=2, base_channels=base_channels) if whole else \
+        torch.nn.Sequential(RRCNNBlock(3, base_channels, t=2), torch.nn.Conv2d(base_channels, 1, 1))
+    eager = place_model(network, dev, channels_last)
     plain = copy.deepcopy(eager)
     compiled = CompileWithFallback(plain, log=print)
     x = torch.randn(4, 3, size, size, device=dev)

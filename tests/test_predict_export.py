@@ -490,3 +490,32 @@ def test_scoring_at_the_original_resolution_warns_of_nothing(checkpoint, tmp_pat
         assert main(["evaluate", "--checkpoint", str(checkpoint[0]), "--data_path", str(data), "--resolution",
                      "original", "--device", "cpu"]) == 0
     assert "JS" in capsys.readouterr().out
+
+
+def test_the_export_check_refuses_a_file_that_computes_something_else_and_scales_with_the_logits(tmp_path):
+    """check_onnx compares the file with the model it came from: a file whose weights differ is refused, and its
+    tolerance follows the logits' scale (large logits summed in another order differ more, in proportion)."""
+    pytest.importorskip("onnxruntime", reason="the export extra (onnxruntime) is not installed")
+    from r2unet.engine.export import check_onnx
+    from r2unet.engine.onnx import export_onnx
+    from r2unet.errors import ExportError
+
+    torch.manual_seed(0)
+    model = create_model("U_Net", base_channels=4).eval()
+    export_onnx(model, tmp_path / "m.onnx", image_size=32)
+    assert check_onnx(model, tmp_path / "m.onnx", BINARY_TASK, 32, 3, log=lambda *_: None) <= 1e-4
+    changed = create_model("U_Net", base_channels=4).eval()
+    changed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        changed.Conv_1x1.weight.mul_(1.01)  # 1 % off: a file that no longer computes this model
+    with pytest.raises(ExportError, match="not faithful"):
+        check_onnx(changed, tmp_path / "m.onnx", BINARY_TASK, 32, 3, log=lambda *_: None)
+    big = create_model("U_Net", base_channels=4).eval()
+    big.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        big.Conv_1x1.weight.mul_(1e4)
+        big.Conv_1x1.bias.mul_(1e4)
+    export_onnx(big, tmp_path / "big.onnx", image_size=32)
+    logs = []
+    check_onnx(big, tmp_path / "big.onnx", BINARY_TASK, 32, 3, log=logs.append)  # float32 rounding of logits ~1e4
+    assert "tolerance" in logs[0]
