@@ -100,7 +100,7 @@ FP32=(--amp off --compile off --channels_last off)
 #    none of them timed
 if want check; then
     echo concurrent > "$RAW/acc_concurrent"
-    run tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py &
+    run tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py &
     for seed in $ACC_SEEDS; do
         accuracy "fp32_seed$seed" 240 "$seed" "${FP32[@]}" &
         accuracy "default_seed$seed" 240 "$seed" &
