@@ -54,19 +54,19 @@ def main() -> None:
     parser.add_argument("--base_channels", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", choices=["on", "off"], default=None,
-                        help="default: on for the model-only step on CUDA; as train runs it (off) with --end_to_end")
+                        help="default: on for the model-only step on CUDA; train's own default with --end_to_end")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--end_to_end", action="store_true", help="the trainer's default step, data and metrics "
                         "included, instead of the model-only step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     dev = torch.device(args.device)
-    compiled = (args.compile or ("on" if dev.type == "cuda" and not args.end_to_end else "off")) == "on"
     configure_backends(dev)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     if args.end_to_end:
-        prof, wall_ms, steps, model = _profile_default_step(args, dev, compiled, activities)
+        prof, wall_ms, steps, model, compiled = _profile_default_step(args, dev, activities)
     else:
+        compiled = (args.compile or ("on" if dev.type == "cuda" else "off")) == "on"
         prof, wall_ms, steps, model = _profile_model_step(args, dev, compiled, activities)
     flops_per_step = train_flops_per_image(model, args.batch_size, args.image_size) * args.batch_size
     report(prof, args, dev, compiled, steps, wall_ms, flops_per_step)
@@ -91,18 +91,19 @@ def _profile_model_step(args, dev, compiled, activities):
     return prof, wall_ms, args.steps, model
 
 
-def _profile_default_step(args, dev, compiled, activities):
-    """The trainer's default step, epochs of 3 warm-up + ``args.steps`` steps: one to compile, one timed without
-    the profiler (its steady steps), one profiled whole."""
+def _profile_default_step(args, dev, activities):
+    """The trainer's default step (``--compile`` as given, else train's own default), epochs of 3 warm-up +
+    ``args.steps`` steps: one to compile, one timed without the profiler (its steady steps), one profiled whole.
+    Also returns whether the step ran compiled."""
     with DefaultTraining(args.model_type, args.t, args.base_channels, args.image_size, args.batch_size, dev,
-                         args.steps, 3, compile_flag="on" if compiled else "off", log=lambda *_: None) as run:
+                         args.steps, 3, compile_flag=args.compile, log=lambda *_: None) as run:
         run.epoch()
         state = run.epoch()
         wall_ms = state.steady_seconds * 1e3 / max(1, state.steady_images // args.batch_size)
         with profile(activities=activities) as prof:
             state = run.epoch()
             synchronize(dev)
-        return prof, wall_ms, state.steps, run.setup.model
+        return prof, wall_ms, state.steps, run.setup.model, run.setup.place.compile and not run.model.fell_back
 
 
 def report(prof, args, dev, compiled, steps, wall_ms, flops_per_step) -> None:

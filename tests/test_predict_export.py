@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -504,14 +506,12 @@ def test_the_export_check_refuses_a_file_that_computes_something_else_and_scales
     model = create_model("U_Net", base_channels=4).eval()
     export_onnx(model, tmp_path / "m.onnx", image_size=32)
     assert check_onnx(model, tmp_path / "m.onnx", BINARY_TASK, 32, 3, log=lambda *_: None) <= 1e-4
-    changed = create_model("U_Net", base_channels=4).eval()
-    changed.load_state_dict(model.state_dict())
+    changed = copy.deepcopy(model)
     with torch.no_grad():
         changed.Conv_1x1.weight.mul_(1.01)  # 1 % off: a file that no longer computes this model
     with pytest.raises(ExportError, match="not faithful"):
         check_onnx(changed, tmp_path / "m.onnx", BINARY_TASK, 32, 3, log=lambda *_: None)
-    big = create_model("U_Net", base_channels=4).eval()
-    big.load_state_dict(model.state_dict())
+    big = copy.deepcopy(model)
     with torch.no_grad():
         big.Conv_1x1.weight.mul_(1e4)
         big.Conv_1x1.bias.mul_(1e4)
