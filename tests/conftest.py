@@ -6,7 +6,19 @@ import torch
 from r2unet.engine import runtime
 from r2unet.engine.runtime import CpuInfo
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads per test process, or the cores shared out among pytest-xdist's workers so they do not fight over them.
+# The processes a test starts get the same count (OMP_NUM_THREADS, read when torch loads): a run in the test's own
+# process and one in a subprocess must round alike to end with equal weights.
+_threads = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+os.environ["OMP_NUM_THREADS"] = str(_threads)
+torch.set_num_threads(_threads)
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it installed, pytest ignores this
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core, at most four (each may start two training processes of its own)."""
+    return max(1, min(4, os.cpu_count() or 1))
+
 
 CPU_KINDS = {"AMX": CpuInfo(vector_isa="AVX512", amx=True, avx512_bf16=True, onednn_limit=None),
              "AVX2": CpuInfo(vector_isa="AVX2", amx=False, avx512_bf16=False, onednn_limit=None)}
