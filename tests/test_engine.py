@@ -570,6 +570,38 @@ def test_the_decay_note_comes_once_per_job_and_not_before_an_error(monkeypatch, 
     assert capsys.readouterr().out == ""  # the other processes of a torchrun job stay quiet
 
 
+def test_resuming_a_run_saved_with_compile_auto_on_a_gpu_says_it_compiles_and_how_not_to(monkeypatch, tmp_path):
+    """Runs saved when ``--compile auto`` was the default still compile on a GPU when resumed; the user is told,
+    with the flag that continues them eagerly (and that flag is taken)."""
+    from r2unet.engine.checkpoint import save_checkpoint
+    from r2unet.engine.settings import train_settings
+    from r2unet.models import create_model
+
+    def saved_with(compile_setting: str):
+        out = tmp_path / compile_setting
+        cfg = TrainConfig(output_dir=str(out), model_type="U_Net", base_channels=4, compile=compile_setting)
+        model = create_model("U_Net", base_channels=4)
+        save_checkpoint(out / "checkpoints" / "last.pt", model=model, config=cfg.to_dict(), epoch=1,
+                        optimizer=torch.optim.Adam(model.parameters()))
+        return str(out)
+
+    def notes(given: dict) -> tuple[str, TrainConfig]:
+        lines = []
+        cfg = train_settings({"resume": True, **given}, log=lines.append)
+        return " ".join(line for line in lines if "--compile" in line), cfg
+
+    auto, off = saved_with("auto"), saved_with("off")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    said, cfg = notes({"output_dir": auto})
+    assert "saved with --compile auto" in said and "Add --compile off" in said and cfg.compile == "auto"
+    said, cfg = notes({"output_dir": auto, "compile": "off"})
+    assert said == "" and cfg.compile == "off"  # the flag is taken, and nothing more is said
+    assert notes({"output_dir": off})[0] == ""  # a run that never compiled
+    assert notes({"output_dir": auto, "device": "cpu"})[0] == ""  # auto does not compile on a CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert notes({"output_dir": auto})[0] == ""
+
+
 def test_samples_png_from_train_is_what_plot_redraws_the_kept_model(tiny_data, tmp_path):
     """samples.png meant the last epoch after train and the best checkpoint after `r2unet plot`: now both draw the
     kept model (best.pt), so the file is the same whichever wrote it last."""

@@ -27,7 +27,8 @@ def workdir(tmp_path_factory):
 
 
 def _launch(script, cwd, *args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    # PYTHONFAULTHANDLER: a process that aborts (a C++ terminate at exit, say) prints every thread's stack
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(["bash", str(REPO / "test" / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)

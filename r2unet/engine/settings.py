@@ -10,6 +10,7 @@ import os
 from ..defaults import PRESETS
 from .checkpoint import RunFiles, load_file, require_training_state
 from .config import ConfigError, TrainConfig, load_class_colors, read_config_file
+from .runtime import device_type
 
 
 def train_settings(given: dict, log=print) -> TrainConfig:
@@ -42,6 +43,7 @@ def train_settings(given: dict, log=print) -> TrainConfig:
             values.update({k: v for k, v in saved.items() if k != "extra"})
             if "num_epochs_decay" in saved:
                 decay_from = "was {} in the resumed run"
+    compiles_as_saved = resume and "compile" not in given and values.get("compile") == "auto"
     values.update(given)
     if values.get("class_colors") and not str(values["class_colors"]).lstrip().startswith("["):
         # the run keeps the colours themselves, not the path of a file that may change or go
@@ -55,7 +57,13 @@ def train_settings(given: dict, log=print) -> TrainConfig:
     if shorter:
         values["num_epochs_decay"] = epochs
     cfg = TrainConfig.from_dict(values).validate()
-    if shorter and int(os.environ.get("RANK", "0")) == 0:  # once per job, and only for settings that are valid
+    first_rank = int(os.environ.get("RANK", "0")) == 0  # say it once per job, and only for settings that are valid
+    if shorter and first_rank:
         log(f"note: --num_epochs_decay {decay_from.format(decay)} > --num_epochs {epochs}; decaying over all "
             f"{epochs} epochs")
+    if compiles_as_saved and first_rank and device_type(cfg.device) == "cuda":
+        log("note: this run was saved with --compile auto (the default before), so its step is compiled on this "
+            "GPU; compiled runs validated worse than eager ones on an H200 (benchmarks/README.md) and new runs no "
+            "longer compile by default. Add --compile off to continue it eagerly")
     return cfg
+
