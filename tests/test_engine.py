@@ -240,10 +240,22 @@ def test_evaluate_accepts_a_reference_state_dict(prepared, tmp_path, capsys):
 
 
 def test_tensorboard_logging(prepared, tmp_path):
+    """--tensorboard writes each epoch's loss, learning rate and validation scores: the numbers of metrics.jsonl."""
     pytest.importorskip("tensorboard", reason="the tensorboard extra is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "run"
-    assert _train(prepared, out, "--num_epochs", "1", "--tensorboard") == 0
-    assert any((out / "tensorboard").iterdir())
+    assert _train(prepared, out, "--num_epochs", "2", "--tensorboard") == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train_loss" in r]  # the epochs' rows
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for tag, of in (("train/loss", lambda r: r["train_loss"]), ("train/lr", lambda r: r["lr"]),
+                    ("valid/JS", lambda r: r["valid"]["JS"]), ("valid/DC", lambda r: r["valid"]["DC"])):
+        written = events.Scalars(tag)
+        assert [e.step for e in written] == [1, 2], tag
+        assert [e.value for e in written] == pytest.approx([of(r) for r in rows], rel=1e-6), tag
 
 
 def test_compile_failure_falls_back_to_eager(prepared, tmp_path, monkeypatch, capsys):
