@@ -83,7 +83,12 @@ def test_wrong_architecture_lists_keys_and_shapes(tmp_path):
 def test_ddp_and_compile_prefixes_are_stripped(tmp_path):
     model = create_model("U_Net", base_channels=4)
     torch.save({f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}, tmp_path / "w.pt")
-    load_weights(create_model("U_Net", base_channels=4), model_state(load_file(tmp_path / "w.pt")))
+    torch.manual_seed(1)  # another initialisation: the load must replace it
+    other = create_model("U_Net", base_channels=4)
+    assert not torch.equal(other.Conv1.conv[0].weight, model.Conv1.conv[0].weight)
+    load_weights(other, model_state(load_file(tmp_path / "w.pt")))
+    for k, v in model.state_dict().items():
+        assert torch.equal(other.state_dict()[k], v), k
 
 
 def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
