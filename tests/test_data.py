@@ -335,8 +335,10 @@ def test_every_mask_encoding_is_normalised(tmp_path):
 @pytest.mark.parametrize("ext", [".png", ".bmp", ".tif", ".jpeg"])
 def test_image_formats(tmp_path, ext):
     _write_pair(tmp_path / "i", tmp_path / "m", "a", img_ext=ext)
-    img = read_image(tmp_path / "i" / f"a{ext}")
+    path = tmp_path / "i" / f"a{ext}"
+    img = read_image(path)
     assert img.shape == (30, 40, 3) and img.dtype == np.uint8
+    assert np.array_equal(img, np.asarray(Image.open(path).convert("RGB")))  # the file's pixels, as PIL decodes them
 
 
 def test_cache_is_incremental_and_detects_changes(tmp_path):
