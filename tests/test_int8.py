@@ -2,6 +2,12 @@
 and run in the checkpoint's place where it would run in float32 on a CPU, with the same bytes from predict and
 serve."""
 
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +20,7 @@ from r2unet.engine import int8
 from r2unet.engine.checkpoint import save_checkpoint
 from r2unet.engine.config import TrainConfig
 from r2unet.engine.inference import Segmenter, _to_input
-from r2unet.engine.onnx import OnnxModel
+from r2unet.engine.onnx import OnnxModel, export_onnx
 
 onnx = pytest.importorskip("onnx", reason="the export extra (onnx, onnxruntime) is not installed")
 pytest.importorskip("onnxruntime", reason="the export extra (onnx, onnxruntime) is not installed")
@@ -270,3 +276,49 @@ def test_train_with_int8_on_but_no_onnxruntime_finishes_and_says_how_to_make_it_
     assert "warning: --int8 on: no int8 model written (int8 quantisation needs onnx and onnxruntime" in log
     assert f"r2unet export --checkpoint {run} --int8" in log
     assert (run / "results.json").is_file() and not (run / "model.int8.onnx").exists()
+
+
+# What onnxruntime computes with the kernels it picks on an AVX2-only CPU, run here under qemu's user-mode emulation:
+# cpuid answers as that CPU, and the emulator computes each instruction exactly (its speed says nothing).
+EMULATED_AVX2 = ["qemu-x86_64", "-cpu", "EPYC-Rome"]  # an AMD EPYC of the Zen 2 generation: AVX2, no AVX-512
+_RUN_FILES = """import sys, numpy as np, onnxruntime as ort
+x = np.load(sys.argv[1])
+for f in sys.argv[2:]:
+    s = ort.InferenceSession(f, providers=["CPUExecutionProvider"])
+    np.save(f + ".logits.npy", s.run(None, {s.get_inputs()[0].name: x})[0])
+"""
+
+
+def _logits(path, x: np.ndarray) -> np.ndarray:
+    return OnnxModel(path)(torch.from_numpy(x)).numpy()
+
+
+@pytest.mark.skipif(shutil.which(EMULATED_AVX2[0]) is None or platform.machine() != "x86_64",
+                    reason="needs qemu-x86_64 on an x86-64 machine to run onnxruntime's AVX2 kernels (Debian's "
+                           "qemu-user; .ci/run installs it)")
+def test_the_int8_file_computes_on_an_avx2_only_cpu_what_it_computed_where_its_masks_were_checked(exported,
+                                                                                                 tmp_path):
+    """There onnxruntime adds two uint8 x int8 products into a saturating int16 (vpmaddubsw) where VNNI and AMX CPUs
+    sum in int32: the 7-bit weights ``export --int8`` writes keep every such pair in range."""
+    run, model, cfg, photos = exported
+    images = [_to_input(np.asarray(Image.open(p).convert("RGB")), cfg.image_size, 3) for p in sorted(photos.iterdir())]
+    x = torch.cat(images).numpy()
+    np.save(tmp_path / "x.npy", x)
+    shipped = tmp_path / "model.int8.onnx"
+    shipped.write_bytes((run / "model.int8.onnx").read_bytes())
+    float_file = tmp_path / "model.onnx"  # for contrast: the same quantisation with 8-bit weights
+    export_onnx(model, float_file, image_size=cfg.image_size)
+    eight_bit = int8.quantize_int8(float_file, tmp_path / "model.8bit.onnx", (im.numpy() for im in images[0::2]),
+                                   reduce_range=False)
+    here = {f: _logits(f, x) for f in (shipped, eight_bit)}
+    done = subprocess.run([*EMULATED_AVX2, sys.executable, "-c", _RUN_FILES, str(tmp_path / "x.npy"), str(shipped),
+                           str(eight_bit)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = {f: np.load(f"{f}.logits.npy") for f in (shipped, eight_bit)}
+    scale = float(np.abs(here[shipped]).max())
+    masks = torch.sigmoid(torch.from_numpy(here[shipped])) > cfg.threshold
+    assert masks.any() and not masks.all()  # masks with regions and edges
+    np.testing.assert_allclose(there[shipped], here[shipped], rtol=0, atol=1e-5 * scale)  # bit-equal where seen
+    if any(flag in Path("/proc/cpuinfo").read_text() for flag in ("avx512_vnni", "avx_vnni", "amx_int8")):
+        # this CPU sums without saturating, so the comparison sees what 8-bit weights would do there
+        assert np.abs(there[eight_bit] - here[eight_bit]).max() > 1e-2 * scale
