@@ -4,6 +4,7 @@ exported file as a model (``OnnxModel``, ``load_onnx``: its metadata checked aga
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     h16 = torch.export.Dim("h16", min=1, max=512)
     w16 = torch.export.Dim("w16", min=1, max=512)
     dynamic = {"x": {0: batch, 2: SIZE_MULTIPLE * h16, 3: SIZE_MULTIPLE * w16}}
+    # the exporter says it skips torchvision's operators where torchvision is not installed: nothing r2unet uses
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines, not a command's output
             torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
@@ -88,6 +93,8 @@ def _export(model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
                                             "logits": {0: "batch", 2: "height", 3: "width"}})
         except Exception as exc2:  # noqa: BLE001
             raise ExportError(f"ONNX export failed: {exc}; fallback exporter: {exc2}") from None
+    finally:
+        registration.setLevel(level)
 
 
 class OnnxModel(torch.nn.Module):
