@@ -253,7 +253,13 @@ def _train(tmp_path, data, **settings):
     return tmp_path / "run", "\n".join(lines)
 
 
-def test_train_with_int8_on_ends_with_a_checked_int8_model_of_its_kept_checkpoint(tmp_path, tiny_data):
+@pytest.mark.parametrize("bar", [0.0, 1.5], ids=["int8-agrees", "int8-refused"])
+def test_train_with_int8_on_ends_with_a_checked_int8_model_of_its_kept_checkpoint(tmp_path, tiny_data, monkeypatch,
+                                                                                 bar):
+    """The bar an int8 model's masks must reach is moved so that either outcome is tested whatever this 2-epoch
+    model's agreement is: refused, the run also gets a float32 export, which then runs in the checkpoint's place
+    where PyTorch would run float32."""
+    monkeypatch.setattr(int8, "AGREEMENT", bar)
     run, log = _train(tmp_path, tiny_data, int8="on")
     path = run / "model.int8.onnx"
     meta = _meta(path)
@@ -261,9 +267,15 @@ def test_train_with_int8_on_ends_with_a_checked_int8_model_of_its_kept_checkpoin
     valid = [p for p in (tiny_data / "valid").iterdir() if is_image_file(p)]  # checked on the validation images
     assert meta[int8.CHECKED_ON] == f"{min(len(valid), int8.CHECK_IMAGES)} validation images of {tiny_data}"
     assert 0 <= float(meta[int8.AGREED]) <= 1 and f"wrote {path} (int8)" in log
-    # it is the run's companion exactly when its masks agree well enough (a 2-epoch model may not)
-    assert (int8.companion(run) == path) == (float(meta[int8.AGREED]) >= int8.AGREEMENT)
     assert (run / "results.json").is_file()  # the scores came first
+    found = int8.companion(run, image_size=32)
+    if bar == 0.0:  # agrees: the int8 model is the run's companion, and no float export is made
+        assert found[0] == path and not (run / "model.onnx").exists()
+    else:
+        assert found[0] == run / "model.onnx" and _meta(run / "model.onnx").get(int8.PRECISION) is None
+        assert "a float32 export runs in its place on CPUs without native bf16" in log
+        assert f"wrote {run / 'model.onnx'} (opset" in log and "max |diff|" in log  # checked against PyTorch
+        assert _meta(run / "model.onnx")[int8.SOURCE] == meta[int8.SOURCE]  # made from the same checkpoint
 
 
 def test_train_with_int8_on_but_no_onnxruntime_finishes_and_says_how_to_make_it_later(tmp_path, tiny_data,

@@ -636,15 +636,30 @@ class TrainingRun(TrainingSetup):
 
     def _write_int8(self) -> None:
         """``--int8 on``: the kept model as an int8 model beside the run (``export.export_checkpoint``), which
-        predict, serve and evaluate run in its place on a CPU if its masks agree with float32's. The run's results
-        stand without it: a model that cannot be made (no onnxruntime, no validation images) is a warning."""
+        predict, serve and evaluate run in its place on a CPU if its masks agree with float32's. If they do not, a
+        float32 export beside it instead: what runs in the checkpoint's place on a CPU without native bf16, with
+        float32's masks (onnxruntime's float32 ran 1.3-1.5x PyTorch's on two CPUs; benchmarks/README.md). The run's
+        results stand without either: a model that cannot be made (no onnxruntime, no validation images) is a
+        warning."""
         if not self.files.best.exists():
             return
+        errors = (ExportError, OSError, RuntimeError, ValueError)  # what the ONNX exporter and quantiser raise
         try:
             self.log(export_checkpoint(self.files.dir, None, quantize=True, log=self.log))
-        except (ExportError, OSError, RuntimeError, ValueError) as exc:  # the ONNX exporter and quantiser raise these
+        except errors as exc:
             self.log(f"warning: --int8 on: no int8 model written ({first_line(exc) or type(exc).__name__}). The "
                      f"run is complete; 'r2unet export --checkpoint {self.files.dir} --int8' makes it later")
+            return
+        if int8.companion(self.files.dir, float32=False, image_size=self.cfg.image_size) is not None:
+            return
+        float_file = int8.run_folder(self.files.dir) / "model.onnx"
+        self.log("the int8 model does not run by default; a float32 export runs in its place on CPUs without "
+                 "native bf16:")
+        try:
+            self.log(export_checkpoint(self.files.dir, float_file, log=self.log))
+        except errors as exc:
+            self.log(f"warning: no float32 export written ({first_line(exc) or type(exc).__name__}). The run is "
+                     f"complete; 'r2unet export --checkpoint {self.files.dir} --output {float_file}' makes it later")
 
     def _choose_postprocessing(self) -> Postprocessing:
         """The postprocessing of the kept model, chosen on the validation split (``postprocess.choose``; every
