@@ -13,15 +13,18 @@ statistics of a trained network's scale; ``--checkpoint`` for a run of yours):
 - the logits of each exported file on the same network inputs (made once, here): the float32 ONNX export, the int8
   file ``r2unet export --int8`` writes (weights in 7 bits, so that no pair of products can saturate int16), and for
   contrast the same quantisation with 8-bit weights;
-- ``predict``'s mask files at the photos' own sizes: its default (the int8 file in the checkpoint's place) and
-  float32 PyTorch (``--runtime torch --amp off``), byte for byte, and the share of pixels equal to the masks of
-  float32 PyTorch on the same CPU (what ``export --int8`` checked before letting the file run by default).
+- ``predict``'s mask files at the photos' own sizes, byte for byte, and each side's share of pixels equal to float32
+  PyTorch's masks on the same CPU (what ``export --int8`` checks before letting the file run by default): its
+  default (what each CPU's policy picks: the int8 file where its masks passed that check, else PyTorch in the
+  precision native there), the int8 file itself (``--checkpoint run/model.int8.onnx``), and float32 PyTorch
+  (``--runtime torch --amp off``).
 
     apt-get install qemu-user                      # Debian's package: qemu-x86_64 (7.2 emulates AVX2 and FMA)
     python benchmarks/isa_check.py                 # about 5 minutes on a 2-core machine
     python benchmarks/isa_check.py --checkpoint runs/small --input photos/ --cpu EPYC-Rome
 
-Prints a table (``--json``: one JSON object). Not run by the tests: it needs qemu and minutes.
+Prints a table (``--json``: one JSON object). The tests run its first comparison on a tiny model
+(``tests/test_int8.py``); this script, with its minutes of emulation, is run by hand.
 """
 
 import argparse
