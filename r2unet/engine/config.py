@@ -125,9 +125,10 @@ class TrainConfig:
     int8: str = setting("off", "on: after the test scores, write OUTPUT_DIR/model.int8.onnx, the kept model with "
                                "int8 weights and activations, calibrated on training images and its masks checked "
                                "against float32's on validation images; on a CPU, predict, serve and evaluate run it "
-                               "in the checkpoint's place when they agree on 999 pixels in 1,000, and where they do not, "
-                               "OUTPUT_DIR/model.onnx, a float32 export that runs there on CPUs without native bf16 "
-                               "(needs the export extra: pip install 'r2unet[export]')", choices=("on", "off"))
+                               "in the checkpoint's place when they agree on 999 pixels in 1,000, and where they do "
+                               "not, OUTPUT_DIR/model.onnx, a float32 export that runs there on CPUs without "
+                               "native bf16 (needs the export extra: pip install 'r2unet[export]')",
+                        choices=("on", "off"))
     resume: bool = setting(False, "continue from OUTPUT_DIR/checkpoints/last.pt (its settings, unless given)")
     accept_split_change: bool = setting(False, "with --resume: go on although the data's split is not the one the run "
                                                "trained on (best.pt is then chosen anew on the new validation split)")
